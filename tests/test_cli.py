@@ -1,0 +1,44 @@
+"""The one CLI entry point."""
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.stages import STAGES
+
+
+def test_help_lists_every_stage():
+    res = CliRunner().invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for name in STAGES:
+        assert name in res.output
+
+
+def test_unknown_stage_is_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["stage", "nope"])
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and "unknown stage 'nope'" in res.stderr
+
+
+def test_bad_override_is_one_line_naming_the_key():
+    res = CliRunner().invoke(app, ["stage", "ingest", "--set", "ingest.max_pixels=-3"])
+    assert res.exit_code == 2
+    assert res.stderr.strip().startswith("error: params.yaml: ingest.max_pixels:")
+    assert res.stderr.count("\n") == 1
+
+
+def test_stage_runs_on_user_data(tmp_path):
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    crawl = tmp_path / "mine"
+    crawl.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "PNG")
+    (crawl / "one.png").write_bytes(buf.getvalue())
+    pd.DataFrame({"url": ["one.png", "one.png"]}).to_csv(crawl / "crawl.csv", index=False)
+    res = CliRunner().invoke(app, ["stage", "ingest", "--set", f"ingest.manifest={crawl}/crawl.csv",
+                                   "--set", f"ingest.out={tmp_path}/out", "--set", f"reports={tmp_path}/r"])
+    assert res.exit_code == 0, res.output
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert len(manifest) == 1 and (manifest["width"] == 64).all()

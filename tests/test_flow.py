@@ -1,0 +1,57 @@
+"""The Prefect flow chains the DVC stages; DVC alone gives the same outputs; a rerun skips every stage."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import SMALL_DEMO, make_project, project_env
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _run(cmd, cwd):
+    return subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_flow_runs_dvc_stages_then_skips_them(tmp_path):
+    overrides = [f"demo_data.{k}={v}" for k, v in SMALL_DEMO.items()]
+    flow_project = make_project(tmp_path / "flow", overrides)
+    first = _run([str(BIN / "dinov2-pipeline"), "run"], flow_project)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "| demo-data | yes |" in first.stdout and "| ingest | yes |" in first.stdout
+    assert (flow_project / "data" / "ingest" / "manifest.parquet").exists()
+    assert (flow_project / "dvc.lock").exists()
+
+    second = _run([str(BIN / "dinov2-pipeline"), "run"], flow_project)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "| demo-data | skipped (up to date) |" in second.stdout
+    assert "| ingest | skipped (up to date) |" in second.stdout
+
+    # `dvc repro` alone, in a separate copy, produces the same bytes.
+    dvc_project = make_project(tmp_path / "dvc", overrides)
+    res = _run([str(BIN / "dvc"), "repro"], dvc_project)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert _digest(dvc_project / "data") == _digest(flow_project / "data")
+    status = _run([str(BIN / "dvc"), "status"], dvc_project)
+    assert "up to date" in status.stdout
+
+
+def test_failing_stage_fails_the_flow_with_one_line(tmp_path):
+    project = make_project(tmp_path / "bad", [f"demo_data.{k}={v}" for k, v in SMALL_DEMO.items()]
+                           + ["demo_data.fashion_mnist_dir=/nonexistent"])
+    res = _run([str(BIN / "dinov2-pipeline"), "run", "--stage", "demo-data"], project)
+    assert res.returncode == 1
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, res.stderr[-2000:]
+    assert errors[0].startswith("error: stage demo-data failed") and "dataset-fashion-mnist" in errors[0]
