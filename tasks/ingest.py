@@ -310,7 +310,7 @@ def ingest_checks(manifest: pd.DataFrame, duplicates: pd.DataFrame, quarantine: 
             gxe.ExpectColumnValuesToBeBetween(column="width", min_value=p.min_side, max_value=p.max_side),
             gxe.ExpectColumnValuesToBeBetween(column="height", min_value=p.min_side, max_value=p.max_side),
             gxe.ExpectColumnValuesToBeBetween(column="bytes", min_value=1, max_value=p.max_bytes),
-            gxe.ExpectColumnValuesToMatchRegex(column="path", regex=r"^images/[0-9a-f]{2}/[0-9a-f]{64}\.(jpg|png)$"),
+            gxe.ExpectColumnValuesToMatchRegex(column="path", regex=r"^images/[0-9a-f]{2}/[0-9a-f]{64}\.(?:jpg|png)$"),
         ]),
         TableCheck("duplicates", duplicates, [
             gxe.ExpectColumnValuesToMatchRegex(column="sha256", regex=r"^[0-9a-f]{64}$"),

@@ -83,6 +83,19 @@ class IngestParams(Section):
         return self
 
 
+class ShardsParams(Section):
+    """WebDataset shards of the curated set, to a local folder or an s3:// prefix."""
+
+    curated: str = "data/retrieve/curated.parquet"
+    images: str = "data/ingest"  # the ingest store: manifest.parquet + images/
+    out: str = "data/shards"  # local folder or s3://bucket/prefix
+    index_copy: str = "data/shards/shards.json"  # local copy of the index when `out` is remote
+    target_samples: PosInt = 1000
+    target_bytes: PosInt = 64_000_000
+    seed: NonNegInt = 0
+    verify_decode_fraction: Fraction = 1.0  # share of samples decoded in the read-back check
+
+
 class Params(Section):
     """The whole params file. Add a section here when a stage is added."""
 
@@ -92,6 +105,7 @@ class Params(Section):
     storage: StorageParams = Field(default_factory=StorageParams)
     demo_data: DemoDataParams = Field(default_factory=DemoDataParams)
     ingest: IngestParams = Field(default_factory=IngestParams)
+    shards: ShardsParams = Field(default_factory=ShardsParams)
 
 
 def _format_error(source: str, err: ValidationError) -> str:

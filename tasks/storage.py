@@ -7,6 +7,7 @@ S3 endpoint/region come from params (`storage`), credentials only from the envir
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -154,13 +155,66 @@ class Storage:
             fh.write(data)
 
 
+    def open_read(self, url: str) -> IO[bytes]:
+        """A binary reader (streams; S3 objects are fetched in blocks)."""
+        fs, path = self.filesystem(url)
+        try:
+            return fs.open(path, "rb")
+        except Exception as exc:
+            raise translate_error(url, exc) from None
+
+    def put_file(self, local: str | Path, url: str) -> None:
+        """Copy a finished local file to `url` (rename when local, so readers never see half a file)."""
+        if scheme_of(url) == "local":
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(local, url)
+            return
+        fs, path = self.filesystem(url)
+        try:
+            fs.put_file(str(local), path)
+        except Exception as exc:
+            raise translate_error(url, exc) from None
+
+    def list(self, url_prefix: str, pattern: str = "*") -> list[str]:
+        """URLs of the objects directly under a folder/prefix whose names match `pattern`, sorted."""
+        import fnmatch
+
+        fs, path = self.filesystem(url_prefix)
+        try:
+            names = fs.ls(path, detail=False) if fs.exists(path) else []
+        except Exception as exc:
+            raise translate_error(url_prefix, exc) from None
+        base = url_prefix.rstrip("/")
+        return sorted(f"{base}/{n.rsplit('/', 1)[-1]}" for n in names if fnmatch.fnmatch(n.rsplit("/", 1)[-1], pattern))
+
+    def delete(self, url: str) -> None:
+        fs, path = self.filesystem(url)
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise translate_error(url, exc) from None
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join path parts onto a local folder or a URL prefix."""
+    if scheme_of(base) == "local":
+        return str(Path(base, *parts))
+    return "/".join([base.rstrip("/"), *parts])
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so a killed process never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def translate_error(url: str, exc: BaseException) -> StorageError:

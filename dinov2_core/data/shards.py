@@ -1,0 +1,28 @@
+"""Reading WebDataset tar shards from anywhere: the caller passes `opener(url) -> binary stream`.
+
+The library never imports an S3 client; tasks pass an opener built on the project's storage abstraction,
+researchers can pass `open` or `fsspec.open`. Tar parsing and sample grouping are webdataset's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any
+
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+Opener = Callable[[str], IO[bytes]]
+
+
+def _opened(urls: Iterable[str], opener: Opener) -> Iterator[dict[str, Any]]:
+    for url in urls:
+        stream = opener(url)
+        try:
+            yield {"url": url, "stream": stream}
+        finally:
+            stream.close()
+
+
+def iter_shard_samples(urls: Iterable[str], opener: Opener = lambda u: open(u, "rb")) -> Iterator[dict[str, Any]]:
+    """Samples as dicts: `__key__`, `__url__` and one bytes entry per member extension (e.g. `jpg`, `json`)."""
+    yield from group_by_keys(tar_file_expander(_opened(urls, opener)))
