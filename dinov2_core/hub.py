@@ -1,0 +1,234 @@
+"""Hub-style constructors of the released DINOv2 backbones (same names and defaults as the reference hubconf).
+
+``pretrained=True`` loads weights, from (in order of precedence) ``weights``:
+  * ``Weights.LVD142M`` (default): the public checkpoint URL of the model;
+  * a local path;
+  * any URL (``s3://``, ``gs://``, ``https://`` ...), opened with the ``opener`` callable the caller passes, e.g.
+    ``opener=lambda url: fsspec.open(url, "rb")``; https URLs without an opener go through ``torch.hub``'s cache;
+  * an already-loaded state dict.
+Loading always uses ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``. Training checkpoints
+(``{"teacher": {"backbone.*": ...}}`` or ``{"model": ...}``) are accepted: the backbone part is extracted.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Mapping
+from enum import Enum
+from typing import Any, Union
+
+import torch
+
+from .models import ARCHS, DinoVisionTransformer
+
+_DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
+
+Opener = Callable[[str], Any]  # url -> context manager yielding a binary file object
+WeightsArg = Union["Weights", str, os.PathLike, Mapping[str, torch.Tensor]]
+
+
+class Weights(Enum):
+    LVD142M = "LVD142M"
+
+
+def _make_dinov2_model_name(arch_name: str, patch_size: int, num_register_tokens: int = 0) -> str:
+    compact = arch_name.replace("_", "")[:4]  # vit_small -> vits, vit_giant2 -> vitg
+    suffix = f"_reg{num_register_tokens}" if num_register_tokens else ""
+    return f"dinov2_{compact}{patch_size}{suffix}"
+
+
+def checkpoint_url(arch_name: str, patch_size: int = 14, num_register_tokens: int = 0) -> str:
+    base = _make_dinov2_model_name(arch_name, patch_size)
+    full = _make_dinov2_model_name(arch_name, patch_size, num_register_tokens)
+    return f"{_DINOV2_BASE_URL}/{base}/{full}_pretrain.pth"
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s
+
+
+def load_checkpoint(
+    source: str | os.PathLike, opener: Opener | None = None, map_location: Any = "cpu"
+) -> Any:
+    """torch.load(weights_only=True) from a local path or a URL (through ``opener`` if given)."""
+    source = os.fspath(source)
+    if _is_url(source):
+        if opener is not None:
+            with opener(source) as f:
+                data = f.read()
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        if source.startswith(("http://", "https://")):
+            return torch.hub.load_state_dict_from_url(source, map_location=map_location, weights_only=True)
+        raise ValueError(f"no opener given for {source!r}; pass e.g. opener=lambda u: fsspec.open(u, 'rb')")
+    return torch.load(source, map_location=map_location, weights_only=True)
+
+
+def extract_backbone_state_dict(checkpoint: Mapping[str, Any], key: str | None = None) -> dict:
+    """Backbone weights from a backbone state dict or a training checkpoint.
+
+    Picks ``checkpoint[key]`` (or the first of "teacher", "model", "state_dict" present) when the mapping is not a
+    backbone state dict itself, strips ``module.`` / ``backbone.`` / ``_orig_mod.`` prefixes and drops head entries.
+    """
+    sd: Mapping[str, Any] = checkpoint
+    if key is not None:
+        sd = checkpoint[key]
+    elif "cls_token" not in checkpoint and "backbone.cls_token" not in checkpoint:
+        for k in ("teacher", "model", "state_dict"):
+            if k in checkpoint and isinstance(checkpoint[k], Mapping):
+                sd = checkpoint[k]
+                break
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod.", "backbone."):
+            k = k.removeprefix(prefix)
+        if k.startswith(("dino_head.", "ibot_head.")):
+            continue
+        out[k] = v
+    return out
+
+
+def _make_dinov2_model(
+    *,
+    arch_name: str = "vit_large",
+    img_size: int = 518,
+    patch_size: int = 14,
+    init_values: float = 1.0,
+    ffn_layer: str = "mlp",
+    block_chunks: int = 0,
+    num_register_tokens: int = 0,
+    interpolate_antialias: bool = False,
+    interpolate_offset: float = 0.1,
+    pretrained: bool = True,
+    weights: WeightsArg = Weights.LVD142M,
+    opener: Opener | None = None,
+    checkpoint_key: str | None = None,
+    **kwargs: Any,
+) -> DinoVisionTransformer:
+    vit_kwargs = {
+        "img_size": img_size,
+        "patch_size": patch_size,
+        "init_values": init_values,
+        "ffn_layer": ffn_layer,
+        "block_chunks": block_chunks,
+        "num_register_tokens": num_register_tokens,
+        "interpolate_antialias": interpolate_antialias,
+        "interpolate_offset": interpolate_offset,
+    }
+    vit_kwargs.update(kwargs)
+    model = ARCHS[arch_name](**vit_kwargs)
+    if not pretrained:
+        return model
+    if isinstance(weights, str) and weights in Weights.__members__:
+        weights = Weights[weights]
+    if isinstance(weights, Weights):
+        state = load_checkpoint(checkpoint_url(arch_name, patch_size, num_register_tokens), opener=opener)
+    elif isinstance(weights, Mapping):
+        state = weights
+    else:
+        state = load_checkpoint(weights, opener=opener)
+    model.load_state_dict(extract_backbone_state_dict(state, checkpoint_key), strict=True)
+    return model
+
+
+_REG = {
+    "num_register_tokens": 4,
+    "interpolate_antialias": True,
+    "interpolate_offset": 0.0,
+}  # Darcet et al. 2023 models
+
+
+def dinov2_vits14(
+    *, pretrained: bool = True, weights: WeightsArg = Weights.LVD142M, **kwargs: Any
+) -> DinoVisionTransformer:
+    """ViT-S/14 (LVD-142M)."""
+    return _make_dinov2_model(arch_name="vit_small", pretrained=pretrained, weights=weights, **kwargs)
+
+
+def dinov2_vitb14(
+    *, pretrained: bool = True, weights: WeightsArg = Weights.LVD142M, **kwargs: Any
+) -> DinoVisionTransformer:
+    """ViT-B/14 (LVD-142M)."""
+    return _make_dinov2_model(arch_name="vit_base", pretrained=pretrained, weights=weights, **kwargs)
+
+
+def dinov2_vitl14(
+    *, pretrained: bool = True, weights: WeightsArg = Weights.LVD142M, **kwargs: Any
+) -> DinoVisionTransformer:
+    """ViT-L/14 (LVD-142M)."""
+    return _make_dinov2_model(arch_name="vit_large", pretrained=pretrained, weights=weights, **kwargs)
+
+
+def dinov2_vitg14(
+    *, pretrained: bool = True, weights: WeightsArg = Weights.LVD142M, **kwargs: Any
+) -> DinoVisionTransformer:
+    """ViT-g/14 (LVD-142M), SwiGLU FFN."""
+    return _make_dinov2_model(
+        arch_name="vit_giant2", ffn_layer="swiglufused", pretrained=pretrained, weights=weights, **kwargs
+    )
+
+
+def dinov2_vits14_reg(
+    *, pretrained: bool = True, weights: WeightsArg = Weights.LVD142M, **kwargs: Any
+) -> DinoVisionTransformer:
+    """ViT-S/14 with 4 registers."""
+    return _make_dinov2_model(arch_name="vit_small", pretrained=pretrained, weights=weights, **_REG, **kwargs)
+
+
+def dinov2_vitb14_reg(
+    *, pretrained: bool = True, weights: WeightsArg = Weights.LVD142M, **kwargs: Any
+) -> DinoVisionTransformer:
+    """ViT-B/14 with 4 registers."""
+    return _make_dinov2_model(arch_name="vit_base", pretrained=pretrained, weights=weights, **_REG, **kwargs)
+
+
+def dinov2_vitl14_reg(
+    *, pretrained: bool = True, weights: WeightsArg = Weights.LVD142M, **kwargs: Any
+) -> DinoVisionTransformer:
+    """ViT-L/14 with 4 registers."""
+    return _make_dinov2_model(arch_name="vit_large", pretrained=pretrained, weights=weights, **_REG, **kwargs)
+
+
+def dinov2_vitg14_reg(
+    *, pretrained: bool = True, weights: WeightsArg = Weights.LVD142M, **kwargs: Any
+) -> DinoVisionTransformer:
+    """ViT-g/14 with 4 registers, SwiGLU FFN."""
+    return _make_dinov2_model(
+        arch_name="vit_giant2",
+        ffn_layer="swiglufused",
+        pretrained=pretrained,
+        weights=weights,
+        **_REG,
+        **kwargs,
+    )
+
+
+HUB_MODELS = {
+    f.__name__: f
+    for f in (
+        dinov2_vits14,
+        dinov2_vitb14,
+        dinov2_vitl14,
+        dinov2_vitg14,
+        dinov2_vits14_reg,
+        dinov2_vitb14_reg,
+        dinov2_vitl14_reg,
+        dinov2_vitg14_reg,
+    )
+}
+
+__all__ = [
+    "HUB_MODELS",
+    "Weights",
+    "checkpoint_url",
+    "dinov2_vitb14",
+    "dinov2_vitb14_reg",
+    "dinov2_vitg14",
+    "dinov2_vitg14_reg",
+    "dinov2_vitl14",
+    "dinov2_vitl14_reg",
+    "dinov2_vits14",
+    "dinov2_vits14_reg",
+    "extract_backbone_state_dict",
+    "load_checkpoint",
+]

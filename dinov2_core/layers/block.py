@@ -1,0 +1,132 @@
+"""Pre-norm transformer block with LayerScale and (efficient) stochastic depth.
+
+Accepts a dense (B, N, D) batch, a list of batches (packed internally), or a packed (1, T, D) stream through
+:meth:`Block.forward_packed` (what the ViT uses so the stream stays packed across all blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .attention import Attention
+from .drop_path import DropPath, drop_add_residual_stochastic_depth, kept_subset_size
+from .layer_scale import LayerScale
+from .mlp import Mlp
+from .packing import PackedSequences
+
+# DINOv2 (Sec. 5) skips the dropped samples' compute; below this rate the gather/scatter overhead is not worth it
+# and the classic per-sample mask is used (same threshold as the reference implementation).
+EFFICIENT_DROP_PATH_MIN_RATE = 0.1
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: Callable[..., nn.Module] = nn.GELU,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        attn_class: Callable[..., nn.Module] = Attention,
+        ffn_layer: Callable[..., nn.Module] = Mlp,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn_class(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+        )
+        self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = ffn_layer(
+            in_features=dim,
+            hidden_features=int(dim * mlp_ratio),
+            act_layer=act_layer,
+            drop=drop,
+            bias=ffn_bias,
+        )
+        self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.sample_drop_ratio = drop_path
+
+    # residual branches ----------------------------------------------------------------------------------------
+    def _attn_branch(self, x: Tensor, packed: PackedSequences | None = None) -> Tensor:
+        if packed is None:
+            return self.ls1(self.attn(self.norm1(x)))
+        return self.ls1(self.attn(self.norm1(x), packed=packed))
+
+    def _ffn_branch(self, x: Tensor, packed: PackedSequences | None = None) -> Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    # dense ----------------------------------------------------------------------------------------------------
+    def forward_dense(self, x: Tensor) -> Tensor:
+        rate = self.sample_drop_ratio
+        if self.training and rate > EFFICIENT_DROP_PATH_MIN_RATE:
+            x = drop_add_residual_stochastic_depth(x, self._attn_branch, rate)
+            x = drop_add_residual_stochastic_depth(x, self._ffn_branch, rate)
+        elif self.training and rate > 0.0:
+            x = x + self.drop_path1(self._attn_branch(x))
+            x = x + self.drop_path2(self._ffn_branch(x))
+        else:
+            x = x + self._attn_branch(x)
+            x = x + self._ffn_branch(x)
+        return x
+
+    # packed ---------------------------------------------------------------------------------------------------
+    def _packed_residual(self, x: Tensor, packed: PackedSequences, branch: Callable) -> Tensor:
+        rate = self.sample_drop_ratio
+        if not self.training or rate <= 0.0:
+            return x + branch(x, packed)
+        if rate > EFFICIENT_DROP_PATH_MIN_RATE:
+            # gather the kept samples of every group, run the branch on them only, scatter back rescaled
+            keep, scales = [], []
+            for b, n in packed.groups:
+                k = kept_subset_size(b, rate)
+                keep.append(torch.randperm(b)[:k])
+                scales.append(torch.full((k * n,), b / k))
+            rows, sub = packed.row_index(keep)
+            rows = rows.to(x.device)
+            residual = branch(x[:, rows], sub)
+            scale = torch.cat(scales).to(device=x.device, dtype=residual.dtype)
+            return x.index_add(1, rows, (residual * scale[None, :, None]).to(x.dtype))
+        keep_prob = 1.0 - rate
+        per_sample = [torch.empty(b).bernoulli_(keep_prob) / keep_prob for b, _ in packed.groups]
+        per_token = torch.cat([s.repeat_interleave(n) for s, (_, n) in zip(per_sample, packed.groups)]).to(
+            device=x.device, dtype=x.dtype
+        )
+        return x + branch(x, packed) * per_token[None, :, None]
+
+    def forward_packed(self, x: Tensor, packed: PackedSequences) -> Tensor:
+        """x: (1, T, D) stream laid out as ``packed``; attention never crosses sequence boundaries."""
+        x = self._packed_residual(x, packed, self._attn_branch)
+        return self._packed_residual(x, packed, self._ffn_branch)
+
+    def forward_nested(self, x_list: Sequence[Tensor]) -> list[Tensor]:
+        packed = PackedSequences.from_tensors(x_list)
+        return packed.unpack(self.forward_packed(packed.pack(x_list), packed))
+
+    def forward(self, x_or_x_list: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+        if isinstance(x_or_x_list, Tensor):
+            return self.forward_dense(x_or_x_list)
+        if isinstance(x_or_x_list, (list, tuple)):
+            return self.forward_nested(x_or_x_list)
+        raise TypeError(f"expected a tensor or a list of tensors, got {type(x_or_x_list).__name__}")
+
+
+# Official name: the reference implementation's block that also accepts lists of tensors.
+NestedTensorBlock = Block

@@ -1,0 +1,85 @@
+"""Hub constructors load weights from local paths, opener-provided URLs and training checkpoints."""
+
+import io
+import pickle
+
+import pytest
+import torch
+
+from dinov2_core import hub
+from dinov2_core.models import deterministic_state_dict
+
+TINY = {"depth": 1, "img_size": 28}  # real ViT-S/14 widths, cut down in depth and positional table
+
+
+def _weights(**kw):
+    with torch.device("meta"):
+        ref = hub.dinov2_vits14(pretrained=False, **kw)
+    return deterministic_state_dict(ref, 3)
+
+
+def test_pretrained_from_local_path(tmp_path):
+    sd = _weights(**TINY)
+    path = tmp_path / "w.pth"
+    torch.save(sd, path)
+    m = hub.dinov2_vits14(pretrained=True, weights=str(path), **TINY)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, sd[k])
+
+
+def test_pretrained_through_opener_for_any_url():
+    sd = _weights(num_register_tokens=0, **TINY)
+    buf = io.BytesIO()
+    torch.save(
+        {"teacher": {f"backbone.{k}": v for k, v in sd.items()} | {"dino_head.mlp.0.weight": torch.zeros(1)}},
+        buf,
+    )
+    opened = []
+
+    def opener(url):
+        opened.append(url)
+        return io.BytesIO(buf.getvalue())
+
+    m = hub.dinov2_vits14(
+        pretrained=True, weights="s3://bucket/run/teacher_checkpoint.pth", opener=opener, **TINY
+    )
+    assert opened == ["s3://bucket/run/teacher_checkpoint.pth"]
+    assert torch.equal(m.pos_embed.detach(), sd["pos_embed"])
+
+
+def test_url_without_opener_is_an_error_and_weights_only_is_enforced(tmp_path):
+    with pytest.raises(ValueError):
+        hub.load_checkpoint("s3://bucket/x.pth")
+    evil = tmp_path / "evil.pth"
+    torch.save({"cls_token": torch.zeros(1), "obj": object.__new__(_Custom)}, evil)
+    with pytest.raises(pickle.UnpicklingError):
+        hub.load_checkpoint(evil)
+
+
+class _Custom:
+    pass
+
+
+def test_strict_loading_rejects_wrong_arch(tmp_path):
+    sd = _weights(**TINY)
+    path = tmp_path / "w.pth"
+    torch.save(sd, path)
+    with pytest.raises(RuntimeError):
+        hub.dinov2_vits14_reg(pretrained=True, weights=str(path), **TINY)  # registers missing from checkpoint
+
+
+def test_default_weights_point_at_release_urls():
+    assert (
+        hub.checkpoint_url("vit_small")
+        == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
+    )
+    assert hub.checkpoint_url("vit_giant2", 14, 4).endswith("/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth")
+    seen = []
+
+    def opener(url):
+        seen.append(url)
+        raise FileNotFoundError(url)
+
+    with pytest.raises(FileNotFoundError):
+        hub.dinov2_vitb14_reg(pretrained=True, opener=opener, depth=1, img_size=28)
+    assert seen == ["https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"]
