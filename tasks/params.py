@@ -83,6 +83,86 @@ class IngestParams(Section):
         return self
 
 
+class EmbedderParams(Section):
+    """Which embedder a curation stage uses: the model-free copy-detection descriptor (bootstrap round) or a
+    DINOv2 backbone from an official-format checkpoint (the project's own exported teacher, or Meta's)."""
+
+    kind: Literal["copy-detection", "dinov2"] = "copy-detection"
+    weights: str | None = None  # .pth path or s3:// URL, required for kind=dinov2
+    hub: str = "dinov2_vits14"  # hub constructor the weights fit (dinov2_core.hub)
+    hub_kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {depth: 6, img_size: 56}; a .json beside weights wins
+    image_size: PosInt = 224
+    batch_size: PosInt = 64
+
+    @model_validator(mode="after")
+    def _weights(self) -> "EmbedderParams":
+        if self.kind == "dinov2" and not self.weights:
+            raise ValueError("kind 'dinov2' needs weights (an official-format .pth path or s3:// URL)")
+        return self
+
+
+class EvalSetRef(Section):
+    """An evaluation image set to decontaminate against: an index CSV with an id and a relative path column."""
+
+    index: str
+    path_column: str = "path"
+    id_column: str = "id"
+
+
+class DedupParams(Section):
+    """Near-duplicate removal (paper §3 / App. A: k=64 neighbours, connected components, one kept per component)."""
+
+    images: str = "data/ingest"
+    out: str = "data/dedup"
+    embedder: EmbedderParams = Field(default_factory=EmbedderParams)
+    k: PosInt = 64
+    threshold: Annotated[float, Field(gt=-1.0, lt=1.0)] = 0.986  # copy-detection descriptor: see params.yaml
+    crop_views: bool = True  # also link centre-crop views (our descriptor is not crop invariant, unlike SSCD)
+    exact_search_max: PosInt = 50_000  # exact faiss search up to this many images, IVF above
+    nlist: PosInt | None = None
+    nprobe: PosInt = 32
+    check_sample: PosInt = 1000  # kept images re-searched by the GX boundary check
+    cache_dir: str | None = "data/cache/embeddings"
+    ground_truth: str | None = "data/demo/ground_truth.parquet"  # demo sidecar: metrics only, never decisions
+
+
+class DecontaminateParams(Section):
+    """Removal of near-copies of evaluation images (paper §3); whole dedup components go."""
+
+    dedup: str = "data/dedup"
+    images: str = "data/ingest"
+    out: str = "data/decontaminate"
+    eval_sets: list[EvalSetRef] = Field(default_factory=lambda: [
+        EvalSetRef(index="data/demo/eval/classification/test.csv"),
+        EvalSetRef(index="data/demo/eval/segmentation/test.csv", path_column="image"),
+    ])
+    threshold: Annotated[float, Field(gt=-1.0, lt=1.0)] = 0.9625
+    k: PosInt = 64
+    crop_views: bool = True
+    cache_dir: str | None = "data/cache/embeddings"
+    ground_truth: str | None = "data/demo/ground_truth.parquet"
+
+
+class RetrieveParams(Section):
+    """Seed-based curation (LVD-142M, paper §3): sample-based kNN for large seed sets, cluster-based for small."""
+
+    pool: str = "data/decontaminate"
+    images: str = "data/ingest"
+    seed_index: str = "data/demo/seed/seed.csv"
+    seed_path_column: str = "path"
+    seed_id_column: str = "id"
+    out: str = "data/retrieve"
+    embedder: EmbedderParams = Field(default_factory=EmbedderParams)
+    mode: Literal["auto", "sample", "cluster"] = "auto"
+    large_seed_set: PosInt = 1_000_000  # auto: sample-based at or above this many seeds, cluster-based below
+    k: PosInt = 4  # paper: 4 nearest pool images per seed image (32 for some sets)
+    n_clusters: PosInt = 64
+    per_cluster: PosInt = 10_000  # paper App. A: up to 10k images sampled per retained cluster
+    seed: NonNegInt = 0
+    cache_dir: str | None = "data/cache/embeddings"
+    ground_truth: str | None = "data/demo/ground_truth.parquet"
+
+
 class ShardsParams(Section):
     """WebDataset shards of the curated set, to a local folder or an s3:// prefix."""
 
@@ -96,6 +176,197 @@ class ShardsParams(Section):
     verify_decode_fraction: Fraction = 1.0  # share of samples decoded in the read-back check
 
 
+# ---------------------------------------------------------------------------------------------- training (issue 5)
+FloatPair = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class ModelParams(Section):
+    """A backbone: official factory name + keyword arguments (the hub constructors take the same ones)."""
+
+    arch: Literal["vit_small", "vit_base", "vit_large", "vit_giant2"] = "vit_small"
+    patch_size: PosInt = 14
+    depth: PosInt | None = None  # None: the factory's (12 for vit_small); small CPU models override
+    embed_dim: PosInt | None = None
+    num_heads: PosInt | None = None
+    num_register_tokens: NonNegInt = 0
+    layerscale: PosFloat | None = 1.0e-5  # LayerScale init (official default); None: no ls1/ls2 parameters
+    ffn_layer: Literal["mlp", "swiglufused"] = "mlp"
+    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    drop_path_uniform: bool = True
+    interpolate_antialias: bool = False
+    interpolate_offset: Annotated[float, Field(ge=0.0)] = 0.1
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelParams":
+        if self.embed_dim is not None and self.num_heads is not None and self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads})")
+        if self.arch == "vit_giant2" and self.ffn_layer != "swiglufused":
+            raise ValueError("vit_giant2 uses ffn_layer 'swiglufused' (paper App. B)")
+        return self
+
+
+class HeadParams(Section):
+    """A DINO / iBOT projection head (official: 3 layers, 2048 hidden, 256 bottleneck, 65536 prototypes)."""
+
+    n_prototypes: PosInt = 65536
+    hidden_dim: PosInt = 2048
+    bottleneck_dim: PosInt = 256
+    nlayers: PosInt = 3
+
+
+class LossParams(Section):
+    """The three objectives (paper Sec. 3) and the teacher centering."""
+
+    dino_loss_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    koleo_loss_weight: Annotated[float, Field(ge=0.0)] = 0.1
+    ibot_loss_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    ibot_separate_head: bool = True
+    dino_head: HeadParams = Field(default_factory=HeadParams)
+    ibot_head: HeadParams = Field(default_factory=HeadParams)
+    centering: Literal["sinkhorn_knopp", "centering"] = "sinkhorn_knopp"
+    mask_sample_probability: Fraction = 0.5
+    mask_ratio_min_max: FloatPair = Field(default_factory=lambda: [0.1, 0.5])
+
+
+class CropsParams(Section):
+    """Multi-crop (paper: 2 global crops of 224 px, 8 local crops of 98 px); sizes must be patch multiples."""
+
+    global_crops_size: PosInt = 224
+    local_crops_size: PosInt = 98
+    local_crops_number: NonNegInt = 8
+    global_crops_scale: FloatPair = Field(default_factory=lambda: [0.32, 1.0])
+    local_crops_scale: FloatPair = Field(default_factory=lambda: [0.05, 0.32])
+
+
+class OptimParams(Section):
+    """AdamW and the cosine schedules; lengths in 'epochs' of `epoch_length` iterations (official convention)."""
+
+    epochs: PosInt = 100
+    epoch_length: PosInt = 1250
+    base_lr: PosFloat = 0.004  # for a global batch of 1024; scaled by sqrt(batch / 1024)
+    min_lr: Annotated[float, Field(ge=0.0)] = 1.0e-6
+    warmup_epochs: NonNegInt = 10
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.04
+    weight_decay_end: Annotated[float, Field(ge=0.0)] = 0.4
+    clip_grad: Annotated[float, Field(ge=0.0)] = 3.0  # 0: no clipping
+    freeze_last_layer_epochs: NonNegInt = 1
+    patch_embed_lr_mult: PosFloat = 0.2
+    layerwise_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    adamw_beta1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    adamw_beta2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    momentum_teacher: Fraction = 0.992
+    final_momentum_teacher: Fraction = 1.0
+    teacher_temp: PosFloat = 0.07
+    warmup_teacher_temp: PosFloat = 0.04
+    warmup_teacher_temp_epochs: NonNegInt = 30
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "OptimParams":
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= epochs ({self.epochs})")
+        return self
+
+
+class TrainDataParams(Section):
+    """WebDataset shards (index written by the shards stage; local or s3://) and how they are batched."""
+
+    shards: str = "data/shards/shards.json"
+    global_batch_size: PosInt = 64  # split evenly over all processes
+    streams: PosInt = 4  # parallel shard streams; a multiple of the world size that divides the batch
+    num_workers: NonNegInt = 2  # DataLoader decode/augment processes per training process
+    seed: NonNegInt = 0
+
+
+class CheckpointParams(Section):
+    every: NonNegInt = 50  # iterations between checkpoints (0: only the final one)
+    keep: PosInt = 2
+
+
+class KnnMonitorParams(Section):
+    """A quick k-NN check of the exported backbone vs a random-init one (DESIGN.md Sec. 6); null eval_dir: skip."""
+
+    eval_dir: str | None = "data/demo/eval/classification"  # train.csv / test.csv with path,label
+    n_train: PosInt = 2000
+    n_test: PosInt = 2000
+    k: PosInt = 20
+
+
+class LaunchParams(Section):
+    """How the training stages start their torchrun workers (one node by default; no SLURM)."""
+
+    nproc_per_node: PosInt = 1
+    nnodes: PosInt = 1
+    node_rank: NonNegInt = 0
+    master_addr: str = "127.0.0.1"
+    master_port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 with one node: a free port (torchrun --standalone)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    omp_threads: NonNegInt = 0  # per process; 0: cores / processes
+    pack_sequences: Literal["auto", "on", "off"] = "auto"  # auto: packed multi-crop stream on GPU only
+    timeout_s: PosFloat = 1800.0
+
+    @model_validator(mode="after")
+    def _multinode(self) -> "LaunchParams":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank ({self.node_rank}) must be < nnodes ({self.nnodes})")
+        if self.nnodes > 1 and self.master_port == 0:
+            raise ValueError("several nodes need an explicit master_port")
+        return self
+
+
+def _check_crops(crops: CropsParams, patch_size: int) -> None:
+    for name in ("global_crops_size", "local_crops_size"):
+        if getattr(crops, name) % patch_size:
+            raise ValueError(f"crops.{name} ({getattr(crops, name)}) must be a multiple of the patch size {patch_size}")
+
+
+class PretrainParams(Section):
+    """Self-supervised pre-training (paper Sec. 3-4): DINO + iBOT + KoLeo, EMA teacher, FSDP via torchrun."""
+
+    out: str = "data/pretrain"
+    data: TrainDataParams = Field(default_factory=TrainDataParams)
+    crops: CropsParams = Field(default_factory=lambda: CropsParams(global_crops_size=56, local_crops_size=28,
+                                                                    local_crops_number=4))
+    loss: LossParams = Field(default_factory=LossParams)
+    optim: OptimParams = Field(default_factory=OptimParams)
+    checkpoint: CheckpointParams = Field(default_factory=CheckpointParams)
+    monitor: KnnMonitorParams = Field(default_factory=KnnMonitorParams)
+
+
+class AdaptParams(Section):
+    """Short high-resolution phase at the end of pre-training (paper Sec. 4: 518 px, ~10k iterations)."""
+
+    init: str = "data/pretrain/export/full.pth"  # the pre-training's full checkpoint (student, teacher, heads)
+    out: str = "data/adapt"
+    data: TrainDataParams = Field(default_factory=TrainDataParams)
+    crops: CropsParams = Field(default_factory=lambda: CropsParams(global_crops_size=126, local_crops_size=56,
+                                                                    local_crops_number=4))
+    optim: OptimParams = Field(default_factory=OptimParams)
+    checkpoint: CheckpointParams = Field(default_factory=CheckpointParams)
+    monitor: KnnMonitorParams = Field(default_factory=KnnMonitorParams)
+
+
+class DistillParams(Section):
+    """A frozen big teacher distilled into a smaller student (paper Sec. 5); the student's EMA is the result."""
+
+    teacher: str = "data/adapt/export/full.pth"  # a full checkpoint (with heads) or an official-format backbone .pth
+    teacher_model: ModelParams | None = None  # needed only for a bare backbone .pth (full checkpoints carry it)
+    student: ModelParams = Field(default_factory=ModelParams)
+    out: str = "data/distill"
+    data: TrainDataParams = Field(default_factory=TrainDataParams)
+    crops: CropsParams = Field(default_factory=lambda: CropsParams(global_crops_size=56, local_crops_size=28,
+                                                                    local_crops_number=4))
+    loss: LossParams = Field(default_factory=LossParams)
+    optim: OptimParams = Field(default_factory=OptimParams)
+    checkpoint: CheckpointParams = Field(default_factory=CheckpointParams)
+    monitor: KnnMonitorParams = Field(default_factory=KnnMonitorParams)
+
+    @model_validator(mode="after")
+    def _crops(self) -> "DistillParams":
+        _check_crops(self.crops, self.student.patch_size)
+        return self
+
+
 class Params(Section):
     """The whole params file. Add a section here when a stage is added."""
 
@@ -105,7 +376,15 @@ class Params(Section):
     storage: StorageParams = Field(default_factory=StorageParams)
     demo_data: DemoDataParams = Field(default_factory=DemoDataParams)
     ingest: IngestParams = Field(default_factory=IngestParams)
+    dedup: DedupParams = Field(default_factory=DedupParams)
+    decontaminate: DecontaminateParams = Field(default_factory=DecontaminateParams)
+    retrieve: RetrieveParams = Field(default_factory=RetrieveParams)
     shards: ShardsParams = Field(default_factory=ShardsParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    launch: LaunchParams = Field(default_factory=LaunchParams)
+    pretrain: PretrainParams = Field(default_factory=PretrainParams)
+    adapt: AdaptParams = Field(default_factory=AdaptParams)
+    distill: DistillParams = Field(default_factory=DistillParams)
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -48,6 +48,8 @@ def write_parquet(path: str | Path, frame: pd.DataFrame) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    frame.reset_index(drop=True).to_parquet(tmp, index=False, compression="zstd", engine="pyarrow")
+    frame = frame.reset_index(drop=True)
+    frame.attrs = {}  # pandas stores attrs (e.g. timings) in the file metadata: bytes would differ per run
+    frame.to_parquet(tmp, index=False, compression="zstd", engine="pyarrow")
     tmp.replace(path)
     return path

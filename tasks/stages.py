@@ -26,7 +26,11 @@ STAGES: dict[str, Stage] = {
     for s in [
         Stage("demo-data", "tasks.demo_data:run_demo_data", "materialise the bundled raw crawl, seed and eval sets"),
         Stage("ingest", "tasks.ingest:run_ingest", "fetch, verify, normalise and store the crawl; quarantine bad files"),
+        Stage("dedup", "tasks.dedup:run_dedup", "drop near-duplicates: copy-detection kNN graph, one per component"),
+        Stage("decontaminate", "tasks.decontaminate:run_decontaminate", "drop near-copies of evaluation images"),
+        Stage("retrieve", "tasks.retrieve:run_retrieve", "curate the pool by similarity to the seed set"),
+        Stage("shards", "tasks.shards:run_shards", "write the curated images as WebDataset tar shards"),
     ]
 }
 
-PLANNED = ["dedup", "decontaminate", "retrieve", "shards", "pretrain", "adapt", "distill", "eval"]
+PLANNED = ["pretrain", "adapt", "distill", "eval"]

@@ -89,7 +89,8 @@ def make_project(dest: Path, overrides: list[str]) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, dest / name)
-    shutil.copytree(ROOT / "tasks", dest / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    for code in ("tasks", "dinov2_core"):  # DVC hashes stage code as dependencies
+        shutil.copytree(ROOT / code, dest / code, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for item in overrides:
         key, value = item.split("=", 1)

@@ -1,0 +1,96 @@
+"""Curation quality measured against the demo data's ground-truth sidecar (metrics only, never decisions).
+
+Each kept image of the ingest store is traced back to its crawl row and from there to a *true identity*:
+an original crawl item, or the evaluation image it copies. Near-duplicates share their original's identity,
+so dedup precision/recall, decontamination recall and the retrieved in-domain share follow directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+IN_DOMAIN_KINDS = {"in_domain"}
+
+
+def load_truth(ground_truth: str | Path | None, store_manifest: pd.DataFrame) -> pd.DataFrame | None:
+    """Per sha256: kind, identity, in_domain, eval_id; None when there is no sidecar (a real crawl)."""
+    if not ground_truth or not Path(ground_truth).exists():
+        return None
+    gt = pd.read_parquet(ground_truth).set_index("row")
+    first_row_of_url = gt.reset_index().drop_duplicates("url").set_index("url")["row"]
+
+    def identity(row: int) -> str:
+        rec = gt.loc[row]
+        if rec["kind"] == "eval_copy":
+            return f"eval:{rec['original']}"
+        if rec["kind"] in ("near_duplicate", "exact_duplicate") and rec["original"] in first_row_of_url.index:
+            return f"crawl:{rec['original']}"
+        return f"crawl:{rec['url']}"
+
+    rows = store_manifest["row"].astype(int).tolist()
+    truth = pd.DataFrame({
+        "sha256": store_manifest["sha256"].tolist(),
+        "kind": [gt.at[r, "kind"] for r in rows],
+        "identity": [identity(r) for r in rows],
+        # an in-domain item's duplicates are in-domain too
+        "in_domain": [gt.at[r, "kind"] in IN_DOMAIN_KINDS or (
+            gt.at[r, "kind"] in ("near_duplicate", "exact_duplicate") and int(gt.at[r, "label"]) >= 0)
+            for r in rows],
+        "eval_id": [gt.at[r, "original"] if gt.at[r, "kind"] == "eval_copy" else None for r in rows],
+    })
+    return truth.set_index("sha256")
+
+
+def dedup_quality(dedup: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    """Recall: planted near-duplicate pairs that ended in one component. Precision: removals whose kept
+    representative is truly the same image (a wrong merge removes a distinct image)."""
+    d = dedup.set_index("key")
+    ident = truth["identity"].reindex(d.index)
+    comp = d["component"]
+    # pairs (copy, its original) with both in the pool; eval copies pair with other copies of the same eval image
+    planted = truth[truth["kind"] == "near_duplicate"]
+    first_of_identity = truth[truth["kind"] != "near_duplicate"].reset_index().drop_duplicates("identity")
+    orig_key = first_of_identity.set_index("identity")["sha256"]
+    pairs = [(k, orig_key[i]) for k, i in planted["identity"].items() if i in orig_key.index and k in d.index]
+    same = sum(int(comp[a] == comp[b]) for a, b in pairs)
+    removed = d[~d["kept"]]
+    correct = sum(int(ident[k] == ident[r]) for k, r in removed["duplicate_of"].items())
+    wrong = len(removed) - correct
+    return {
+        "planted_pairs": len(pairs),
+        "planted_pairs_merged": same,
+        "recall": round(same / len(pairs), 4) if pairs else None,
+        "removed": int(len(removed)),
+        "removed_correctly": int(correct),
+        "distinct_images_wrongly_removed": int(wrong),
+        "precision": round(correct / len(removed), 4) if len(removed) else None,
+    }
+
+
+def decontamination_quality(result: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    """Every planted copy of an evaluation image must be gone; clean images removed are the price paid."""
+    r = result.set_index("key")
+    kinds = truth["kind"].reindex(r.index)
+    copies = r[kinds == "eval_copy"]
+    clean = r[kinds != "eval_copy"]
+    return {
+        "planted_eval_copies_in_pool": int(len(copies)),
+        "planted_eval_copies_removed": int(copies["removed"].sum()),
+        "recall": round(float(copies["removed"].mean()), 4) if len(copies) else None,
+        "clean_images_removed": int(clean["removed"].sum()),
+        "clean_removed_fraction": round(float(clean["removed"].mean()), 4) if len(clean) else None,
+    }
+
+
+def retrieval_quality(pool_keys: list[str], curated_keys: list[str], truth: pd.DataFrame) -> dict:
+    """Share of in-domain images before and after retrieval (LVD-142M's point: curation raises it)."""
+    pool = truth["in_domain"].reindex(pool_keys).fillna(False)
+    cur = truth["in_domain"].reindex(curated_keys).fillna(False)
+    in_pool = int(pool.sum())
+    return {
+        "pool_in_domain_share": round(float(pool.mean()), 4) if len(pool) else None,
+        "curated_in_domain_share": round(float(cur.mean()), 4) if len(cur) else None,
+        "in_domain_recall": round(float(cur.sum()) / in_pool, 4) if in_pool else None,
+    }

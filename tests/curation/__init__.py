@@ -1,0 +1,1 @@
+"""Tests of dinov2_core.curation (paper §3 / App. A data-curation algorithms)."""

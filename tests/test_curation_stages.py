@@ -1,0 +1,116 @@
+"""The curation stages end to end on the small demo crawl: quality against the planted ground truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.dedup import run_dedup
+from tasks.decontaminate import run_decontaminate
+from tasks.quality import DataQualityError
+from tasks.retrieve import choose_mode, run_retrieve
+from tasks.shards import run_shards
+
+
+@pytest.fixture(scope="session")
+def curated(ingested, demo_dir, small_params_factory, tmp_path_factory):
+    ingest_params, _, _ = ingested
+    root = tmp_path_factory.mktemp("curation")
+    d = demo_dir / "demo"
+    params = small_params_factory(demo_dir, [
+        f"ingest.out={ingest_params.ingest.out}", f"reports={root}/reports",
+        f"dedup.images={ingest_params.ingest.out}", f"dedup.out={root}/dedup", f"dedup.cache_dir={root}/cache",
+        f"dedup.ground_truth={d}/ground_truth.parquet",
+        f"decontaminate.dedup={root}/dedup", f"decontaminate.images={ingest_params.ingest.out}",
+        f"decontaminate.out={root}/decontam", f"decontaminate.cache_dir={root}/cache",
+        f"decontaminate.ground_truth={d}/ground_truth.parquet",
+        f"decontaminate.eval_sets=[{{index: {d}/eval/classification/test.csv}}, "
+        f"{{index: {d}/eval/segmentation/test.csv, path_column: image}}]",
+        f"retrieve.pool={root}/decontam", f"retrieve.images={ingest_params.ingest.out}",
+        f"retrieve.seed_index={d}/seed/seed.csv", f"retrieve.out={root}/retrieve",
+        f"retrieve.cache_dir={root}/cache", f"retrieve.ground_truth={d}/ground_truth.parquet",
+        "retrieve.large_seed_set=10", "retrieve.k=8",
+        f"shards.curated={root}/retrieve/curated.parquet", f"shards.images={ingest_params.ingest.out}",
+        f"shards.out={root}/shards", "shards.target_samples=50",
+    ])
+    run_dedup(params)
+    run_decontaminate(params)
+    run_retrieve(params)
+    run_shards(params)
+    metrics = {s: json.loads((root / "reports" / "metrics" / f"{s}.json").read_text())
+               for s in ("dedup", "decontaminate", "retrieve", "shards")}
+    return params, root, metrics
+
+
+def test_dedup_finds_planted_near_duplicates(curated):
+    _, root, metrics = curated
+    q = metrics["dedup"]["quality"]
+    assert q["planted_pairs"] >= 20
+    assert q["recall"] >= 0.85 and q["precision"] >= 0.95, q
+    dedup = pd.read_parquet(root / "dedup" / "dedup.parquet")
+    kept = set(dedup.loc[dedup["kept"], "key"])
+    assert dedup.loc[~dedup["kept"], "duplicate_of"].isin(kept).all()
+    assert metrics["dedup"]["images"] == metrics["dedup"]["kept"] + metrics["dedup"]["removed"]
+
+
+def test_every_planted_eval_copy_is_removed(curated):
+    _, root, metrics = curated
+    q = metrics["decontaminate"]["quality"]
+    assert q["planted_eval_copies_in_pool"] >= 5
+    assert q["planted_eval_copies_removed"] == q["planted_eval_copies_in_pool"]
+    result = pd.read_parquet(root / "decontam" / "decontam.parquet")
+    assert result.loc[result["removed"], "matched_eval_id"].notna().all()
+
+
+def test_retrieval_raises_the_in_domain_share(curated):
+    _, root, metrics = curated
+    q = metrics["retrieve"]["quality"]
+    assert metrics["retrieve"]["mode"] == "sample"
+    assert q["curated_in_domain_share"] > q["pool_in_domain_share"] + 0.03, q
+    assert metrics["retrieve"]["pool_embeddings_reused_from_dedup"] is True
+
+
+def test_shards_hold_exactly_the_curated_set(curated):
+    _, root, metrics = curated
+    curated_keys = set(pd.read_parquet(root / "retrieve" / "curated.parquet")["sha256"])
+    assert metrics["shards"]["samples"] == len(curated_keys) == metrics["retrieve"]["curated"]
+
+
+def test_embeddings_are_reused_on_rerun(curated):
+    params, root, _ = curated
+    run_dedup(params)
+    m = json.loads((root / "reports" / "metrics" / "dedup.json").read_text())
+    assert m["embedding"]["computed"] == 0 and m["embedding"]["reused"] == m["images"]
+
+
+def test_mode_chooser_follows_the_seed_set_size():
+    assert choose_mode("auto", 5, 10) == "cluster"
+    assert choose_mode("auto", 10, 10) == "sample"
+    assert choose_mode("cluster", 10**7, 10) == "cluster"
+
+
+def test_corrupt_embeddings_fail_the_boundary_check(curated, tmp_path):
+    """A damaged hand-over (NaN vectors in dedup's embeddings) stops decontaminate with the expectation name."""
+    params, root, _ = curated
+    import shutil
+
+    bad_dedup = tmp_path / "dedup"
+    shutil.copytree(root / "dedup", bad_dedup)
+    with np.load(bad_dedup / "embeddings.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["vectors"] = arrays["vectors"].copy()
+    arrays["vectors"][3] = np.nan
+    np.savez(bad_dedup / "embeddings.npz", **arrays)
+    params.decontaminate.dedup = str(bad_dedup)
+    params.decontaminate.out = str(tmp_path / "out")
+    try:
+        with pytest.raises(DataQualityError, match="pool_embeddings: expect_column_values_to_be_in_set"):
+            run_decontaminate(params)
+    finally:
+        params.decontaminate.dedup = str(root / "dedup")
+        params.decontaminate.out = str(root / "decontam")
+    assert not (tmp_path / "out" / "decontam.parquet").exists()
