@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test test-fast bench clean lint
+.PHONY: setup run test test-fast bench clean lint stack stack-stop stack-status deploy cost-model
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,19 @@ lint: setup
 
 clean:
 	rm -rf data reports/metrics reports/validation reports/plots .dvc/cache .dvc/tmp
+
+# ---- operations (README "Operations"): local Prefect server + worker + S3-compatible store on 127.0.0.1 ----------
+stack: setup
+	@infra/stack.sh start
+
+stack-stop:
+	@infra/stack.sh stop
+
+stack-status:
+	@infra/stack.sh status
+
+deploy: setup
+	$(BIN)/dinov2-pipeline deploy
+
+cost-model: setup
+	@$(BIN)/python infra/cost_model.py

@@ -1,7 +1,9 @@
 """`dinov2-pipeline`: the project's one command-line entry point.
 
 `stage NAME` runs one stage's plain function (what DVC stage `cmd`s call), `run` runs the Prefect flow that
-chains the DVC stages, `params` validates a params/profile file. Errors users can act on are printed as one
+chains the DVC stages, `params` validates a params/profile file, `fetch` gets any stage's artifact for a git
+revision or flow run from the DVC remote, `stack` starts/stops the local Prefect + S3 stack, `deploy`
+registers the deployments. Errors users can act on are printed as one
 line (set DINOV2_DEBUG=1 for the traceback).
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,7 +28,7 @@ _HELP = (
 app = typer.Typer(help=_HELP, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-S", help="Override a param, e.g. --set ingest.workers=4 (repeatable)."),
 ]
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file to read.")]
@@ -88,18 +90,128 @@ def params_cmd(
 
 @app.command("run")
 def run_cmd(
-    stages: Annotated[Optional[list[str]], typer.Option("--stage", help="Run only these stages (repeatable).")] = None,
+    stages: Annotated[list[str] | None, typer.Option("--stage", help="Run only these stages (repeatable).")] = None,
+    set_: SetOpt = None,
+    profile: Annotated[str, typer.Option("--profile", help="Params file the run starts from "
+                                         "(params.yaml or params.paper.yaml).")] = "params.yaml",
     project: Annotated[Path, typer.Option(help="Project folder holding dvc.yaml.")] = Path("."),
     force: Annotated[bool, typer.Option(help="Rerun stages even if DVC says they are up to date.")] = False,
+    push: Annotated[bool, typer.Option(help="`dvc push` to the remote at the end (if one is configured).")] = True,
+    remote: Annotated[str | None, typer.Option(help="DVC remote (default: the project's default).")] = None,
+    credentials_block: Annotated[str | None, typer.Option(help="Prefect Secret block with S3 keys.")] = None,
+    retries: Annotated[int, typer.Option(help="Retries for transient faults (network, S3).")] = 3,
+    retry_delay: Annotated[float, typer.Option(help="First back-off delay in seconds (doubles).")] = 10.0,
 ) -> None:
-    """Run the pipeline as a Prefect flow (one task per DVC stage; ephemeral Prefect when no server is set)."""
+    """Run the pipeline as a Prefect flow (one task per DVC stage, then `dvc push`; ephemeral Prefect when no
+    server is configured), then print where the results are and the evaluation summary."""
     from flows.pipeline import StageFailed, TransientStageError, dinov2_pipeline
+    from flows.remote import RemoteError
+    from flows.results import results_report
 
     try:
-        result = dinov2_pipeline(stages=stages, project_dir=str(project), force=force)
-    except (StageFailed, TransientStageError) as exc:
-        _fail(str(exc))
+        result = dinov2_pipeline(stages=stages, overrides=set_ or [], profile=profile, project_dir=str(project),
+                                 force=force, push=push, remote=remote, credentials_block=credentials_block,
+                                 retries=retries, retry_delay_s=retry_delay)
+    except (StageFailed, TransientStageError, RemoteError) as exc:
+        _fail(_one_line(exc))
     typer.echo(result["summary"])
+    from tasks.params import load_params
+
+    try:
+        reports = load_params(project / "params.yaml").reports
+    except Exception:
+        reports = "reports"
+    typer.echo(results_report(project, reports, result))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@app.command("results")
+def results_cmd(project: Annotated[Path, typer.Option(help="Project folder holding dvc.yaml.")] = Path(".")) -> None:
+    """Print where the last run's results are and the evaluation summary."""
+    from flows.results import results_report
+    from tasks.params import load_params
+
+    try:
+        reports = load_params(project / "params.yaml").reports
+    except Exception:
+        reports = "reports"
+    typer.echo(results_report(project, reports))
+
+
+@app.command("fetch")
+def fetch_cmd(
+    target: Annotated[str, typer.Argument(help="A stage name, a stage output path, or a path inside one "
+                                          "(e.g. ingest, data/ingest, data/ingest/manifest.parquet).")],
+    rev: Annotated[str | None, typer.Option(help="Git revision whose dvc.lock says which bytes.")] = None,
+    run: Annotated[str | None, typer.Option(help="Flow run id whose run record says which bytes.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder to write into (keeps the project-relative path).")] = Path("fetched"),
+    project: Annotated[Path, typer.Option(help="Project folder (its DVC remote config is used).")] = Path("."),
+    remote: Annotated[str | None, typer.Option(help="DVC remote (default: the project's default).")] = None,
+    credentials_block: Annotated[str | None, typer.Option(help="Prefect Secret block with S3 keys.")] = None,
+) -> None:
+    """Fetch a stage's artifact as of a git revision (--rev) or a flow run (--run) from the DVC remote;
+    every file is MD5-verified against the dvc.lock of that revision/run."""
+    from flows.fetch import fetch
+    from flows.remote import RemoteError, credentials_from_block
+
+    try:
+        creds = credentials_from_block(credentials_block)
+        fetched = fetch(target, out, project=project, rev=rev, run=run, remote=remote, credentials=creds)
+    except RemoteError as exc:
+        _fail(_one_line(exc))
+    for item in fetched:
+        typer.echo(f"{item.path}: {item.files} file(s), {item.bytes} bytes ({item.source}) -> {item.dest}")
+
+
+stack_app = typer.Typer(help="The local stack: Prefect server + process worker + S3-compatible store on loopback.",
+                        no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+
+
+@stack_app.command("start")
+def stack_start(deploy: Annotated[bool, typer.Option(help="Register prefect.yaml's deployments.")] = True) -> None:
+    """Start the stack (idempotent) and wire the DVC remote 'stack' to it."""
+    from flows.stack import main as stack_main
+
+    raise typer.Exit(stack_main(["start"] + ([] if deploy else ["--no-deploy"])))
+
+
+@stack_app.command("stop")
+def stack_stop() -> None:
+    """Stop everything the stack started."""
+    from flows.stack import main as stack_main
+
+    raise typer.Exit(stack_main(["stop"]))
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Health of each component (exit 3 if one is down)."""
+    from flows.stack import main as stack_main
+
+    raise typer.Exit(stack_main(["status"]))
+
+
+@app.command("deploy")
+def deploy_cmd(
+    api_url: Annotated[str | None, typer.Option(help="Prefect API (default: PREFECT_API_URL).")] = None,
+    gpu: Annotated[bool, typer.Option(help="Also create the Kubernetes GPU pool (paused) and its deployments.")] = False,
+) -> None:
+    """Create the work pools and register every deployment (`prefect deploy --all`)."""
+    from flows.deploy import DeployError, deploy_all
+
+    url = api_url or os.environ.get("PREFECT_API_URL")
+    if not url:
+        _fail("no Prefect server: pass --api-url or set PREFECT_API_URL (e.g. `. infra/.state/env`)")
+    try:
+        for line in deploy_all(url, Path.cwd(), gpu=gpu):
+            typer.echo(line)
+    except DeployError as exc:
+        _fail(_one_line(exc))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,47 +1,97 @@
-"""The `dinov2-pipeline` Prefect flow: one Prefect task per DVC stage, in DAG order.
+"""The `dinov2-pipeline` Prefect flow: one Prefect task per DVC stage, in DAG order, then `dvc push`.
 
 DVC decides what reruns (its lock file and cache), so `dvc repro` alone gives the same outputs and a second
-run with no change skips every stage. Prefect adds what DVC lacks: retries for transient faults, schedules,
-a UI with per-stage logs, durations and metrics. Works with a Prefect server (PREFECT_API_URL) or without
-one (Prefect's ephemeral mode).
+run with no change skips every stage. Prefect adds what DVC lacks: retries with back-off for transient faults,
+schedules, and a UI with per-stage logs, durations, data-quality results and metrics as artifacts. Works with a
+Prefect server (PREFECT_API_URL) or without one (Prefect's ephemeral mode).
+
+Stages come from the registry (`tasks.stages.STAGES`), never from a list here.
+
+Params overrides and profiles are applied the DVC way: the run's `params.yaml` *is* the resolved params
+(profile file + `key=value` overrides, validated by `tasks.params.load_params` first), so DVC sees changed
+params, reruns exactly the stages that depend on them and records the values in `dvc.lock`. The original
+`params.yaml` is restored when the run ends (a crashed run's backup is restored by the next run). We do not use
+`dvc exp run --set-param`: it needs a git commit to base the experiment on, runs the whole pipeline as one
+process (no per-stage Prefect task, retries or artifacts) and `dvc repro` has no `--set-param`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
-from tasks.stages import STAGES
+from flows.artifacts import (
+    headline_metrics,
+    metrics_markdown,
+    outputs_markdown,
+    publish,
+    validation_files,
+    validation_markdown,
+    validation_summary,
+)
+from flows.remote import (
+    CredentialsRejected,
+    RemoteError,
+    RemoteSpec,
+    credentials_from_block,
+    credentials_hint,
+    project_outputs,
+    resolve_remote,
+    write_object,
+)
+from tasks.stages import PLANNED, STAGES
 
-# Output that marks a failure worth retrying (network, object store throttling); anything else is final.
+# Failure output that marks a fault worth retrying (network, object store throttling); anything else is final.
 _TRANSIENT = re.compile(
-    r"network error|Connection refused|timed out|Timeout|EndpointConnectionError|SlowDown|"
-    r"ServiceUnavailable|Temporary failure|Connection reset|503|502|504",
+    r"network error|Connection refused|Connection reset|Connection aborted|timed out|Timeout|"
+    r"EndpointConnectionError|Could not connect to the endpoint|ConnectionClosedError|SlowDown|"
+    r"ServiceUnavailable|Temporary failure|Name or service not known|Broken pipe|RemoteDisconnected|"
+    r"\bHTTP (?:429|5\d\d)\b|\b(?:502|503|504) (?:Bad Gateway|Service Unavailable|Gateway Time-?out)",
     re.IGNORECASE,
 )
+_CREDENTIALS = re.compile(
+    r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|\(403\)|Unable to locate credentials|"
+    r"NoCredentialsError|InvalidToken|ExpiredToken|rejected the credentials|no S3 credentials",
+    re.IGNORECASE,
+)
+# Exit codes of `dinov2-pipeline stage` that are never worth a retry: 2 bad params, 3 failed GX check.
+_DETERMINISTIC_EXIT = {2, 3}
+_BACKUP = ".dvc/tmp/params.yaml.before-run"
+_LOCK = ".dvc/tmp/dinov2-pipeline.lock"
 
 
 class StageFailed(RuntimeError):
-    """A stage failed for a deterministic reason (bad data, failed check): retrying cannot help."""
+    """A stage failed for a deterministic reason (bad data, failed check, bad params): retrying cannot help."""
 
 
 class TransientStageError(RuntimeError):
-    """A stage failed on something a retry may fix (network, S3 endpoint down)."""
+    """A stage or push failed on something a retry may fix (network, S3 endpoint down)."""
 
 
-def _env() -> dict[str, str]:
-    """The venv's bin first on PATH so DVC's stage `cmd`s find `dinov2-pipeline`."""
+# ----------------------------------------------------------------------------------------------- helpers
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The venv's bin first on PATH so DVC's stage `cmd`s find `dinov2-pipeline`; no telemetry."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("GX_ANALYTICS_ENABLED", "false")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.update(extra or {})
     return env
 
 
@@ -60,59 +110,409 @@ def _retry_transient(task_, task_run, state) -> bool:
     return False
 
 
-def _metrics_markdown(stage: str, project: Path) -> str | None:
-    path = project / "reports" / "metrics" / f"{stage}.json"
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    rows = [f"| {k} | {v} |" for k, v in data.items() if not isinstance(v, (dict, list))]
-    nested = [f"| {k} | `{json.dumps(v, sort_keys=True)[:200]}` |" for k, v in data.items()
-              if isinstance(v, dict) and k != "params"]
-    return f"### {stage} metrics\n\n| metric | value |\n|---|---|\n" + "\n".join(rows + nested)
+def backoff(retries: int, first_delay_s: float) -> list[float]:
+    """Exponential back-off: d, 2d, 4d, ..."""
+    return [round(first_delay_s * 2**i, 3) for i in range(max(0, retries))]
 
 
-@task(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=_retry_transient, log_prints=True)
-def run_dvc_stage(stage: str, project_dir: str, force: bool = False) -> dict:
-    """`dvc repro <stage>` with its output in the task's logs; reports whether DVC actually ran it."""
-    logger = get_run_logger()
-    project = Path(project_dir)
-    cmd = [_dvc(), "repro", stage] + (["--force"] if force else [])
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=project, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger,
+            reachable: Callable[[], bool] | None = None, patience_s: float = 3.0) -> tuple[int, list[str], bool]:
+    """Run `cmd`, forwarding each output line to the task's log; returns (exit code, lines, aborted).
+
+    With `reachable`, a watchdog checks the remote every second while the command runs and stops it (SIGTERM,
+    then SIGKILL) once the remote has been unreachable for `patience_s`: DVC would otherwise let every queued
+    upload exhaust its own retries (minutes for a few hundred objects) before failing. The back-off between
+    attempts is Prefect's (task retries); stopping a push half-way is safe (whole-object PUTs, see dvc_push).
+    """
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
+    aborted = threading.Event()
+    done = threading.Event()
+
+    def watch() -> None:
+        down_since = None
+        while not done.wait(1.0):
+            if reachable():
+                down_since = None
+                continue
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since >= patience_s:
+                aborted.set()
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True) if reachable is not None else None
+    if watcher:
+        watcher.start()
     lines: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line:
-            lines.append(line)
-            logger.info(line)
-    code = proc.wait()
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                lines.append(line)
+                logger.info(line)
+        code = proc.wait()
+    finally:
+        done.set()
+    if aborted.is_set():
+        lines.append(f"ERROR: stopped after the remote was unreachable for {patience_s:.0f} s (Connection refused)")
+        logger.warning(lines[-1])
+        return code or 1, lines, True
+    return code, lines, False
+
+
+def endpoint_reachable(spec: RemoteSpec) -> Callable[[], bool] | None:
+    """A cheap TCP check of the remote's endpoint (None for local remotes)."""
+    if not spec.is_s3:
+        return None
+    from urllib.parse import urlparse
+
+    url = urlparse(spec.endpoint_url or f"https://s3.{spec.region or 'us-east-1'}.amazonaws.com")
+    host, port = url.hostname or "localhost", url.port or (443 if url.scheme == "https" else 80)
+
+    def check() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return True
+        except OSError:
+            return False
+
+    return check
+
+
+def project_stages(project: Path) -> list[str]:
+    dvc_yaml = project / "dvc.yaml"
+    if not dvc_yaml.exists():
+        raise StageFailed(f"{project}: no dvc.yaml (is --project the pipeline's folder?)")
+    return list((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {})
+
+
+def select_stages(requested: list[str] | None, available: list[str]) -> tuple[list[str], list[str]]:
+    """Registry stages (DAG order) that were requested and exist in the project's dvc.yaml.
+
+    Returns (selected, ignored): planned-but-not-yet-implemented names are ignored with a warning, so a
+    deployment can already name the whole curation chain; any other unknown name is an error.
+    """
+    registry = list(STAGES)
+    requested = list(requested or [])
+    unknown = sorted(set(requested) - set(registry) - set(PLANNED))
+    if unknown:
+        raise StageFailed(f"unknown stage(s) {unknown}; stages: {registry}")
+    wanted = [s for s in registry if not requested or s in requested]
+    ignored = [s for s in requested if s not in registry]
+    missing = [s for s in wanted if s not in available]
+    return [s for s in wanted if s in available], ignored + missing
+
+
+def resolve_run_params(project: Path, profile: str, overrides: list[str]) -> tuple[str | None, Any]:
+    """Validate profile + overrides; return (params.yaml text for this run or None if unchanged, Params)."""
+    from tasks.params import ParamsError, load_params, parse_override
+
+    profile_path = (project / profile) if not Path(profile).is_absolute() else Path(profile)
+    try:
+        params = load_params(profile_path, overrides)
+    except ParamsError as exc:
+        raise StageFailed(f"params: {exc}") from None
+    if profile_path.resolve() == (project / "params.yaml").resolve() and not overrides:
+        return None, params
+    tree = yaml.safe_load(profile_path.read_text()) or {}
+    for item in overrides:
+        key, value = parse_override(item)
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    header = (f"# Written by the dinov2-pipeline flow for one run: {profile_path.name}"
+              f"{' + ' + ', '.join(overrides) if overrides else ''}.\n"
+              f"# The original params.yaml is restored when the run ends (backup: {_BACKUP}).\n")
+    return header + yaml.safe_dump(tree, sort_keys=False), params
+
+
+@contextlib.contextmanager
+def run_params(project: Path, text: str | None, logger) -> Iterator[None]:
+    """params.yaml = `text` for the duration of the run; the original comes back afterwards."""
+    target = project / "params.yaml"
+    backup = project / _BACKUP
+    if backup.exists():  # a previous run died before restoring: put the user's file back first
+        logger.warning("restoring params.yaml left over by an interrupted run")
+        os.replace(backup, target)
+    if text is None:
+        yield
+        return
+    backup.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(target, backup)
+    try:
+        target.write_text(text)
+        yield
+    finally:
+        os.replace(backup, target)
+
+
+@contextlib.contextmanager
+def project_lock(project: Path) -> Iterator[None]:
+    """One pipeline run per project folder at a time (DVC would otherwise fail half-way on its own lock)."""
+    path = project / _LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageFailed(f"another dinov2-pipeline run is using {project}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _reports_dir(project: Path) -> Path:
+    from tasks.params import load_params
+
+    try:
+        reports = Path(load_params(project / "params.yaml").reports)
+    except Exception:
+        reports = Path("reports")
+    return reports if reports.is_absolute() else project / reports
+
+
+def _failure_reason(lines: list[str]) -> tuple[int | None, str]:
+    """(the stage command's own exit code if DVC reported it, the most specific one-line reason)."""
+    code = None
+    for line in lines:
+        m = re.search(r"exited with (-?\d+)", line)
+        if m:
+            code = int(m.group(1))
+    own = [ln for ln in lines if ln.startswith("error:")]
+    dvc = [ln for ln in lines if ln.startswith("ERROR")]
+    reason = own[0] if own else (dvc[0] if dvc else (lines[-1] if lines else "no output"))
+    return code, reason
+
+
+def classify_stage_failure(stage: str, exit_code: int, lines: list[str]) -> Exception:
+    code, reason = _failure_reason(lines)
+    message = f"stage {stage} failed (exit {code if code is not None else exit_code}): {reason}"
+    if code in _DETERMINISTIC_EXIT or "data-quality check failed" in reason:
+        return StageFailed(message)
+    errors = "\n".join([ln for ln in lines if ln.startswith(("error:", "ERROR"))] + lines[-5:])
+    if _TRANSIENT.search(errors) and not _CREDENTIALS.search(errors):
+        return TransientStageError(message)
+    return StageFailed(message)
+
+
+# ----------------------------------------------------------------------------------------------- tasks
+@task(task_run_name="dvc repro {stage}", retries=2, retry_delay_seconds=[5, 20],
+      retry_condition_fn=_retry_transient, log_prints=True)
+def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials_block: str | None = None) -> dict:
+    """`dvc repro <stage>` with its output in the task's logs; publishes the stage's GX result and metrics."""
+    logger = get_run_logger()
+    project = Path(project_dir)
+    reports = _reports_dir(project)
+    extra = _block_env(project, credentials_block)
+    cmd = [_dvc(), "repro", stage] + (["--force"] if force else [])
+    start = time.perf_counter()
+    started_at = time.time()
+    code, lines, _ = _stream(cmd, project, _env(extra), logger)
+    seconds = round(time.perf_counter() - start, 2)
+    text = "\n".join(lines)
+    gx_files = validation_files(reports, stage, set(STAGES) - {stage})
+    gx_markdown = validation_markdown(stage, gx_files)
+    if code != 0:
+        fresh = [p for p in gx_files if p.stat().st_mtime >= started_at - 1]  # not a previous run's report
+        if fresh:
+            publish("validation", f"{stage}-validation", validation_markdown(stage, fresh),
+                    f"{stage}: great-expectations results (failed run)")
+        raise classify_stage_failure(stage, code, lines)
+    if f"Stage '{stage}' didn't change, skipping" in text:
+        status = "skipped (up to date)"
+    elif f"Stage '{stage}' is cached - skipping run" in text:
+        status = "restored from run-cache"
+    else:
+        status = "yes"
+    upstream = re.findall(r"Running stage '([^']+)'", text)
+    also_ran = [s for s in upstream if s != stage]
+    note = "" if status == "yes" else " (unchanged since the run that produced it)"
+    if gx_markdown:
+        publish("validation", f"{stage}-validation", gx_markdown, f"{stage}: great-expectations results{note}")
+    metrics_path = reports / "metrics" / f"{stage}.json"
+    markdown = metrics_markdown(stage, metrics_path)
+    if markdown:
+        publish("metrics", f"{stage}-metrics", markdown, f"{stage}: metrics{note}")
+    return {"stage": stage, "ran": status == "yes", "status": status, "seconds": seconds,
+            "also_ran": also_ran, "validation": validation_summary(gx_files),
+            "metrics": headline_metrics(metrics_path)}
+
+
+def _block_env(project: Path, credentials_block: str | None) -> dict[str, str]:
+    creds = credentials_from_block(credentials_block)
+    return RemoteSpec("block", "s3://unused").with_credentials(creds).subprocess_env() if creds else {}
+
+
+def _remote_spec(project: Path, remote: str | None, credentials_block: str | None) -> RemoteSpec | None:
+    spec = resolve_remote(project, remote)
+    if spec is None:
+        return None
+    return spec.with_credentials(credentials_from_block(credentials_block))
+
+
+@task(task_run_name="dvc push to {remote}", retries=3, retry_delay_seconds=[10, 20, 40],
+      retry_condition_fn=_retry_transient)
+def dvc_push(project_dir: str, remote: str, credentials_block: str | None = None) -> dict:
+    """`dvc push` of every cached stage output. DVC uploads content-addressed objects (a directory's `.dir`
+    listing last), each with one whole-object PUT, so an interrupted push leaves only complete objects and a
+    retry uploads just what is missing."""
+    logger = get_run_logger()
+    project = Path(project_dir)
+    try:
+        spec = _remote_spec(project, remote, credentials_block)
+    except RemoteError as exc:
+        raise StageFailed(str(exc)) from None
+    assert spec is not None
+    start = time.perf_counter()
+    code, lines, aborted = _stream([_dvc(), "push", "-r", spec.name], project, _env(spec.subprocess_env()),
+                                   logger, reachable=endpoint_reachable(spec))
     seconds = round(time.perf_counter() - start, 2)
     text = "\n".join(lines)
     if code != 0:
-        errors = [ln for ln in lines if ln.startswith("error:") or ln.startswith("ERROR")]
-        message = f"stage {stage} failed (exit {code}): {errors[0] if errors else (lines[-1] if lines else '')}"
-        if _TRANSIENT.search(text):
-            raise TransientStageError(message)
-        raise StageFailed(message)
-    skipped = f"Stage '{stage}' didn't change, skipping" in text or "is cached - skipping run" in text
-    markdown = _metrics_markdown(stage, project)
-    if markdown and not skipped:
-        create_markdown_artifact(key=f"{stage}-metrics", markdown=markdown, description=f"{stage} metrics")
-    return {"stage": stage, "ran": not skipped, "seconds": seconds}
+        reason = next((ln for ln in lines if ln.startswith("ERROR")), lines[-1] if lines else "no output")
+        where = f"remote '{spec.name}' ({spec.url})"
+        if aborted:
+            raise TransientStageError(f"dvc push to {where} stopped: the remote became unreachable; will retry")
+        if _CREDENTIALS.search(text):
+            raise CredentialsRejected(f"dvc push to {where}: S3 rejected the credentials or found none: "
+                                      f"{credentials_hint(spec)}")
+        if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+            raise StageFailed(f"dvc push to {where}: the bucket '{spec.bucket}' does not exist")
+        raise TransientStageError(f"dvc push to {where} failed, will retry: {reason[:300]}")
+    m = re.search(r"(\d+) files? pushed", text)
+    pushed = int(m.group(1)) if m else 0
+    return {"remote": spec.name, "url": spec.url, "pushed": pushed, "seconds": seconds}
+
+
+@task(task_run_name="run record to {remote}", retries=3, retry_delay_seconds=[5, 10, 20],
+      retry_condition_fn=_retry_transient)
+def publish_run_record(project_dir: str, remote: str, run_id: str, summary: dict,
+                       credentials_block: str | None = None) -> str:
+    """dvc.lock, dvc.yaml, the params used, metrics and GX results under `<remote>/runs/<run id>/`, so any
+    run's artifacts can be fetched by run id (`dinov2-pipeline fetch --run`) even without a git commit."""
+    project = Path(project_dir)
+    spec = _remote_spec(project, remote, credentials_block)
+    assert spec is not None
+    reports = _reports_dir(project)
+    files: dict[str, bytes] = {}
+    for name in ("dvc.lock", "dvc.yaml", "params.yaml"):
+        if (project / name).exists():
+            files[name] = (project / name).read_bytes()
+    for sub in ("metrics", "validation"):
+        for path in sorted((reports / sub).glob("*.json")) if (reports / sub).is_dir() else []:
+            files[f"reports/{sub}/{path.name}"] = path.read_bytes()
+    files["summary.json"] = (json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n").encode()
+    client = None
+    if spec.is_s3:
+        from flows.remote import s3_client
+
+        client = s3_client(spec)
+    try:
+        for rel, data in files.items():
+            write_object(spec, spec.key("runs", run_id, rel), data, client)
+        write_object(spec, spec.key("runs", "latest.json"),
+                     json.dumps({"run_id": run_id, "finished": summary.get("finished")}).encode(), client)
+    except CredentialsRejected:
+        raise
+    except RemoteError as exc:
+        if exc.transient:
+            raise TransientStageError(str(exc)) from None
+        raise StageFailed(str(exc)) from None
+    return spec.uri(spec.key("runs", run_id))
+
+
+# ----------------------------------------------------------------------------------------------- the flow
+def _summary_table(results: list[dict]) -> str:
+    lines = ["| stage | ran | seconds | data quality | metrics |", "|---|---|---|---|---|"]
+    for r in results:
+        ran = r["status"] + (f" (+ upstream {', '.join(r['also_ran'])})" if r.get("also_ran") else "")
+        lines.append(f"| {r['stage']} | {ran} | {r['seconds']} | {r['validation']} | {r['metrics']} |")
+    return "\n".join(lines)
+
+
+def _git_rev(project: Path) -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 @flow(name="dinov2-pipeline", log_prints=True)
-def dinov2_pipeline(stages: list[str] | None = None, project_dir: str = ".", force: bool = False) -> dict:
-    """Run the selected stages (default: all) in DAG order; stop at the first failure with its one-line reason."""
-    selected = [s for s in STAGES if not stages or s in stages]
-    unknown = sorted(set(stages or []) - set(STAGES))
-    if unknown:
-        raise StageFailed(f"unknown stage(s) {unknown}; stages: {list(STAGES)}")
-    results = [run_dvc_stage(stage, project_dir, force) for stage in selected]
-    lines = ["| stage | ran | seconds |", "|---|---|---|"]
-    lines += [f"| {r['stage']} | {'yes' if r['ran'] else 'skipped (up to date)'} | {r['seconds']} |" for r in results]
-    summary = "\n".join(lines)
-    create_markdown_artifact(key="pipeline-summary", markdown=summary, description="stages run by this flow")
-    return {"success": True, "stages": results, "summary": summary}
+def dinov2_pipeline(
+    stages: list[str] | None = None,
+    overrides: list[str] | None = None,
+    profile: str = "params.yaml",
+    project_dir: str = ".",
+    force: bool = False,
+    push: bool = True,
+    remote: str | None = None,
+    credentials_block: str | None = None,
+    retries: int = 3,
+    retry_delay_s: float = 10.0,
+) -> dict:
+    """Run the selected stages (default: all, in DAG order) as `dvc repro <stage>` tasks, then `dvc push`.
+
+    Args:
+        stages: stage names to run (default all); planned-but-missing names are ignored with a warning.
+        overrides: params overrides `section.key=value` (like `-S ingest.workers=2`), validated first.
+        profile: params file the run starts from (`params.yaml` or `params.paper.yaml`), relative to the project.
+        project_dir: folder holding dvc.yaml (the worker's working directory by default).
+        force: rerun stages even when DVC says they are up to date.
+        push: `dvc push` to the remote at the end (only when a remote is configured or named).
+        remote: DVC remote name (default: the project's default remote).
+        credentials_block: Prefect Secret block with S3 credentials (JSON aws_access_key_id/aws_secret_access_key);
+            default: the environment or the remote's `dvc remote modify --local` settings.
+        retries: retries per stage/push for transient faults (network, S3); deterministic failures never retry.
+        retry_delay_s: first back-off delay; doubles on each retry.
+    """
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    project = Path(project_dir).resolve()
+    overrides = list(overrides or [])
+    selected, ignored = select_stages(stages, project_stages(project))
+    if ignored:
+        logger.warning("not in this project's registry/dvc.yaml yet, ignored: %s", ", ".join(ignored))
+    params_text, _ = resolve_run_params(project, profile, overrides)
+    spec = _remote_spec(project, remote, credentials_block) if push else None
+    if push and spec is None:
+        logger.info("no DVC remote configured: outputs stay in the local DVC cache (`dvc remote add -d ...`)")
+    delays = backoff(retries, retry_delay_s)
+    stage_task = run_dvc_stage.with_options(retries=retries, retry_delay_seconds=delays or 0,
+                                            retry_jitter_factor=0.2)
+    push_task = dvc_push.with_options(retries=retries, retry_delay_seconds=delays or 0, retry_jitter_factor=0.2)
+    record_task = publish_run_record.with_options(retries=retries, retry_delay_seconds=delays or 0)
+
+    run_id = str(flow_run.id or "local")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    results: list[dict] = []
+    pushed: dict | None = None
+    record: str | None = None
+    with project_lock(project), run_params(project, params_text, logger):
+        for stage in selected:
+            results.append(stage_task(stage, str(project), force, credentials_block))
+        summary = _summary_table(results)
+        publish("summary", "pipeline-summary", summary, "stages run by this flow run")
+        if spec is not None:
+            pushed = push_task(str(project), spec.name, credentials_block)
+            payload = {"flow_run_id": run_id, "flow_run_name": flow_run.name, "started": started,
+                       "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+                       "git_rev": _git_rev(project), "profile": profile, "overrides": overrides,
+                       "stages": results, "push": pushed}
+            record = record_task(str(project), spec.name, run_id, payload, credentials_block)
+        outputs = [o for s in selected for o in project_outputs(project).get(s, [])]
+        publish("outputs", "pipeline-outputs",
+                f"### outputs\n\n{outputs_markdown(outputs, spec, pushed is not None)}\n\n"
+                + (f"Pushed {pushed['pushed']} new object(s) to `{spec.url}` in {pushed['seconds']} s. "
+                   if pushed and spec else "")
+                + (f"Run record: `{record}`" if record else ""),
+                "stage outputs, their hashes and where they live")
+    return {"success": True, "stages": results, "summary": summary, "push": pushed, "run_record": record,
+            "run_id": run_id, "ignored": ignored}

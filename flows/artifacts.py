@@ -1,0 +1,150 @@
+"""What the Prefect UI shows for each stage and run: Markdown tables built from the files stages write.
+
+Pure rendering (`*_markdown`) is separate from publishing (`publish`), so the tables are testable without a
+Prefect server and the flow never fails because an artifact could not be created.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from flows.remote import Output, RemoteSpec
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+def _cell(value: Any, limit: int = 120) -> str:
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, (dict, list)):
+        text = "`" + json.dumps(value, sort_keys=True)[: limit - 2] + "`"
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")[:limit]
+
+
+def validation_files(reports: Path, stage: str, other_stages: set[str] | frozenset[str] = frozenset()) -> list[Path]:
+    """`<stage>.json` plus any `<stage>-<boundary>.json` (e.g. `shards-input.json`) a stage wrote,
+    but not another stage's file that merely shares the prefix."""
+    folder = reports / "validation"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f"{stage}*.json")
+                  if p.stem == stage or (p.stem.startswith(f"{stage}-") and p.stem not in other_stages))
+
+
+def validation_markdown(stage: str, files: list[Path]) -> str | None:
+    """One row per expectation: table, expectation, pass/fail, what was observed."""
+    if not files:
+        return None
+    lines = [f"### {stage}: data-quality (great-expectations)", ""]
+    for path in files:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        verdict = "passed" if report.get("success") else "**FAILED**"
+        lines += [f"**{path.stem}**: {verdict}", "",
+                  "| table | rows | expectation | result | observed |", "|---|---|---|---|---|"]
+        for table, body in (report.get("tables") or {}).items():
+            for exp in body.get("expectations", []):
+                kwargs = ", ".join(f"{k}={_cell(v, 40)}" for k, v in sorted(exp.get("kwargs", {}).items()))
+                res = exp.get("result") or {}
+                observed = res.get("observed_value", res.get("unexpected_count", ""))
+                lines.append(f"| {table} | {body.get('rows', '')} | `{exp.get('type')}`({kwargs}) | "
+                             f"{'ok' if exp.get('success') else '**FAIL**'} | {_cell(observed, 60)} |")
+        for failure in report.get("failures") or []:
+            lines.append(f"\n- failed: {_cell(failure, 300)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def validation_summary(files: list[Path]) -> str:
+    """'passed (12/12)' / 'FAILED: <first failure>' / 'none' for the run summary table."""
+    if not files:
+        return "none"
+    total = passed = 0
+    failures: list[str] = []
+    for path in files:
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for body in (report.get("tables") or {}).values():
+            for exp in body.get("expectations", []):
+                total += 1
+                passed += bool(exp.get("success"))
+        failures += report.get("failures") or []
+    return f"FAILED: {failures[0]}" if failures else f"passed ({passed}/{total})"
+
+
+def metrics_markdown(stage: str, path: Path) -> str | None:
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    rows = [f"| {k} | {_cell(v)} |" for k, v in sorted(data.items())
+            if not isinstance(v, (dict, list)) and k != "params"]
+    nested = [f"| {k} | {_cell(v, 200)} |" for k, v in sorted(data.items())
+              if isinstance(v, (dict, list)) and k != "params"]
+    return f"### {stage}: metrics\n\n| metric | value |\n|---|---|\n" + "\n".join(rows + nested)
+
+
+def headline_metrics(path: Path, limit: int = 4) -> str:
+    """A few scalar metrics for the one-line-per-stage summary."""
+    if not path.exists():
+        return ""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    scalars = [(k, v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and "seconds" not in k and k not in ("seed", "workers")]
+    return ", ".join(f"{k}={_cell(v, 20)}" for k, v in scalars[:limit])
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def outputs_markdown(outputs: list[Output], spec: RemoteSpec | None, pushed: bool) -> str:
+    """Each stage output with its hash and, when pushed, where the object lives in the remote."""
+    lines = ["| stage | output | hash | size | files | remote object |", "|---|---|---|---|---|---|"]
+    for out in outputs:
+        where = "not cached (kept in git / run record)" if not out.cached else ""
+        if out.cached and out.md5 and spec is not None and pushed:
+            key = spec.object_key(out.md5)
+            uri = spec.uri(key)
+            http = spec.http_url(key)
+            where = f"[`{uri}`]({http})" if http else f"`{uri}`"
+        elif out.cached and not pushed:
+            where = "local cache only (no remote configured)"
+        size = _human(out.size) if out.size else ""
+        lines.append(f"| {out.stage} | `{out.path}` | `{(out.md5 or '')[:12]}` | {size} | {out.nfiles or ''} | "
+                     f"{where} |")
+    return "\n".join(lines)
+
+
+def publish(kind: str, key: str, markdown: str, description: str) -> None:
+    """Create a Markdown artifact; an artifact failure is logged, never fatal for the run."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.logging import get_run_logger
+
+    try:
+        create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
+    except Exception as exc:  # pragma: no cover - the API being down must not fail a finished stage
+        try:
+            get_run_logger().warning("could not publish the %s artifact %s: %s", kind, key, exc)
+        except Exception:
+            pass

@@ -1,0 +1,376 @@
+"""The DVC remote as the orchestration layer sees it: where it is, how to reach it, what is in it.
+
+DVC owns the remote's layout (content-addressed: `<url>/files/md5/<2 hex>/<30 hex>`, directories as a `.dir`
+JSON listing) and its own pushes. This module only *reads* that layout (to link and fetch artifacts by hash) and
+writes one thing beside it: a per-run record under `<url>/runs/<run id>/` (dvc.lock, params, metrics, GX
+results), because metrics files are `cache: false` in dvc.yaml and a flow run does not make a git commit.
+
+Credentials are resolved in this order and never logged, printed or written anywhere by this module:
+a Prefect Secret block named by the caller, the remote's `dvc remote modify --local` settings, then the usual
+AWS environment / profile chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+
+class RemoteError(RuntimeError):
+    """Something about the remote the user must fix (not configured, object missing); one line."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+class CredentialsRejected(RemoteError):
+    """S3 refused or could not find the credentials."""
+
+
+# ----------------------------------------------------------------------------------------------- remote spec
+@dataclass(frozen=True)
+class RemoteSpec:
+    name: str
+    url: str  # s3://bucket/prefix or a local folder (absolute)
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    @property
+    def is_s3(self) -> bool:
+        return self.url.startswith("s3://")
+
+    @property
+    def bucket(self) -> str:
+        return urlparse(self.url).netloc
+
+    @property
+    def prefix(self) -> str:
+        return urlparse(self.url).path.strip("/") if self.is_s3 else ""
+
+    def key(self, *parts: str) -> str:
+        """Object key (S3) or relative path (local) under the remote's root."""
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/"))
+
+    def object_key(self, md5: str) -> str:
+        return self.key("files", "md5", md5[:2], md5[2:])
+
+    def uri(self, key: str) -> str:
+        """Human-facing address of a key: s3://bucket/key or the local file path."""
+        if self.is_s3:
+            return f"s3://{self.bucket}/{key}"
+        return str(self.local_path(key))
+
+    def local_path(self, key: str) -> Path:
+        return Path(self.url) / key
+
+    def http_url(self, key: str) -> str | None:
+        """Path-style URL on the configured endpoint (for links in the UI); None for AWS defaults."""
+        if self.is_s3 and self.endpoint_url:
+            return f"{self.endpoint_url.rstrip('/')}/{self.bucket}/{key}"
+        return None
+
+    def with_credentials(self, creds: dict[str, str] | None) -> RemoteSpec:
+        if not creds:
+            return self
+        return RemoteSpec(self.name, self.url, self.endpoint_url, self.region,
+                          creds.get("aws_access_key_id"), creds.get("aws_secret_access_key"),
+                          creds.get("aws_session_token"))
+
+    def subprocess_env(self) -> dict[str, str]:
+        """AWS_* variables for child processes (DVC) when credentials came from a Prefect block."""
+        env = {}
+        if self.access_key_id and self.secret_access_key:
+            env["AWS_ACCESS_KEY_ID"] = self.access_key_id
+            env["AWS_SECRET_ACCESS_KEY"] = self.secret_access_key
+            if self.session_token:
+                env["AWS_SESSION_TOKEN"] = self.session_token
+        return env
+
+
+def dvc_config(project: str | Path) -> dict[str, Any]:
+    """DVC's merged configuration (system, global, repo, local) for a project."""
+    from dvc.config import Config
+
+    dvc_dir = Path(project) / ".dvc"
+    if not dvc_dir.is_dir():
+        raise RemoteError(f"{project}: not a DVC project (no .dvc folder)")
+    return Config(dvc_dir=str(dvc_dir))
+
+
+def remote_names(project: str | Path) -> tuple[list[str], str | None]:
+    conf = dvc_config(project)
+    return sorted(conf.get("remote", {})), conf.get("core", {}).get("remote")
+
+
+def resolve_remote(project: str | Path, name: str | None = None) -> RemoteSpec | None:
+    """The named remote, else the project's default remote, else None (no remote configured)."""
+    conf = dvc_config(project)
+    remotes = conf.get("remote", {})
+    if not name:
+        name = conf.get("core", {}).get("remote")
+        if not name:
+            return None
+    if name not in remotes:
+        known = ", ".join(sorted(remotes)) or "none"
+        raise RemoteError(f"DVC remote '{name}' is not configured in {project} (remotes: {known}); "
+                          f"add it with `dvc remote add` or start the local stack (`make stack`)")
+    section = remotes[name]
+    url = str(section["url"])
+    parsed = urlparse(url)
+    if parsed.scheme not in ("", "s3", "file") and len(parsed.scheme) > 1:
+        raise RemoteError(f"DVC remote '{name}': only s3:// and local remotes are supported here, got {parsed.scheme}://")
+    if parsed.scheme == "file":
+        url = parsed.path
+    return RemoteSpec(
+        name=name,
+        url=url,
+        endpoint_url=section.get("endpointurl") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL"),
+        region=section.get("region") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        access_key_id=section.get("access_key_id"),
+        secret_access_key=section.get("secret_access_key"),
+        session_token=section.get("session_token"),
+    )
+
+
+def credentials_from_block(block_name: str | None) -> dict[str, str] | None:
+    """S3 credentials from a Prefect Secret block holding JSON
+    `{"aws_access_key_id": ..., "aws_secret_access_key": ...}`; None when no block is named."""
+    if not block_name:
+        return None
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block_name).get()
+    except ValueError as exc:
+        raise RemoteError(f"Prefect Secret block '{block_name}' not found ({str(exc).splitlines()[0][:80]})") from None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if not isinstance(value, dict) or not value.get("aws_access_key_id") or not value.get("aws_secret_access_key"):
+        raise RemoteError(f"Prefect Secret block '{block_name}' must hold JSON with aws_access_key_id and "
+                          f"aws_secret_access_key")
+    return {k: str(v) for k, v in value.items() if k.startswith("aws_")}
+
+
+# ----------------------------------------------------------------------------------------------- S3 access
+def s3_client(spec: RemoteSpec):
+    import boto3
+    from botocore.config import Config
+
+    kwargs: dict[str, Any] = {"region_name": spec.region or "us-east-1",
+                              "config": Config(connect_timeout=5, read_timeout=60,
+                                               retries={"max_attempts": 3, "mode": "standard"})}
+    if spec.endpoint_url:
+        kwargs["endpoint_url"] = spec.endpoint_url
+    if spec.access_key_id and spec.secret_access_key:
+        kwargs["aws_access_key_id"] = spec.access_key_id
+        kwargs["aws_secret_access_key"] = spec.secret_access_key
+        if spec.session_token:
+            kwargs["aws_session_token"] = spec.session_token
+    return boto3.client("s3", **kwargs)
+
+
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden",
+                     "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"}
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                    "ConnectionError", "ConnectionRefusedError", "ProxyConnectionError", "ResponseStreamingError",
+                    "IncompleteReadError", "TimeoutError"}
+
+
+def credentials_hint(spec: RemoteSpec) -> str:
+    return (f"set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or `dvc remote modify --local {spec.name} "
+            f"access_key_id ...` (and secret_access_key), or pass a Prefect Secret block")
+
+
+def translate_s3_error(exc: BaseException, spec: RemoteSpec, what: str) -> RemoteError:
+    """One line that says what failed and what to do; never contains credential values."""
+    name = type(exc).__name__
+    code = ""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+    where = f"remote '{spec.name}' ({spec.url})"
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return CredentialsRejected(f"{what}: no S3 credentials for {where}: {credentials_hint(spec)}")
+    if code in _CREDENTIAL_CODES:
+        return CredentialsRejected(f"{what}: S3 rejected the credentials for {where} ({code}): {credentials_hint(spec)}")
+    if code in ("NoSuchBucket",):
+        return RemoteError(f"{what}: bucket '{spec.bucket}' of {where} does not exist")
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return RemoteError(f"{what}: not found in {where}")
+    if name in _TRANSIENT_NAMES or isinstance(exc, (ConnectionError, TimeoutError)) or code in (
+            "SlowDown", "ServiceUnavailable", "InternalError", "500", "502", "503", "504", "RequestTimeout"):
+        return RemoteError(f"{what}: {where} unreachable ({name}{': ' + code if code else ''})", transient=True)
+    return RemoteError(f"{what}: {name}{': ' + code if code else ''} from {where}")
+
+
+def _scrub(text: str, spec: RemoteSpec | None) -> str:
+    """Belt and braces: no secret value ever leaves in a message."""
+    secrets = [os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")]
+    if spec is not None:
+        secrets += [spec.secret_access_key, spec.session_token]
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
+
+
+def read_object(spec: RemoteSpec, key: str, client=None) -> bytes:
+    if not spec.is_s3:
+        path = spec.local_path(key)
+        if not path.is_file():
+            raise RemoteError(f"{spec.uri(key)}: not found in remote '{spec.name}'")
+        return path.read_bytes()
+    client = client or s3_client(spec)
+    try:
+        return client.get_object(Bucket=spec.bucket, Key=key)["Body"].read()
+    except Exception as exc:
+        raise translate_s3_error(exc, spec, f"s3://{spec.bucket}/{key}") from None
+
+
+def write_object(spec: RemoteSpec, key: str, data: bytes, client=None) -> str:
+    """Write one object (whole-object PUT: readers see all of it or nothing); returns its address."""
+    if not spec.is_s3:
+        path = spec.local_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return str(path)
+    client = client or s3_client(spec)
+    try:
+        client.put_object(Bucket=spec.bucket, Key=key, Body=data)
+    except Exception as exc:
+        raise translate_s3_error(exc, spec, f"s3://{spec.bucket}/{key}") from None
+    return f"s3://{spec.bucket}/{key}"
+
+
+def object_exists(spec: RemoteSpec, key: str, client=None) -> bool:
+    if not spec.is_s3:
+        return spec.local_path(key).is_file()
+    client = client or s3_client(spec)
+    try:
+        client.head_object(Bucket=spec.bucket, Key=key)
+        return True
+    except Exception as exc:
+        err = translate_s3_error(exc, spec, key)
+        if "not found" in str(err):
+            return False
+        raise err from None
+
+
+def list_keys(spec: RemoteSpec, under: str = "", client=None) -> Iterator[tuple[str, int]]:
+    """(key, size) of every object below `under` (relative to the remote's root)."""
+    root = spec.key(under)
+    if not spec.is_s3:
+        base = Path(spec.url)
+        start = base / under if under else base
+        for path in sorted(start.rglob("*")) if start.exists() else []:
+            if path.is_file():
+                yield path.relative_to(base).as_posix(), path.stat().st_size
+        return
+    client = client or s3_client(spec)
+    paginator = client.get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=spec.bucket, Prefix=f"{root}/" if root else ""):
+            for item in page.get("Contents", []):
+                yield item["Key"], int(item["Size"])
+    except Exception as exc:
+        raise translate_s3_error(exc, spec, f"listing {spec.url}") from None
+
+
+# ----------------------------------------------------------------------------------------------- dvc.yaml/lock
+@dataclass(frozen=True)
+class Output:
+    stage: str
+    path: str
+    md5: str | None
+    size: int | None
+    nfiles: int | None
+    cached: bool  # False for `cache: false` outputs (metrics): DVC never pushes those
+
+    @property
+    def is_dir(self) -> bool:
+        return bool(self.md5 and self.md5.endswith(".dir"))
+
+
+def _declared_cache_flags(dvc_yaml: dict) -> dict[tuple[str, str], bool]:
+    flags: dict[tuple[str, str], bool] = {}
+    for stage, body in (dvc_yaml.get("stages") or {}).items():
+        for kind in ("outs", "metrics", "plots"):
+            for item in body.get(kind) or []:
+                if isinstance(item, str):
+                    flags[(stage, item)] = True
+                elif isinstance(item, dict):
+                    for path, opts in item.items():
+                        flags[(stage, path)] = bool((opts or {}).get("cache", True))
+    return flags
+
+
+def lock_outputs(lock_text: str, dvc_yaml_text: str | None = None) -> dict[str, list[Output]]:
+    """Stage -> its outputs with hashes, from a dvc.lock (and dvc.yaml for the `cache:` flags)."""
+    lock = yaml.safe_load(lock_text) or {}
+    flags = _declared_cache_flags(yaml.safe_load(dvc_yaml_text) or {}) if dvc_yaml_text else {}
+    result: dict[str, list[Output]] = {}
+    for stage, body in (lock.get("stages") or {}).items():
+        outs = []
+        for out in body.get("outs") or []:
+            path = out["path"]
+            cached = flags.get((stage, path), not path.startswith("reports/metrics/"))
+            outs.append(Output(stage, path, out.get("md5"), out.get("size"), out.get("nfiles"), cached))
+        result[stage] = outs
+    return result
+
+
+def project_outputs(project: str | Path) -> dict[str, list[Output]]:
+    project = Path(project)
+    lock = project / "dvc.lock"
+    if not lock.exists():
+        return {}
+    dvc_yaml = project / "dvc.yaml"
+    return lock_outputs(lock.read_text(), dvc_yaml.read_text() if dvc_yaml.exists() else None)
+
+
+def git_show(project: str | Path, rev: str, path: str) -> str:
+    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=project, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["git show failed"])[-1]
+        raise RemoteError(f"{path} at revision '{rev}': {reason}")
+    return proc.stdout
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def dir_listing(spec: RemoteSpec, md5: str, client=None) -> list[dict[str, str]]:
+    """The files of a directory output: DVC's `.dir` object is a JSON list of {md5, relpath}."""
+    data = read_object(spec, spec.object_key(md5), client)
+    if md5_bytes(data) != md5.removesuffix(".dir"):
+        raise RemoteError(f"{spec.uri(spec.object_key(md5))}: content does not match its hash")
+    return json.loads(data)
+
+
+def is_verified_object(key: str, data: bytes) -> bool:
+    """An object under files/md5/ is complete iff its content hashes to its own key."""
+    parts = PurePosixPath(key).parts
+    if len(parts) < 2:
+        return False
+    expected = (parts[-2] + parts[-1]).removesuffix(".dir")
+    return md5_bytes(data) == expected
