@@ -1,7 +1,7 @@
 """Backbones and embedders built from params: official-format checkpoints (local or s3://) or model-free.
 
-The weights file may carry a sidecar `<name>.json` ({"hub": "dinov2_vits14", "hub_kwargs": {...}}) written by
-the training stages' exports, so a small CPU-profile model (e.g. fewer blocks) rebuilds exactly.
+An exported .pth may sit beside the training stages' `model.json` (hub constructor + kwargs), so a small
+CPU-profile model (e.g. fewer blocks) rebuilds exactly; otherwise params name the constructor.
 """
 
 from __future__ import annotations
@@ -20,11 +20,16 @@ from tasks.storage import Storage, scheme_of
 
 
 def read_sidecar(weights: str, storage: Storage) -> dict[str, Any] | None:
-    sidecar = str(Path(weights).with_suffix(".json")) if scheme_of(weights) == "local" else (
-        weights.rsplit(".", 1)[0] + ".json")
+    """The training stages' `model.json` beside an exported .pth: which hub constructor and kwargs rebuild it."""
+    if scheme_of(weights) == "local":
+        sidecar = str(Path(weights).parent / "model.json")
+    else:
+        sidecar = weights.rsplit("/", 1)[0] + "/model.json"
     if not storage.exists(sidecar):
         return None
-    return json.loads(storage.read_bytes(sidecar))
+    info = json.loads(storage.read_bytes(sidecar))
+    hub = info.get("hub") or {}
+    return {"hub": str(hub.get("constructor", "")).rsplit(".", 1)[-1] or None, "hub_kwargs": hub.get("kwargs", {})}
 
 
 def load_backbone(hub: str, weights: str | None, hub_kwargs: dict[str, Any], storage: Storage) -> torch.nn.Module:
@@ -34,8 +39,8 @@ def load_backbone(hub: str, weights: str | None, hub_kwargs: dict[str, Any], sto
     if weights:
         sidecar = read_sidecar(weights, storage)
         if sidecar:
-            hub = sidecar.get("hub", hub)
-            hub_kwargs = {**hub_kwargs, **sidecar.get("hub_kwargs", {})}
+            hub = sidecar["hub"] or hub
+            hub_kwargs = {**hub_kwargs, **sidecar["hub_kwargs"]}
     constructor = getattr(hubs, hub, None)
     if constructor is None or not hub.startswith("dinov2_"):
         raise ValueError(f"unknown hub constructor '{hub}' (e.g. dinov2_vits14, dinov2_vitb14_reg)")

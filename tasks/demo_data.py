@@ -215,7 +215,7 @@ def _segmentation_sample(item: np.ndarray, label: int, background: np.ndarray, s
     cs = int(rng.integers(size, min(bh, bw) // 2))
     y0, x0 = int(rng.integers(0, bh - cs)), int(rng.integers(0, bw - cs))
     canvas = Image.fromarray(background[y0:y0 + cs, x0:x0 + cs]).resize((size, size), Image.Resampling.BILINEAR)
-    side = int(rng.integers(size // 2, int(size * 0.85) + 1))
+    side = int(rng.integers(int(size * 0.7), size + 1))  # large items: ~1/3 of the pixels are foreground
     obj = Image.fromarray(item).resize((side, side), Image.Resampling.NEAREST)
     obj_arr = np.asarray(obj)
     fg = obj_arr > 40

@@ -90,7 +90,7 @@ class EmbedderParams(Section):
     kind: Literal["copy-detection", "dinov2"] = "copy-detection"
     weights: str | None = None  # .pth path or s3:// URL, required for kind=dinov2
     hub: str = "dinov2_vits14"  # hub constructor the weights fit (dinov2_core.hub)
-    hub_kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {depth: 6, img_size: 56}; a .json beside weights wins
+    hub_kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {depth: 6, img_size: 56}; a model.json beside the weights wins
     image_size: PosInt = 224
     batch_size: PosInt = 64
 
@@ -161,6 +161,40 @@ class RetrieveParams(Section):
     seed: NonNegInt = 0
     cache_dir: str | None = "data/cache/embeddings"
     ground_truth: str | None = "data/demo/ground_truth.parquet"
+
+
+class EvalBackboneRef(Section):
+    """A backbone to evaluate: an official-format .pth (local or s3://), rebuilt via its model.json or `hub`."""
+
+    name: str
+    weights: str
+    hub: str = "dinov2_vits14"
+    hub_kwargs: dict[str, Any] = Field(default_factory=dict)
+    crop_size: PosInt | None = None  # None: eval.crop_size
+
+
+class EvalParams(Section):
+    """Frozen-feature evaluation (paper §7): k-NN, linear probe, linear segmentation, with baselines."""
+
+    backbones: list[EvalBackboneRef] = Field(default_factory=list)
+    classification: str = "data/demo/eval/classification"  # train.csv / test.csv: id, path, label
+    segmentation: str = "data/demo/eval/segmentation"  # train.csv / test.csv: id, image, mask
+    resize_size: PosInt = 64
+    crop_size: PosInt = 56
+    batch_size: PosInt = 128
+    knn_ks: list[PosInt] = Field(default_factory=lambda: [10, 20, 100, 200])  # official protocol
+    knn_temperature: PosFloat = 0.07
+    linear_lrs: list[PosFloat] = Field(default_factory=lambda: [1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5])
+    linear_epochs: PosInt = 10
+    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
+    seg_epochs: PosInt = 20
+    seg_lr: PosFloat = 1e-3
+    baselines: list[Literal["random-init", "raw-pixels"]] = Field(
+        default_factory=lambda: ["random-init", "raw-pixels"])
+    n_figure_images: PosInt = 6
+    cache_dir: str | None = "data/cache/features"
+    seed: NonNegInt = 0
+    out: str = "data/eval"
 
 
 class ShardsParams(Section):
@@ -379,6 +413,7 @@ class Params(Section):
     dedup: DedupParams = Field(default_factory=DedupParams)
     decontaminate: DecontaminateParams = Field(default_factory=DecontaminateParams)
     retrieve: RetrieveParams = Field(default_factory=RetrieveParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
     shards: ShardsParams = Field(default_factory=ShardsParams)
     model: ModelParams = Field(default_factory=ModelParams)
     launch: LaunchParams = Field(default_factory=LaunchParams)

@@ -30,7 +30,8 @@ STAGES: dict[str, Stage] = {
         Stage("decontaminate", "tasks.decontaminate:run_decontaminate", "drop near-copies of evaluation images"),
         Stage("retrieve", "tasks.retrieve:run_retrieve", "curate the pool by similarity to the seed set"),
         Stage("shards", "tasks.shards:run_shards", "write the curated images as WebDataset tar shards"),
+        Stage("eval", "tasks.eval:run_eval", "k-NN, linear probe, linear segmentation vs random-init and raw pixels"),
     ]
 }
 
-PLANNED = ["pretrain", "adapt", "distill", "eval"]
+PLANNED = ["pretrain", "adapt", "distill"]

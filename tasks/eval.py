@@ -1,0 +1,294 @@
+"""The `eval` stage: every backbone the pipeline produced, measured with the official frozen-feature protocols
+(k-NN, linear probe, linear segmentation; paper §7) next to honest baselines in the same run: a random-init
+backbone of the same architecture and raw pixels. A reader sees what pretraining bought.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+from dinov2_core.eval import (
+    EvalTransformConfig,
+    ExtractedFeatures,
+    RawPixelBackbone,
+    extract_features,
+    extract_patch_grid,
+    feature_cache_key,
+    knn_classify,
+    linear_probe,
+    linear_segmentation,
+    pca_rgb,
+    predict_segmentation,
+    save_pca_grid,
+    save_segmentation_figure,
+    stratified_split,
+)
+from tasks.backbones import load_backbone, read_sidecar
+from tasks.log import get_logger
+from tasks.params import EvalParams, Params, params_digest
+from tasks.quality import TableCheck, validate_stage
+from tasks.reports import write_json, write_metrics, write_plot_csv
+from tasks.storage import Storage, atomic_write_bytes
+
+log = get_logger("eval")
+
+RAW_PIXELS = "raw-pixels"
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _read_rgb(paths: list[Path]) -> list[torch.Tensor]:
+    out = []
+    for path in paths:
+        with Image.open(path) as img:
+            out.append(torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1))
+    return out
+
+
+def _read_masks(paths: list[Path]) -> list[torch.Tensor]:
+    out = []
+    for path in paths:
+        with Image.open(path) as img:
+            out.append(torch.from_numpy(np.asarray(img, dtype=np.int64).copy()))
+    return out
+
+
+def _transform_batches(images: list[torch.Tensor], targets, ops, batch_size: int, masks: bool = False) -> list:
+    """Decoded images -> [(normalised batch, targets)]: one vectorised transform per batch when the images share
+    a size (the bundled eval sets), image by image otherwise. Decoding once beats a per-item Dataset here."""
+    batches = []
+    for i in range(0, len(images), batch_size):
+        imgs = images[i: i + batch_size]
+        tgts = targets[i: i + batch_size]
+        same = len({tuple(t.shape) for t in imgs}) == 1
+        if masks:
+            pairs = ([ops(tv_tensors.Image(torch.stack(imgs)), tv_tensors.Mask(torch.stack(tgts)[:, None]))]
+                     if same else [ops(tv_tensors.Image(x[None]), tv_tensors.Mask(m[None, None])) for x, m in zip(imgs, tgts)])
+            x = torch.cat([a.as_subclass(torch.Tensor) for a, _ in pairs])
+            y = torch.cat([b.as_subclass(torch.Tensor)[:, 0] for _, b in pairs]).long()
+        else:
+            x = ops(torch.stack(imgs)) if same else torch.cat([ops(t[None]) for t in imgs])
+            y = torch.as_tensor(tgts)
+        batches.append((x, y))
+    return batches
+
+
+def _classification(root: Path, split: str) -> tuple[list[torch.Tensor], list[int]]:
+    frame = pd.read_csv(root / f"{split}.csv")
+    return _read_rgb([root / p for p in frame["path"]]), frame["label"].astype(int).tolist()
+
+
+def _segmentation(root: Path, split: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    frame = pd.read_csv(root / f"{split}.csv")
+    return _read_rgb([root / p for p in frame["image"]]), _read_masks([root / p for p in frame["mask"]])
+
+
+def _dataset_id(root: Path, split: str) -> str:
+    return hashlib.sha256((root / f"{split}.csv").read_bytes()).hexdigest()[:16]
+
+
+@dataclass
+class Candidate:
+    """A backbone under evaluation: a trained export or a baseline."""
+
+    name: str
+    kind: str  # trained | random-init | raw-pixels
+    model: torch.nn.Module
+    crop_size: int
+    identity: str  # for the feature cache key
+    arch: str
+
+    @property
+    def n_last_blocks(self) -> int:
+        """The official probe concatenates the last 4 blocks; tiny CPU models may have fewer."""
+        return min(4, int(getattr(self.model, "n_blocks", 1)))
+
+
+def _features(c: Candidate, loader: list, cache_dir: Path | None, dataset_id: str, cfg: EvalTransformConfig,
+              keep_patch_grid: bool) -> ExtractedFeatures:
+    key = feature_cache_key(c.identity, dataset_id, cfg, extra={"grid": keep_patch_grid})
+    path = cache_dir / f"{key}.pt" if cache_dir else None
+    if path is not None and path.exists():
+        return ExtractedFeatures.load(path)
+    feats = extract_features(c.model, loader, n_last_blocks=c.n_last_blocks, keep_patch_grid=keep_patch_grid,
+                             desc=f"features {c.name}")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        feats.save(path)
+    return feats
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+def _candidates(p: EvalParams, storage: Storage, seed: int) -> list[Candidate]:
+    out: list[Candidate] = []
+    archs: dict[str, tuple[str, dict, int]] = {}
+    for ref in p.backbones:
+        if not storage.exists(ref.weights):
+            raise FileNotFoundError(f"eval backbone '{ref.name}': {ref.weights} not found (run its stage first)")
+        model = load_backbone(ref.hub, ref.weights, ref.hub_kwargs, storage)
+        sidecar = read_sidecar(ref.weights, storage) or {}
+        hub = sidecar.get("hub") or ref.hub
+        kwargs = {**ref.hub_kwargs, **sidecar.get("hub_kwargs", {})}
+        arch = f"{hub}({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})"
+        digest = hashlib.sha256(storage.read_bytes(ref.weights)).hexdigest()[:16]
+        crop = ref.crop_size or p.crop_size
+        out.append(Candidate(ref.name, "trained", model, crop, f"{ref.name}:{digest}", arch))
+        archs.setdefault(arch, (hub, kwargs, crop))
+    if "random-init" in p.baselines:
+        for arch, (hub, kwargs, crop) in archs.items():
+            torch.manual_seed(seed)  # the official init (trunc-normal, LayerScale) from a fixed seed
+            model = load_backbone(hub, None, kwargs, storage)
+            out.append(Candidate(f"random-init {arch}", "random-init", model, crop, f"random:{arch}:{seed}", arch))
+    if "raw-pixels" in p.baselines:
+        out.append(Candidate(RAW_PIXELS, "raw-pixels", RawPixelBackbone(patch_size=14, cls_size=32), p.crop_size,
+                             "raw-pixels-v1", "raw pixels"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def evaluate_candidate(c: Candidate, p: EvalParams, seed: int, cache_dir: Path | None) -> tuple[dict, dict]:
+    """All three protocols for one backbone; returns (metrics, artefacts for figures)."""
+    cls_root, seg_root = Path(p.classification), Path(p.segmentation)
+    cfg = EvalTransformConfig(resize_size=max(p.resize_size, c.crop_size), crop_size=c.crop_size)
+    ops = cfg.build()
+    start = time.perf_counter()
+    splits = {s: _classification(cls_root, s) for s in ("train", "test")}
+    train, test = (
+        _features(c, _transform_batches(*splits[s], ops, p.batch_size), cache_dir, _dataset_id(cls_root, s), cfg,
+                  False)
+        for s in ("train", "test"))
+    classes = int(max(train.targets.max(), test.targets.max()) + 1)
+
+    # k-NN on the full train split; the linear probe's model selection uses a split held out of train
+    knn = knn_classify(train.knn_features(), train.targets, test.knn_features(), test.targets,
+                       ks=tuple(p.knn_ks), temperature=p.knn_temperature, num_classes=classes)
+    tr_idx, val_idx = stratified_split(train.targets, p.val_fraction, seed=seed)
+    blocks = tuple(sorted({1, c.n_last_blocks}))  # raw pixels have one "block"
+    probe = linear_probe(train.subset(tr_idx), train.subset(val_idx), test, num_classes=classes,
+                         learning_rates=tuple(p.linear_lrs), n_last_blocks_grid=blocks, epochs=p.linear_epochs,
+                         seed=seed)
+
+    seg_splits = {s: _segmentation(seg_root, s) for s in ("train", "test")}
+    seg_batches = {s: _transform_batches(*seg_splits[s], ops, 64, masks=True) for s in ("train", "test")}
+    seg_train, seg_test = (
+        _features(c, seg_batches[s], cache_dir, _dataset_id(seg_root, s), cfg, True) for s in ("train", "test"))
+    n_seg_classes = len((seg_root / "classes.txt").read_text().split())
+    seg = linear_segmentation(seg_train, seg_test, n_seg_classes, epochs=p.seg_epochs, lr=p.seg_lr, seed=seed)
+
+    metrics = {
+        "kind": c.kind,
+        "arch": c.arch,
+        "crop_size": c.crop_size,
+        "knn": {str(k): v for k, v in knn.items()},
+        "knn_top1_best": max(v["top1"] for v in knn.values()),
+        "linear": probe.to_dict(),
+        "segmentation": seg.to_dict(),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    n_fig = min(p.n_figure_images, len(seg_splits["test"][0]))
+    images, masks = seg_batches["test"][0][0][:n_fig], seg_batches["test"][0][1][:n_fig]
+    preds = predict_segmentation(seg.head, seg_test.patch_grid[:n_fig], out_size=tuple(masks.shape[-2:]))
+    return metrics, {"images": images, "masks": masks, "preds": preds, "classes": n_seg_classes}
+
+
+def run_eval(params: Params) -> dict:
+    p = params.eval
+    if not p.backbones:
+        raise ValueError("eval.backbones is empty: list the exported backbones to evaluate")
+    storage = Storage.from_params(params.storage)
+    torch.manual_seed(params.seed)
+    cache_dir = Path(p.cache_dir) if p.cache_dir else None
+    reports = Path(params.reports)
+    figures = reports / "figures"
+    results: dict[str, dict] = {}
+    for c in _candidates(p, storage, params.seed):
+        log.info("eval: %s (%s)", c.name, c.arch)
+        metrics, art = evaluate_candidate(c, p, params.seed, cache_dir)
+        results[c.name] = metrics
+        slug = "".join(ch if ch.isalnum() else "-" for ch in c.name.split(" ")[0]).strip("-")
+        save_segmentation_figure(figures / f"eval_segmentation_{slug}.png", art["images"], art["masks"],
+                                 art["preds"], art["classes"])
+        if c.kind == "trained":
+            grid = extract_patch_grid(c.model, art["images"])
+            save_pca_grid(figures / f"eval_pca_{slug}.png", art["images"], pca_rgb(grid))
+        log.info("eval: %s k-NN top-1 %.3f, linear %.3f, seg mIoU %.3f", c.name, metrics["knn_top1_best"],
+                 metrics["linear"]["test_top1"], metrics["segmentation"]["miou"])
+
+    warnings = _warnings(results)
+    validate_stage("eval", _checks(results, p), params.reports)
+    plot = pd.DataFrame([{"backbone": name, "k": int(k), "top1": v["top1"]}
+                         for name, r in results.items() for k, v in r["knn"].items()])
+    write_plot_csv(reports, "eval_knn", plot)
+    summary_md = summary_table(results, warnings)
+    atomic_write_bytes(reports / "eval_summary.md", summary_md.encode())
+    payload = {"results": results, "warnings": warnings, "params": params_digest(p)}
+    write_metrics(reports, "eval", payload)
+    write_json(Path(p.out) / "eval.json", payload)
+    print(summary_md)
+    return payload
+
+
+def _warnings(results: dict[str, dict]) -> list[str]:
+    """Say so when pretraining did not beat a random-init backbone of the same architecture."""
+    out = []
+    randoms = {r["arch"]: (name, r) for name, r in results.items() if r["kind"] == "random-init"}
+    for name, r in results.items():
+        if r["kind"] != "trained" or r["arch"] not in randoms:
+            continue
+        base_name, base = randoms[r["arch"]]
+        if r["knn_top1_best"] <= base["knn_top1_best"]:
+            out.append(f"{name}: k-NN top-1 {r['knn_top1_best']:.3f} does not beat {base_name} "
+                       f"({base['knn_top1_best']:.3f}); pretraining bought nothing here")
+    return out
+
+
+def summary_table(results: dict[str, dict], warnings: list[str]) -> str:
+    """Markdown table: every metric next to its baselines (what the Prefect flow publishes)."""
+    lines = [
+        "| backbone | kind | k-NN top-1 (k=20) | k-NN best | linear top-1 | seg mIoU | seg pixel acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        k20 = r["knn"].get("20", next(iter(r["knn"].values())))["top1"]
+        lines.append(f"| {name} | {r['kind']} | {k20:.3f} | {r['knn_top1_best']:.3f} | "
+                     f"{r['linear']['test_top1']:.3f} | {r['segmentation']['miou']:.3f} | "
+                     f"{r['segmentation']['pixel_acc']:.3f} |")
+    text = "## Evaluation (Fashion-MNIST test; segmentation on pasted items)\n\n" + "\n".join(lines) + "\n"
+    if warnings:
+        text += "\n" + "\n".join(f"> WARNING: {w}" for w in warnings) + "\n"
+    return text
+
+
+def _checks(results: dict[str, dict], p: EvalParams) -> list[TableCheck]:
+    import great_expectations.expectations as gxe
+
+    rows = []
+    for name, r in results.items():
+        for k, v in r["knn"].items():
+            rows.append({"backbone": name, "task": f"knn@{k}", "value": v["top1"]})
+        rows.append({"backbone": name, "task": "linear", "value": r["linear"]["test_top1"]})
+        rows.append({"backbone": name, "task": "seg_miou", "value": r["segmentation"]["miou"]})
+        rows.append({"backbone": name, "task": "seg_pixel_acc", "value": r["segmentation"]["pixel_acc"]})
+    frame = pd.DataFrame(rows)
+    frame["value"] = frame["value"].astype(float)
+    expected = [b.name for b in p.backbones] + ([RAW_PIXELS] if "raw-pixels" in p.baselines else [])
+    per_backbone = frame.groupby("backbone")["task"].nunique().reset_index()
+    return [
+        TableCheck("metrics", frame, [
+            gxe.ExpectColumnValuesToNotBeNull(column="value"),
+            gxe.ExpectColumnValuesToBeBetween(column="value", min_value=0.0, max_value=1.0),
+        ]),
+        TableCheck("coverage", per_backbone, [
+            gxe.ExpectColumnDistinctValuesToContainSet(column="backbone", value_set=expected),
+            gxe.ExpectColumnValuesToBeBetween(column="task", min_value=4, max_value=None),
+        ]),
+    ]
+

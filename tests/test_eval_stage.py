@@ -1,0 +1,95 @@
+"""The eval stage: every backbone next to its baselines, the protocols' outputs, reports and checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tasks.eval import _checks, run_eval, summary_table
+from tasks.quality import DataQualityError, validate_stage
+
+
+@pytest.fixture(scope="module")
+def fake_export(tmp_path_factory):
+    """An 'exported' backbone the way the training stages write it: official state dict + model.json."""
+    from dinov2_core.hub import dinov2_vits14
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(7)
+    model = dinov2_vits14(pretrained=False, depth=2, img_size=56, embed_dim=96, num_heads=3)
+    torch.save(model.state_dict(), root / "teacher_backbone.pth")
+    kwargs = {"depth": 2, "img_size": 56, "embed_dim": 96, "num_heads": 3}
+    (root / "model.json").write_text(json.dumps({"hub": {"constructor": "dinov2_core.hub.dinov2_vits14",
+                                                         "kwargs": kwargs}}))
+    return root / "teacher_backbone.pth"
+
+
+@pytest.fixture(scope="module")
+def evaluated(fake_export, demo_dir, small_params_factory, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    d = demo_dir / "demo" / "eval"
+    params = small_params_factory(demo_dir, [
+        f"eval.backbones=[{{name: untrained-teacher, weights: {fake_export}}}]",
+        f"eval.classification={d}/classification", f"eval.segmentation={d}/segmentation",
+        f"eval.cache_dir={root}/cache", f"eval.out={root}/out", f"reports={root}/reports",
+        "eval.linear_epochs=3", "eval.seg_epochs=3", "eval.linear_lrs=[0.001, 0.01]",
+    ])
+    payload = run_eval(params)
+    return params, root, payload
+
+
+def test_every_backbone_and_baseline_is_measured(evaluated):
+    _, root, payload = evaluated
+    results = payload["results"]
+    kinds = {r["kind"] for r in results.values()}
+    assert kinds == {"trained", "random-init", "raw-pixels"}
+    for name, r in results.items():
+        # 100 train images: k is capped at the train size, so 100 and 200 collapse to 100
+        assert set(r["knn"]) == {"10", "20", "100"}, name
+        assert "top5" in r["knn"]["10"]  # 10 classes > 5
+        assert 0.0 <= r["linear"]["test_top1"] <= 1.0 and 0.0 <= r["segmentation"]["miou"] <= 1.0
+        assert r["linear"]["best"]["n_last_blocks"] in (1, 2)  # a depth-2 model has 2 blocks to concatenate
+    raw = results["raw-pixels"]
+    assert raw["knn_top1_best"] > 0.5  # raw pixels of Fashion-MNIST are a strong baseline
+
+
+def test_reports_written(evaluated):
+    _, root, payload = evaluated
+    reports = root / "reports"
+    assert json.loads((reports / "metrics" / "eval.json").read_text())["results"].keys() == payload["results"].keys()
+    plot = (reports / "plots" / "eval_knn.csv").read_text().splitlines()
+    assert plot[0] == "backbone,k,top1" and len(plot) == 1 + 3 * len(payload["results"])
+    summary = (reports / "eval_summary.md").read_text()
+    for name in payload["results"]:
+        assert name in summary
+    figures = {p.name for p in (reports / "figures").iterdir()}
+    assert "eval_pca_untrained-teacher.png" in figures and "eval_segmentation_raw-pixels.png" in figures
+
+
+def test_untrained_backbone_gets_a_warning():
+    results = {
+        "teacher": {"kind": "trained", "arch": "a", "knn_top1_best": 0.50, "knn": {"20": {"top1": 0.5}},
+                    "linear": {"test_top1": 0.5}, "segmentation": {"miou": 0.1, "pixel_acc": 0.6}},
+        "random-init a": {"kind": "random-init", "arch": "a", "knn_top1_best": 0.55, "knn": {"20": {"top1": 0.55}},
+                          "linear": {"test_top1": 0.5}, "segmentation": {"miou": 0.1, "pixel_acc": 0.6}},
+    }
+    from tasks.eval import _warnings
+
+    warnings = _warnings(results)
+    assert len(warnings) == 1 and "does not beat random-init a" in warnings[0]
+    assert "WARNING" in summary_table(results, warnings)
+    results["teacher"]["knn_top1_best"] = 0.8
+    assert _warnings(results) == []
+
+
+def test_nan_metric_fails_the_check(evaluated, tmp_path):
+    params, _, payload = evaluated
+    broken = json.loads(json.dumps(payload["results"]))
+    broken["raw-pixels"]["segmentation"]["miou"] = float("nan")
+    with pytest.raises(DataQualityError, match="expect_column_values_to_not_be_null"):
+        validate_stage("eval", _checks(broken, params.eval), tmp_path)
+    missing = {k: v for k, v in payload["results"].items() if k != "untrained-teacher"}
+    with pytest.raises(DataQualityError, match="expect_column_distinct_values_to_contain_set"):
+        validate_stage("eval", _checks(missing, params.eval), tmp_path)
