@@ -204,11 +204,16 @@ def join_url(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so a killed process never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to this user
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
