@@ -127,9 +127,16 @@ def _features(c: Candidate, loader: list, cache_dir: Path | None, dataset_id: st
 
 
 # ---------------------------------------------------------------------------------------------- candidates
+def _arch_label(hub: str, kwargs: dict) -> str:
+    """Architecture identity for pairing a trained backbone with its random-init twin; the input size only
+    changes how the positional embedding is stored, so it does not make another architecture."""
+    keys = ("embed_dim", "depth", "num_heads", "num_register_tokens", "ffn_layer", "patch_size")
+    return f"{hub}({', '.join(f'{k}={kwargs[k]}' for k in keys if k in kwargs)})"
+
+
 def _candidates(p: EvalParams, storage: Storage, seed: int) -> list[Candidate]:
     out: list[Candidate] = []
-    archs: dict[str, tuple[str, dict, int]] = {}
+    archs: dict[str, tuple[str, dict, int, str]] = {}
     for ref in p.backbones:
         if not storage.exists(ref.weights):
             raise FileNotFoundError(f"eval backbone '{ref.name}': {ref.weights} not found (run its stage first)")
@@ -137,16 +144,19 @@ def _candidates(p: EvalParams, storage: Storage, seed: int) -> list[Candidate]:
         sidecar = read_sidecar(ref.weights, storage) or {}
         hub = sidecar.get("hub") or ref.hub
         kwargs = {**ref.hub_kwargs, **sidecar.get("hub_kwargs", {})}
-        arch = f"{hub}({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})"
+        arch = _arch_label(hub, kwargs)
         digest = hashlib.sha256(storage.read_bytes(ref.weights)).hexdigest()[:16]
         crop = ref.crop_size or p.crop_size
         out.append(Candidate(ref.name, "trained", model, crop, f"{ref.name}:{digest}", arch))
-        archs.setdefault(arch, (hub, kwargs, crop))
+        archs.setdefault(arch, (hub, kwargs, crop, ref.name))
     if "random-init" in p.baselines:
-        for arch, (hub, kwargs, crop) in archs.items():
-            torch.manual_seed(seed)  # the official init (trunc-normal, LayerScale) from a fixed seed
-            model = load_backbone(hub, None, kwargs, storage)
-            out.append(Candidate(f"random-init {arch}", "random-init", model, crop, f"random:{arch}:{seed}", arch))
+        for arch, (hub, kwargs, crop, first) in archs.items():
+            torch.manual_seed(seed)  # the official trunc-normal init from a fixed seed
+            # LayerScale at 1.0 (the hub default), not the 1e-5 training init: with 1e-5 every residual branch is
+            # muted, all images get nearly the same CLS token and k-NN sits at chance -- a strawman baseline.
+            model = load_backbone(hub, None, {**kwargs, "init_values": 1.0}, storage)
+            out.append(Candidate(f"random-init[{first}]", "random-init", model, crop, f"random:{arch}:{seed}",
+                                 arch))
     if "raw-pixels" in p.baselines:
         out.append(Candidate(RAW_PIXELS, "raw-pixels", RawPixelBackbone(patch_size=14, cls_size=32), p.crop_size,
                              "raw-pixels-v1", "raw pixels"))
@@ -213,7 +223,7 @@ def run_eval(params: Params) -> dict:
         log.info("eval: %s (%s)", c.name, c.arch)
         metrics, art = evaluate_candidate(c, p, params.seed, cache_dir)
         results[c.name] = metrics
-        slug = "".join(ch if ch.isalnum() else "-" for ch in c.name.split(" ")[0]).strip("-")
+        slug = "".join(ch if ch.isalnum() else "-" for ch in c.name).strip("-")
         save_segmentation_figure(figures / f"eval_segmentation_{slug}.png", art["images"], art["masks"],
                                  art["preds"], art["classes"])
         if c.kind == "trained":
@@ -247,6 +257,13 @@ def _warnings(results: dict[str, dict]) -> list[str]:
         if r["knn_top1_best"] <= base["knn_top1_best"]:
             out.append(f"{name}: k-NN top-1 {r['knn_top1_best']:.3f} does not beat {base_name} "
                        f"({base['knn_top1_best']:.3f}); pretraining bought nothing here")
+    raw = results.get(RAW_PIXELS)
+    if raw:
+        behind = [name for name, r in results.items() if r["kind"] == "trained"
+                  and r["knn_top1_best"] < raw["knn_top1_best"]]
+        if behind:
+            out.append(f"raw pixels (k-NN top-1 {raw['knn_top1_best']:.3f}) beat {', '.join(behind)}: at this "
+                       "training budget the learned features are not yet better than the pixels")
     return out
 
 

@@ -30,8 +30,11 @@ STAGES: dict[str, Stage] = {
         Stage("decontaminate", "tasks.decontaminate:run_decontaminate", "drop near-copies of evaluation images"),
         Stage("retrieve", "tasks.retrieve:run_retrieve", "curate the pool by similarity to the seed set"),
         Stage("shards", "tasks.shards:run_shards", "write the curated images as WebDataset tar shards"),
+        Stage("pretrain", "tasks.pretrain:run_pretrain", "DINO + iBOT + KoLeo pre-training on the shards (torchrun, FSDP2)"),
+        Stage("adapt", "tasks.adapt:run_adapt", "short high-resolution phase from the pre-training checkpoint"),
+        Stage("distill", "tasks.distill:run_distill", "distil the frozen adapted teacher into a smaller student (EMA kept)"),
         Stage("eval", "tasks.eval:run_eval", "k-NN, linear probe, linear segmentation vs random-init and raw pixels"),
     ]
 }
 
-PLANNED = ["pretrain", "adapt", "distill"]
+PLANNED: list[str] = []

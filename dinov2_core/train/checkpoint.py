@@ -1,0 +1,262 @@
+"""Resumable, atomic training checkpoints (torch.distributed.checkpoint) and official-format exports.
+
+Layout under ``root``::
+
+    step_00000300/            one complete checkpoint (never partially written: see below)
+        .metadata, *.distcp   model (student, teacher, heads, loss centres) + optimizer, sharded per rank (DCP)
+        rng_rank<r>.pt        torch / CUDA / numpy / python RNG states of rank r
+        meta.json             step, data position, config digest, world size, anything the caller adds
+    latest                    name of the newest complete checkpoint (a convenience; discovery does not need it)
+
+Atomicity: every rank writes into ``.tmp-step_<n>/``; after a barrier rank 0 adds ``meta.json`` and renames the
+folder to ``step_<n>`` (a directory rename is atomic on POSIX). A process killed at any moment (even ``kill -9``)
+leaves either the previous complete checkpoints or a ``.tmp-*`` folder that the next run deletes. DCP reshards on
+load, so a run saved by N processes resumes with M. Files we read with ``torch.load`` use ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+CKPT_RE = re.compile(r"^step_(\d{8})$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from, as tensors / plain Python (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------- checkpointer
+@torch.no_grad()
+def fill_missing_optimizer_state(optimizer: torch.optim.Optimizer) -> int:
+    """Give every parameter an optimizer state (a zero-lr step on zero gradients, for those without one only).
+
+    AdamW creates a parameter's state at its first gradient. A checkpoint saved while some parameter never had one
+    (e.g. a token that no batch has used yet) would lack entries that a fresh optimizer, initialised for loading,
+    expects ("Missing key in checkpoint state_dict"). Parameters that already have a state are untouched.
+    """
+    missing = {id(p) for g in optimizer.param_groups for p in g["params"] if not optimizer.state.get(p)}
+    if not missing:
+        return 0
+    saved = []
+    for g in optimizer.param_groups:
+        saved.append((g, g["lr"], [p.grad for p in g["params"]]))
+        g["lr"] = 0.0
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p) if id(p) in missing else None
+    try:
+        optimizer.step()
+    finally:
+        for g, lr, grads in saved:
+            g["lr"] = lr
+            for p, grad in zip(g["params"], grads):
+                p.grad = grad
+    return len(missing)
+
+
+def _filtered(sd: dict[str, Any], exclude_prefixes: Iterable[str]) -> dict[str, Any]:
+    prefixes = tuple(exclude_prefixes)
+    return {k: v for k, v in sd.items() if not (prefixes and k.startswith(prefixes))}
+
+
+class Checkpointer:
+    """Periodic, atomic, resumable checkpoints of a (possibly FSDP2-sharded) model and its optimizer.
+
+    ``exclude_prefixes`` leaves state-dict entries out of checkpoints (e.g. a frozen distillation teacher that is
+    reloaded from its own file).
+    """
+
+    def __init__(self, root: str | os.PathLike, keep: int = 2, exclude_prefixes: Iterable[str] = ()) -> None:
+        self.root = Path(root)
+        self.keep = max(1, int(keep))
+        self.exclude_prefixes = tuple(exclude_prefixes)
+
+    # -- discovery ------------------------------------------------------------------------------------------
+    def list(self) -> builtins.list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            m = CKPT_RE.match(p.name)
+            if m and p.is_dir() and (p / "meta.json").is_file() and (p / ".metadata").is_file():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        found = self.list()
+        return found[-1][1] if found else None
+
+    def clean_partial(self) -> builtins.list[str]:
+        """Remove ``.tmp-*`` folders left by a run killed while saving (rank 0 only)."""
+        removed = []
+        if _rank() == 0 and self.root.is_dir():
+            for p in self.root.glob(".tmp-step_*"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        _barrier()
+        return removed
+
+    def clear(self) -> None:
+        """Delete every checkpoint (rank 0), e.g. when they belong to a different configuration."""
+        if _rank() == 0 and self.root.is_dir():
+            for _, p in self.list():
+                shutil.rmtree(p, ignore_errors=True)
+            (self.root / "latest").unlink(missing_ok=True)
+        _barrier()
+
+    # -- save / load ----------------------------------------------------------------------------------------
+    def _state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state = {"model": _filtered(get_model_state_dict(model), self.exclude_prefixes)}
+        if optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(model, optimizer)
+        return state
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             meta: dict[str, Any]) -> Path:
+        """Collective: every rank calls it. Returns the final folder."""
+        import torch.distributed.checkpoint as dcp
+
+        name = f"step_{step:08d}"
+        final = self.root / name
+        tmp = self.root / f".tmp-{name}"
+        rank = _rank()
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        if optimizer is not None:
+            fill_missing_optimizer_state(optimizer)
+        dcp.save(self._state(model, optimizer), checkpoint_id=str(tmp))
+        atomic_save(capture_rng_state(), tmp / f"rng_rank{rank}.pt")
+        _barrier()
+        if rank == 0:
+            full_meta = dict(meta, step=int(step), world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                             saved_at=time.time())
+            atomic_write_text(tmp / "meta.json", json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+            _fsync_dir(tmp)
+            old = None
+            if final.exists():  # the same step saved again (a rerun of a finished run): swap, then drop the old one
+                old = self.root / f".old-{name}-{os.getpid()}"
+                os.rename(final, old)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            atomic_write_text(self.root / "latest", name + "\n")
+            for _, p in self.list()[: -self.keep]:
+                shutil.rmtree(p, ignore_errors=True)
+        _barrier()
+        return final
+
+    def load(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             restore_rng: bool = True) -> dict[str, Any]:
+        """Load model + optimizer (resharded to the current world) and this rank's RNG states; returns meta.json
+        with ``rng_restored`` telling whether this rank's RNG file existed (it does not after a world-size change)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(path)
+        state = self._state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not self.exclude_prefixes))
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optim"])
+        meta = json.loads((path / "meta.json").read_text())
+        rng_file = path / f"rng_rank{_rank()}.pt"
+        meta["rng_restored"] = False
+        if restore_rng and rng_file.is_file():
+            restore_rng_state(torch.load(rng_file, weights_only=True))
+            meta["rng_restored"] = True
+        return meta
+
+
+__all__ = ["CKPT_RE", "Checkpointer", "atomic_save", "atomic_write_text", "capture_rng_state",
+           "fill_missing_optimizer_state", "restore_rng_state"]

@@ -1,0 +1,139 @@
+"""Size and cost of a profile's training stages, computed on the ``meta`` device (no weights are allocated).
+
+`dinov2-pipeline stage train-cost -p params.paper.yaml` (or `python -m tasks.train_cost -p params.paper.yaml`)
+prints, per stage: backbone parameters, FLOPs of one training iteration (student forward + backward on all crops,
+teacher forward on the global crops, both heads), total FLOPs and an estimated number of GPU-hours at an assumed
+sustained throughput (``--gpu-tflops`` x ``--mfu``; defaults: A100 bf16 dense peak 312 TFLOP/s at 40% utilisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from tasks.params import Params, load_params
+
+A100_BF16_TFLOPS = 312.0
+DEFAULT_MFU = 0.40
+
+
+def head_flops(in_dim: int, hidden: int, bottleneck: int, nlayers: int, n_prototypes: int) -> int:
+    """Forward FLOPs of one token through a DINO head (2 x multiply-accumulates of its linear layers)."""
+    dims = [in_dim] + [hidden] * (nlayers - 1) + [bottleneck]
+    macs = sum(a * b for a, b in itertools.pairwise(dims)) + bottleneck * n_prototypes
+    return 2 * macs
+
+
+def step_flops(backbone_cfg, crops, loss, global_batch: int, teacher_cfg=None, masked_fraction: float | None = None
+               ) -> dict[str, Any]:
+    """FLOPs of one iteration for the whole global batch, counted by torch's FLOP counter on meta tensors."""
+    import torch
+
+    from dinov2_core.cost import count_params, measure_flops
+
+    with torch.device("meta"):
+        student = backbone_cfg.build(with_drop_path=False)
+        teacher = (teacher_cfg or backbone_cfg).build(with_drop_path=False)
+    student.pack_sequences = False
+    g, l_, n_local = crops.global_crops_size, crops.local_crops_size, crops.local_crops_number
+    inputs = [torch.empty(2, 3, g, g, device="meta")]
+    if n_local:
+        inputs.append(torch.empty(n_local, 3, l_, l_, device="meta"))
+    student_fb = measure_flops(student, inputs if len(inputs) > 1 else inputs[0], backward=True)
+    teacher_f = measure_flops(teacher, torch.empty(2, 3, g, g, device="meta"))
+    n_patches = (g // backbone_cfg.patch_size) ** 2
+    if masked_fraction is None:  # expected share of masked patches: p(masked crop) x mean ratio
+        lo, hi = loss.mask_ratio_min_max
+        masked_fraction = loss.mask_sample_probability * (lo + hi) / 2
+    masked = 2 * n_patches * masked_fraction
+    dh, ih = loss.dino_head, loss.ibot_head
+
+    def heads(dim: int) -> tuple[float, float]:
+        d = head_flops(dim, dh.hidden_dim, dh.bottleneck_dim, dh.nlayers, dh.n_prototypes)
+        i = head_flops(dim, ih.hidden_dim, ih.bottleneck_dim, ih.nlayers, ih.n_prototypes)
+        return d, i
+
+    sd, si = heads(student.embed_dim)
+    td, ti = heads(teacher.embed_dim)
+    student_heads = 3 * (sd * (2 + n_local) + si * masked)  # forward + backward
+    teacher_heads = td * 2 + ti * masked
+    per_image = student_fb + teacher_f + student_heads + teacher_heads
+    return {
+        "student_params": count_params(student),
+        "teacher_params": count_params(teacher),
+        "student_fwd_bwd_flops_per_image": int(student_fb),
+        "teacher_fwd_flops_per_image": int(teacher_f),
+        "heads_flops_per_image": int(student_heads + teacher_heads),
+        "flops_per_step": int(per_image * global_batch),
+    }
+
+
+def train_cost(params: Params, gpu_tflops: float = A100_BF16_TFLOPS, mfu: float = DEFAULT_MFU) -> dict[str, Any]:
+    from tasks.train_common import backbone_config, loss_config
+
+    p, a, d = params.pretrain, params.adapt, params.distill
+    pre_bb = backbone_config(params.model, p.crops.global_crops_size)
+    loss = loss_config(p.loss)
+    stages = {
+        "pretrain": (pre_bb, p.crops, loss, p.data.global_batch_size, p.optim, None, None),
+        "adapt": (replace(pre_bb, img_size=a.crops.global_crops_size), a.crops, loss, a.data.global_batch_size,
+                  a.optim, None, None),
+        "distill": (backbone_config(d.student, d.crops.global_crops_size), d.crops, loss_config(d.loss),
+                    d.data.global_batch_size, d.optim, replace(pre_bb, img_size=a.crops.global_crops_size), 1.0),
+    }
+    sustained = gpu_tflops * 1e12 * mfu
+    out: dict[str, Any] = {"profile": params.profile, "assumed_gpu_tflops": gpu_tflops, "assumed_mfu": mfu}
+    total_hours = 0.0
+    for name, (bb, crops, lss, batch, optim, teacher_bb, masked) in stages.items():
+        info = step_flops(bb, crops, lss, batch, teacher_cfg=teacher_bb, masked_fraction=masked)
+        steps = optim.epochs * optim.epoch_length
+        info.update(arch=bb.arch, img_size=bb.img_size, global_batch=batch, iterations=steps,
+                    total_flops=float(info["flops_per_step"]) * steps)
+        info["gpu_hours"] = info["total_flops"] / sustained / 3600
+        total_hours += info["gpu_hours"]
+        out[name] = info
+    out["gpu_hours_total"] = total_hours
+    return out
+
+
+def format_cost(cost: dict[str, Any]) -> str:
+    header = (f"{'stage':<9} {'arch':<11} {'px':>4} {'student params':>15} {'TFLOP/iter':>11} {'iterations':>10} "
+              f"{'total EFLOP':>11} {'GPU-hours':>10}")
+    title = (f"profile {cost['profile']}: assuming {cost['assumed_gpu_tflops']:.0f} TFLOP/s per GPU at "
+             f"{cost['assumed_mfu']:.0%} utilisation")
+    lines = [title, header]
+    for name in ("pretrain", "adapt", "distill"):
+        c = cost[name]
+        lines.append(f"{name:<9} {c['arch']:<11} {c['img_size']:>4} {c['student_params'] / 1e6:>13.1f} M "
+                     f"{c['flops_per_step'] / 1e12:>11.1f} {c['iterations']:>10,} {c['total_flops'] / 1e18:>11.1f} "
+                     f"{c['gpu_hours']:>10,.0f}")
+    lines.append(f"{'total':<9} {'':<11} {'':>4} {'':>15} {'':>11} {'':>10} {'':>11} {cost['gpu_hours_total']:>10,.0f}")
+    return "\n".join(lines)
+
+
+def run_train_cost(params: Params) -> dict[str, Any]:
+    """Stage-style entry point (`dinov2-pipeline stage train-cost`): print the table and return the numbers."""
+    cost = train_cost(params)
+    print(format_cost(cost))
+    return cost
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-p", "--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--gpu-tflops", type=float, default=A100_BF16_TFLOPS)
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = parser.parse_args(argv)
+    cost = train_cost(load_params(args.params), args.gpu_tflops, args.mfu)
+    print(json.dumps(cost, indent=2) if args.json else format_cost(cost))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

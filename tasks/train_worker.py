@@ -1,0 +1,53 @@
+"""The torchrun entry point of the training stages: `python -m torch.distributed.run ... -m tasks.train_worker
+STAGE --params FILE` (the stages start it; see tasks/train_common.py). One process per rank."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+STAGE_MODULES = {"pretrain": "tasks.pretrain", "adapt": "tasks.adapt", "distill": "tasks.distill"}
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with torchrun
+    except Exception:  # noqa: BLE001, S110 - best effort (non-Linux): the stage still cleans up on exit
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("stage", choices=sorted(STAGE_MODULES))
+    parser.add_argument("--params", required=True, type=Path)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    from tasks.params import load_params
+    from tasks.train_common import run_worker
+
+    params = load_params(args.params)
+    try:
+        spec = importlib.import_module(STAGE_MODULES[args.stage]).build_spec(params)
+        run_worker(spec, params)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        failure = Path(getattr(params, args.stage).out) / "run" / "failure.txt"
+        if not failure.exists():
+            from dinov2_core.train.checkpoint import atomic_write_text
+
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            atomic_write_text(failure, f"{args.stage} (rank {os.environ.get('RANK', '0')}): "
+                                       f"{type(exc).__name__}: {first}\n")
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The WebDataset training loader: one global batch however it is split over ranks/workers, disjoint rank slices,
+reshuffling every pass, resumption from a step, and reading through an opener (local or s3://)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dinov2_core.data.augmentations import DataAugmentationDINO
+from dinov2_core.data.loader import (
+    SSLDataLoader,
+    global_batch_masks,
+    mask_batch_fields,
+    plan_streams,
+    read_shard_index,
+)
+from dinov2_core.data.masking import MaskingGenerator
+
+
+class CheapCrops:
+    """Stand-in for the multi-crop transform: random (torch RNG) brightness per crop, 28/14 px."""
+
+    def __call__(self, image):
+        x = torch.from_numpy(np.asarray(image.resize((28, 28)), dtype=np.float32)).permute(2, 0, 1) / 255
+        g = [x * torch.rand(()) for _ in range(2)]
+        loc = [x[:, :14, :14] * torch.rand(()) for _ in range(2)]
+        return {"global_crops": g, "local_crops": loc}
+
+
+def make_loader(index, world=1, rank=0, start=0, workers=0, streams=2, batch=8, transform=None, opener=None,
+                size=28):
+    kw = {"opener": opener} if opener else {}
+    return SSLDataLoader(index, transform or CheapCrops(), global_batch_size=batch, streams=streams, patch_size=14,
+                         global_crops_size=size, rank=rank, world_size=world, seed=3, start_step=start,
+                         num_workers=workers, **kw)
+
+
+def take(loader, n):
+    it = iter(loader)
+    out = [next(it) for _ in range(n)]
+    it.close()
+    return out
+
+
+def merge_ranks(parts, n_global=2, n_local=2):
+    """Concatenate rank batches (each crop-major over its own images) into the global crop-major layout."""
+    def cat(key, n_crops):
+        chunks = [p[key].chunk(n_crops) for p in parts]
+        return torch.cat([torch.cat([c[i] for c in chunks]) for i in range(n_crops)])
+
+    return {"collated_global_crops": cat("collated_global_crops", n_global),
+            "collated_local_crops": cat("collated_local_crops", n_local),
+            "collated_masks": cat("collated_masks", n_global), "keys": [k for p in parts for k in p["keys"]]}
+
+
+def test_plan_streams_deals_every_sample_once():
+    plan = plan_streams([60, 60, 50, 70], 2)
+    assert [sum(u.count for u in units) for units in plan] == [110, 130]
+    fine = plan_streams([60, 61], 4)  # fewer shards than streams: interleaved slices of shards
+    assert sum(u.count for units in fine for u in units) == 121 and all(units for units in fine)
+    with pytest.raises(ValueError, match="no samples"):
+        plan_streams([1], 3)
+
+
+def test_one_and_two_processes_see_the_same_global_batch(fmnist_shards):
+    index = read_shard_index(str(fmnist_shards))
+    single = take(make_loader(index), 3)
+    ranks = [take(make_loader(index, world=2, rank=r), 3) for r in range(2)]
+    for step in range(3):
+        merged = merge_ranks([ranks[0][step], ranks[1][step]])
+        assert merged["keys"] == single[step]["keys"]
+        assert set(ranks[0][step]["keys"]).isdisjoint(ranks[1][step]["keys"])
+        for key in ("collated_global_crops", "collated_local_crops", "collated_masks"):
+            assert torch.equal(merged[key], single[step][key]), key
+        assert ranks[0][step]["collated_global_crops"].shape[0] == 2 * 4  # local batch 4 = 8 / 2
+
+
+def test_workers_and_resumption_do_not_change_batches(fmnist_shards):
+    index = read_shard_index(str(fmnist_shards))
+    ref = take(make_loader(index), 4)
+    with_workers = take(make_loader(index, workers=2), 4)
+    resumed = take(make_loader(index, start=2), 2)
+    for a, b in zip(ref, with_workers):
+        assert a["keys"] == b["keys"] and torch.equal(a["collated_global_crops"], b["collated_global_crops"])
+    for a, b in zip(ref[2:], resumed):
+        assert a["step"] == b["step"] and a["keys"] == b["keys"]
+        assert torch.equal(a["collated_local_crops"], b["collated_local_crops"])
+        assert torch.equal(a["collated_masks"], b["collated_masks"])
+
+
+def test_each_pass_covers_the_data_once_and_reshuffles(fmnist_shards):
+    index = read_shard_index(str(fmnist_shards))
+    steps = index.total // 8  # 240 images, 2 streams of 120, 4 per stream per step: one pass = 30 steps
+    batches = take(make_loader(index), 2 * steps)
+    first = [k for b in batches[:steps] for k in b["keys"]]
+    second = [k for b in batches[steps:] for k in b["keys"]]
+    assert len(set(first)) == index.total and sorted(first) == sorted(second)
+    assert first != second  # a new order every pass
+
+
+def test_masks_follow_the_official_stratification():
+    gen = MaskingGenerator((4, 4), max_num_patches=8)
+    rows = list(range(16))
+    masks = global_batch_masks(0, 0, 8, rows, 2, gen, (0.1, 0.5), 0.5)
+    n_masked_crops = int((masks.sum(1) > 0).sum())
+    assert masks.shape == (16, 16) and n_masked_crops <= 8 and masks.sum() > 0
+    fields = mask_batch_fields(masks)
+    assert fields["mask_indices_list"].numel() == int(masks.sum()) == int(fields["n_masked_patches"])
+    per_image = torch.zeros(16).index_add_(0, fields["mask_indices_list"] // 16, fields["masks_weight"])
+    assert torch.allclose(per_image[masks.sum(1) > 0], torch.ones(n_masked_crops))  # each image weighs 1
+    half = global_batch_masks(0, 0, 8, rows[4:8] + rows[12:16], 2, gen, (0.1, 0.5), 0.5)
+    assert torch.equal(half, masks[rows[4:8] + rows[12:16]])  # a rank's rows do not depend on the split
+
+
+def test_real_multicrop_transform_through_s3(fmnist_shards, s3_bucket):
+    from tasks.storage import Storage, join_url
+
+    storage = Storage()
+    prefix = f"s3://{s3_bucket}/shards"
+    for path in Path(fmnist_shards).parent.iterdir():
+        storage.put_file(path, join_url(prefix, path.name)) if path.suffix == ".tar" else \
+            storage.write_bytes(join_url(prefix, path.name), path.read_bytes())
+    aug = DataAugmentationDINO(local_crops_number=2, global_crops_size=56, local_crops_size=28)
+    local = read_shard_index(str(fmnist_shards))
+    remote = read_shard_index(f"{prefix}/shards.json", opener=storage.open_read)
+    assert remote.counts == local.counts and remote.urls[0].startswith("s3://")
+    a = take(make_loader(local, transform=aug, size=56), 1)[0]
+    b = take(make_loader(remote, transform=aug, opener=storage.open_read, size=56), 1)[0]
+    assert a["collated_global_crops"].shape == (16, 3, 56, 56) and a["collated_local_crops"].shape == (16, 3, 28, 28)
+    assert a["keys"] == b["keys"] and torch.equal(a["collated_global_crops"], b["collated_global_crops"])

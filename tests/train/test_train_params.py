@@ -1,0 +1,91 @@
+"""Training params: both profiles validate, wrong values are one-line errors naming the key, and the paper profile's
+size/cost is computed on the meta device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.params import ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_profiles_validate_with_training_sections():
+    tiny = load_params(ROOT / "params.yaml")
+    paper = load_params(ROOT / "params.paper.yaml")
+    assert tiny.model.arch == "vit_small" and tiny.pretrain.crops.global_crops_size == 56
+    assert tiny.adapt.crops.global_crops_size == 2 * tiny.pretrain.crops.global_crops_size
+    assert paper.model.arch == "vit_giant2" and paper.model.num_register_tokens == 4
+    assert paper.pretrain.data.global_batch_size == 3072 and paper.pretrain.crops.local_crops_number == 8
+    assert paper.pretrain.loss.dino_head.n_prototypes == 65536 and paper.pretrain.loss.centering == "sinkhorn_knopp"
+    assert paper.adapt.crops.global_crops_size == 518
+    assert paper.launch.nproc_per_node * paper.launch.nnodes * 12 == 3072
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.num_heads=5", "model"),
+    ("pretrain.optim.warmup_epochs=1000", "pretrain.optim"),
+    ("launch.node_rank=3", "launch"),
+    ("pretrain.loss.centering=sk", "pretrain.loss.centering"),
+    ("distill.crops.global_crops_size=50", "distill"),
+])
+def test_bad_training_values_are_one_line_errors(override, key):
+    with pytest.raises(ParamsError) as err:
+        load_params(ROOT / "params.yaml", [override])
+    msg = str(err.value)
+    assert key in msg and "\n" not in msg
+
+
+def test_stage_level_checks(tmp_path):
+    from tasks.train_common import check_batch, check_crops
+
+    p = load_params(ROOT / "params.yaml", ["pretrain.crops.global_crops_size=50", "launch.nproc_per_node=3"])
+    with pytest.raises(ParamsError, match="pretrain.crops.global_crops_size: 50 is not a multiple"):
+        check_crops("pretrain", p.pretrain.crops, p.model.patch_size)
+    with pytest.raises(ParamsError, match="not divisible by the 3 training processes"):
+        check_batch("pretrain", p.pretrain.data, p.launch)
+
+
+def test_default_profile_cost_table():
+    from tasks.train_cost import format_cost, train_cost
+
+    cost = train_cost(load_params(ROOT / "params.yaml"))
+    for stage in ("pretrain", "adapt", "distill"):
+        assert cost[stage]["flops_per_step"] > 0 and cost[stage]["gpu_hours"] > 0
+    assert cost["adapt"]["flops_per_step"] / cost["adapt"]["global_batch"] > \
+        cost["pretrain"]["flops_per_step"] / cost["pretrain"]["global_batch"]  # higher resolution costs more
+    assert "pretrain" in format_cost(cost)
+
+
+@pytest.mark.slow
+def test_paper_profile_cost_on_the_meta_device(capsys):
+    from tasks.train_cost import main
+
+    assert main(["-p", str(ROOT / "params.paper.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "vit_giant2" in out and "GPU-hours" in out
+    from tasks.train_cost import train_cost
+
+    cost = train_cost(load_params(ROOT / "params.paper.yaml"))
+    assert 1.0e9 < cost["pretrain"]["student_params"] < 1.3e9  # ViT-g/14: ~1.1 B parameters
+    assert cost["pretrain"]["iterations"] == 625_000 and cost["adapt"]["img_size"] == 518
+    assert 5_000 < cost["gpu_hours_total"] < 500_000
+
+
+def test_hub_spec_rebuilds_the_paper_model_on_the_meta_device():
+    """model.json names a hub constructor + kwargs that rebuild the trained architecture key for key."""
+    import torch
+
+    from dinov2_core import hub
+    from tasks.train_common import backbone_config
+
+    paper = load_params(ROOT / "params.paper.yaml")
+    cfg = backbone_config(paper.model, 518)
+    name, kwargs = cfg.hub_spec()
+    assert name == "dinov2_vitg14_reg" and "ffn_layer" not in kwargs and "num_register_tokens" not in kwargs
+    with torch.device("meta"):
+        ours = cfg.build(with_drop_path=False)
+        theirs = getattr(hub, name)(pretrained=False, **kwargs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
