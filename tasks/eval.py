@@ -206,7 +206,8 @@ def evaluate_candidate(c: Candidate, p: EvalParams, seed: int, cache_dir: Path |
     n_fig = min(p.n_figure_images, len(seg_splits["test"][0]))
     images, masks = seg_batches["test"][0][0][:n_fig], seg_batches["test"][0][1][:n_fig]
     preds = predict_segmentation(seg.head, seg_test.patch_grid[:n_fig], out_size=tuple(masks.shape[-2:]))
-    return metrics, {"images": images, "masks": masks, "preds": preds, "classes": n_seg_classes}
+    return metrics, {"images": images, "masks": masks, "preds": preds, "classes": n_seg_classes,
+                     "raw_images": seg_splits["test"][0][:n_fig]}
 
 
 def run_eval(params: Params) -> dict:
@@ -226,9 +227,10 @@ def run_eval(params: Params) -> dict:
         slug = "".join(ch if ch.isalnum() else "-" for ch in c.name).strip("-")
         save_segmentation_figure(figures / f"eval_segmentation_{slug}.png", art["images"], art["masks"],
                                  art["preds"], art["classes"])
-        if c.kind == "trained":
-            grid = extract_patch_grid(c.model, art["images"])
-            save_pca_grid(figures / f"eval_pca_{slug}.png", art["images"], pca_rgb(grid))
+        if c.kind == "trained":  # at twice the eval size: a finer patch grid makes a picture worth looking at
+            size = 2 * c.crop_size
+            big = EvalTransformConfig(resize_size=size, crop_size=size).build()(torch.stack(art["raw_images"]))
+            save_pca_grid(figures / f"eval_pca_{slug}.png", big, pca_rgb(extract_patch_grid(c.model, big)))
         log.info("eval: %s k-NN top-1 %.3f, linear %.3f, seg mIoU %.3f", c.name, metrics["knn_top1_best"],
                  metrics["linear"]["test_top1"], metrics["segmentation"]["miou"])
 
