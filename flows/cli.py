@@ -88,6 +88,21 @@ def params_cmd(
     typer.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
 
 
+@app.command("cost")
+def cost_cmd(
+    params_file: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    gpu_tflops: Annotated[float, typer.Option(help="Assumed peak TFLOP/s per GPU (A100 bf16 dense: 312).")] = 312.0,
+    mfu: Annotated[float, typer.Option(help="Assumed share of that peak sustained.")] = 0.40,
+) -> None:
+    """Parameters, FLOPs per iteration and estimated GPU-hours of a profile's training stages (meta device)."""
+    from tasks.params import load_params
+    from tasks.train_cost import format_cost, train_cost
+
+    params = _guarded(load_params, params_file, set_ or [])
+    typer.echo(format_cost(_guarded(train_cost, params, gpu_tflops, mfu)))
+
+
 @app.command("run")
 def run_cmd(
     stages: Annotated[list[str] | None, typer.Option("--stage", help="Run only these stages (repeatable).")] = None,

@@ -1,6 +1,6 @@
 """Size and cost of a profile's training stages, computed on the ``meta`` device (no weights are allocated).
 
-`dinov2-pipeline stage train-cost -p params.paper.yaml` (or `python -m tasks.train_cost -p params.paper.yaml`)
+`dinov2-pipeline cost -p params.paper.yaml` (or `python -m tasks.train_cost -p params.paper.yaml`)
 prints, per stage: backbone parameters, FLOPs of one training iteration (student forward + backward on all crops,
 teacher forward on the global crops, both heads), total FLOPs and an estimated number of GPU-hours at an assumed
 sustained throughput (``--gpu-tflops`` x ``--mfu``; defaults: A100 bf16 dense peak 312 TFLOP/s at 40% utilisation).
@@ -117,7 +117,7 @@ def format_cost(cost: dict[str, Any]) -> str:
 
 
 def run_train_cost(params: Params) -> dict[str, Any]:
-    """Stage-style entry point (`dinov2-pipeline stage train-cost`): print the table and return the numbers."""
+    """Print the table and return the numbers (`dinov2-pipeline cost` prints the same table)."""
     cost = train_cost(params)
     print(format_cost(cost))
     return cost

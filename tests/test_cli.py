@@ -42,3 +42,14 @@ def test_stage_runs_on_user_data(tmp_path):
     assert res.exit_code == 0, res.output
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert len(manifest) == 1 and (manifest["width"] == 64).all()
+
+
+def test_cost_of_the_paper_profile_on_the_meta_device():
+    from pathlib import Path
+
+    paper = Path(__file__).resolve().parents[1] / "params.paper.yaml"
+    res = CliRunner().invoke(app, ["cost", "-p", str(paper)])
+    assert res.exit_code == 0, res.output
+    pretrain = next(line for line in res.output.splitlines() if line.startswith("pretrain"))
+    assert "vit_giant2" in pretrain and "1134.8 M" in pretrain and "625,000" in pretrain
+    assert "GPU-hours" in res.output
