@@ -7,22 +7,16 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._dist import all_reduce_, sinkhorn_knopp, world_size
+from ._center import AsyncCenter
+from ._dist import sinkhorn_knopp
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(AsyncCenter):
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
+        super().__init__((1, out_dim), center_momentum)
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        # the batch centre is all-reduced asynchronously and only folded in at the next softmax_center_teacher
-        self.updated = True
-        self.reduce_handle = None
-        self.len_teacher_output: int | None = None
-        self.async_batch_center: Tensor | None = None
 
     # ---------------------------------------------------------------------------------------------- teacher
     @torch.no_grad()
@@ -42,21 +36,7 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def reduce_center_update(self, teacher_output: Tensor) -> None:
-        self.updated = False
-        self.len_teacher_output = len(teacher_output)
-        self.async_batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
-        self.reduce_handle = all_reduce_(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        if self.updated:
-            return
-        if self.reduce_handle is not None:
-            self.reduce_handle.wait()
-            self.reduce_handle = None
-        batch_center = self.async_batch_center / (self.len_teacher_output * world_size())
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-        self.updated = True
+        self.start_center_update(torch.sum(teacher_output, dim=0, keepdim=True), len(teacher_output))
 
     # ---------------------------------------------------------------------------------------------- loss
     def forward(

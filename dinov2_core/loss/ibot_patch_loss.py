@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._dist import all_reduce_, sinkhorn_knopp, world_size
+from ._center import AsyncCenter
+from ._dist import all_reduce_, sinkhorn_knopp
 
 
 def _cross_entropy_terms(t: Tensor, s: Tensor, temp: float) -> Tensor:
@@ -15,16 +16,10 @@ def _cross_entropy_terms(t: Tensor, s: Tensor, temp: float) -> Tensor:
     return torch.sum(t.float() * F.log_softmax(s.float() / temp, dim=-1), dim=-1)
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(AsyncCenter):
     def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
+        super().__init__((1, 1, patch_out_dim), center_momentum)
         self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, 1, patch_out_dim))
-        self.updated = True
-        self.reduce_handle = None
-        self.len_teacher_patch_tokens: int | None = None
-        self.async_batch_center: Tensor | None = None
 
     # ---------------------------------------------------------------------------------------------- teacher
     @torch.no_grad()
@@ -53,21 +48,9 @@ class iBOTPatchLoss(nn.Module):
     @torch.no_grad()
     def reduce_center_update(self, teacher_patch_tokens: Tensor) -> None:
         """teacher_patch_tokens: (B, N, K); the centre is the mean over tokens, then over the B rows."""
-        self.updated = False
-        self.len_teacher_patch_tokens = len(teacher_patch_tokens)
-        self.async_batch_center = torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True)
-        self.reduce_handle = all_reduce_(self.async_batch_center, async_op=True)
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        if self.updated:
-            return
-        if self.reduce_handle is not None:
-            self.reduce_handle.wait()
-            self.reduce_handle = None
-        batch_center = self.async_batch_center / (self.len_teacher_patch_tokens * world_size())
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-        self.updated = True
+        self.start_center_update(
+            torch.sum(teacher_patch_tokens.mean(1), dim=0, keepdim=True), len(teacher_patch_tokens)
+        )
 
     # ---------------------------------------------------------------------------------------------- loss
     def forward(
