@@ -21,8 +21,8 @@ from tasks.stages import PLANNED, STAGES
 _STAGE_LIST = "\n".join(f"  {name:<14} {stage.summary}" for name, stage in STAGES.items())
 _HELP = (
     "Meta's DINOv2 recipe as a pipeline: raw crawl -> curated data -> self-supervised ViT -> evaluation.\n\n"
-    f"Stages (in DAG order):\n\n\b\n{_STAGE_LIST}\n\n"
-    f"Planned: {', '.join(PLANNED)}"
+    f"Stages (in DAG order):\n\n\b\n{_STAGE_LIST}"
+    + (f"\n\nPlanned: {', '.join(PLANNED)}" if PLANNED else "")
 )
 
 app = typer.Typer(help=_HELP, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
@@ -119,6 +119,11 @@ def run_cmd(
 ) -> None:
     """Run the pipeline as a Prefect flow (one task per DVC stage, then `dvc push`; ephemeral Prefect when no
     server is configured), then print where the results are and the evaluation summary."""
+    # before Prefect loads its settings: the ephemeral server's telemetry service is the one thing that writes to
+    # its SQLite database at start-up, and on a busy 2-core machine it lost races ("database is locked") with a
+    # traceback in the middle of the run's output; these machines are offline anyway
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     from flows.pipeline import StageFailed, TransientStageError, dinov2_pipeline
     from flows.remote import RemoteError
     from flows.results import results_report

@@ -6,6 +6,7 @@ backbone of the same architecture and raw pixels. A reader sees what pretraining
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,19 +219,21 @@ def run_eval(params: Params) -> dict:
     torch.manual_seed(params.seed)
     cache_dir = Path(p.cache_dir) if p.cache_dir else None
     reports = Path(params.reports)
-    figures = reports / "figures"
+    figures = reports / "figures" / "eval"
+    # the stage owns this folder (one DVC output): a backbone dropped from params must not leave its pictures behind
+    shutil.rmtree(figures, ignore_errors=True)
     results: dict[str, dict] = {}
     for c in _candidates(p, storage, params.seed):
         log.info("eval: %s (%s)", c.name, c.arch)
         metrics, art = evaluate_candidate(c, p, params.seed, cache_dir)
         results[c.name] = metrics
         slug = "".join(ch if ch.isalnum() else "-" for ch in c.name).strip("-")
-        save_segmentation_figure(figures / f"eval_segmentation_{slug}.png", art["images"], art["masks"],
+        save_segmentation_figure(figures / f"segmentation_{slug}.png", art["images"], art["masks"],
                                  art["preds"], art["classes"])
         if c.kind == "trained":  # at twice the eval size: a finer patch grid makes a picture worth looking at
             size = 2 * c.crop_size
             big = EvalTransformConfig(resize_size=size, crop_size=size).build()(torch.stack(art["raw_images"]))
-            save_pca_grid(figures / f"eval_pca_{slug}.png", big, pca_rgb(extract_patch_grid(c.model, big)))
+            save_pca_grid(figures / f"pca_{slug}.png", big, pca_rgb(extract_patch_grid(c.model, big)))
         log.info("eval: %s k-NN top-1 %.3f, linear %.3f, seg mIoU %.3f", c.name, metrics["knn_top1_best"],
                  metrics["linear"]["test_top1"], metrics["segmentation"]["miou"])
 

@@ -36,6 +36,9 @@ def evaluated(fake_export, demo_dir, small_params_factory, tmp_path_factory):
         f"eval.cache_dir={root}/cache", f"eval.out={root}/out", f"reports={root}/reports",
         "eval.linear_epochs=3", "eval.seg_epochs=3", "eval.linear_lrs=[0.001, 0.01]",
     ])
+    stale = root / "reports" / "figures" / "eval" / "pca_a-backbone-no-longer-listed.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
     payload = run_eval(params)
     return params, root, payload
 
@@ -64,8 +67,9 @@ def test_reports_written(evaluated):
     summary = (reports / "eval_summary.md").read_text()
     for name in payload["results"]:
         assert name in summary
-    figures = {p.name for p in (reports / "figures").iterdir()}
-    assert "eval_pca_untrained-teacher.png" in figures and "eval_segmentation_raw-pixels.png" in figures
+    figures = {p.name for p in (reports / "figures" / "eval").iterdir()}
+    assert {"pca_untrained-teacher.png", "segmentation_raw-pixels.png"} <= figures
+    assert "pca_a-backbone-no-longer-listed.png" not in figures  # the stage's folder holds this run's pictures only
 
 
 def test_untrained_backbone_gets_a_warning():
