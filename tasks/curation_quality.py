@@ -62,7 +62,7 @@ def dedup_quality(dedup: pd.DataFrame, truth: pd.DataFrame) -> dict:
         "planted_pairs": len(pairs),
         "planted_pairs_merged": same,
         "recall": round(same / len(pairs), 4) if pairs else None,
-        "removed": int(len(removed)),
+        "removed": len(removed),
         "removed_correctly": int(correct),
         "distinct_images_wrongly_removed": int(wrong),
         "precision": round(correct / len(removed), 4) if len(removed) else None,
@@ -76,7 +76,7 @@ def decontamination_quality(result: pd.DataFrame, truth: pd.DataFrame) -> dict:
     copies = r[kinds == "eval_copy"]
     clean = r[kinds != "eval_copy"]
     return {
-        "planted_eval_copies_in_pool": int(len(copies)),
+        "planted_eval_copies_in_pool": len(copies),
         "planted_eval_copies_removed": int(copies["removed"].sum()),
         "recall": round(float(copies["removed"].mean()), 4) if len(copies) else None,
         "clean_images_removed": int(clean["removed"].sum()),

@@ -203,9 +203,11 @@ def _text_image(rng: np.random.Generator, vocab: list[str]) -> Image.Image:
     return img
 
 
-_VOCAB = ("the of and to in is was for on that with as by at from it an be this which or are have not has "
-          "image model data curated crawl pipeline vision transformer patch token loss teacher student "
-          "distillation retrieval cluster index shard dataset page chapter figure table results section").split()
+_VOCAB = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at",
+    "from", "it", "an", "be", "this", "which", "or", "are", "have", "not", "has", "image", "model", "data",
+    "curated", "crawl", "pipeline", "vision", "transformer", "patch", "token", "loss", "teacher",
+    "student", "distillation", "retrieval", "cluster", "index", "shard", "dataset", "page", "chapter",
+    "figure", "table", "results", "section"]
 
 
 def _segmentation_sample(item: np.ndarray, label: int, background: np.ndarray, size: int,
@@ -392,13 +394,13 @@ def build_demo_data(p: DemoDataParams) -> dict:
 
     counts = gt["kind"].value_counts().sort_index().to_dict()
     summary = {
-        "crawl_rows": int(len(gt)),
+        "crawl_rows": len(gt),
         "by_kind": {k: int(v) for k, v in counts.items()},
-        "seed": int(len(seed_idx)),
-        "eval_train": int(len(evtrain_idx)),
-        "eval_test": int(len(evtest_idx)),
-        "seg_train": int(len(segtrain_idx)),
-        "seg_test": int(len(segtest_idx)),
+        "seed": len(seed_idx),
+        "eval_train": len(evtrain_idx),
+        "eval_test": len(evtest_idx),
+        "seg_train": len(segtrain_idx),
+        "seg_test": len(segtest_idx),
     }
     log.info("demo data: %d crawl rows %s", summary["crawl_rows"], summary["by_kind"])
     return summary

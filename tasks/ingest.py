@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from tasks.log import get_logger, progress_kwargs
 from tasks.params import IngestParams, Params, params_digest
-from tasks.reports import write_metrics, write_parquet
 from tasks.quality import TableCheck, validate_stage
+from tasks.reports import write_metrics, write_parquet
 from tasks.storage import (
     CredentialsError,
     Storage,

@@ -77,7 +77,7 @@ class IngestParams(Section):
     allow_outside_root: bool = False  # local paths must stay under the manifest's folder unless this is set
 
     @model_validator(mode="after")
-    def _sides(self) -> "IngestParams":
+    def _sides(self) -> IngestParams:
         if self.min_side > self.max_side:
             raise ValueError(f"min_side ({self.min_side}) must be <= max_side ({self.max_side})")
         return self
@@ -95,7 +95,7 @@ class EmbedderParams(Section):
     batch_size: PosInt = 64
 
     @model_validator(mode="after")
-    def _weights(self) -> "EmbedderParams":
+    def _weights(self) -> EmbedderParams:
         if self.kind == "dinov2" and not self.weights:
             raise ValueError("kind 'dinov2' needs weights (an official-format .pth path or s3:// URL)")
         return self
@@ -231,7 +231,7 @@ class ModelParams(Section):
     interpolate_offset: Annotated[float, Field(ge=0.0)] = 0.1
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelParams":
+    def _heads_divide(self) -> ModelParams:
         if self.embed_dim is not None and self.num_heads is not None and self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads})")
         if self.arch == "vit_giant2" and self.ffn_layer != "swiglufused":
@@ -295,7 +295,7 @@ class OptimParams(Section):
     warmup_teacher_temp_epochs: NonNegInt = 30
 
     @model_validator(mode="after")
-    def _lengths(self) -> "OptimParams":
+    def _lengths(self) -> OptimParams:
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= epochs ({self.epochs})")
         return self
@@ -340,7 +340,7 @@ class LaunchParams(Section):
     timeout_s: PosFloat = 1800.0
 
     @model_validator(mode="after")
-    def _multinode(self) -> "LaunchParams":
+    def _multinode(self) -> LaunchParams:
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank ({self.node_rank}) must be < nnodes ({self.nnodes})")
         if self.nnodes > 1 and self.master_port == 0:
@@ -396,7 +396,7 @@ class DistillParams(Section):
     monitor: KnnMonitorParams = Field(default_factory=KnnMonitorParams)
 
     @model_validator(mode="after")
-    def _crops(self) -> "DistillParams":
+    def _crops(self) -> DistillParams:
         _check_crops(self.crops, self.student.patch_size)
         return self
 

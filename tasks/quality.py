@@ -67,7 +67,7 @@ def validate_stage(stage: str, checks: list[TableCheck], reports_dir: str | Path
         for expectation in check.expectations:
             suite.add_expectation(expectation)
         result = batch.validate(suite)
-        table = {"success": bool(result.success), "rows": int(len(check.frame)), "expectations": []}
+        table = {"success": bool(result.success), "rows": len(check.frame), "expectations": []}
         for item in result.results:
             table["expectations"].append(
                 {

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from dinov2_core.curation import cluster_based_retrieval, sample_based_retrieval
@@ -86,7 +85,7 @@ def run_retrieve(params: Params) -> pd.DataFrame:
     metrics = {
         "pool": len(pool_keys),
         "seeds": len(seed_ids),
-        "curated": int(len(curated)),
+        "curated": len(curated),
         "mode": mode,
         "embedder": embedder.record,
         "pool_embeddings_reused_from_dedup": reused_from_dedup,

@@ -151,7 +151,7 @@ def run_shards(params: Params) -> dict:
     sizes = np.array([i.bytes for i in infos], dtype=np.float64) if infos else np.zeros(1)
     metrics = {
         "samples": index["count"],
-        "curated": int(len(curated)),
+        "curated": len(curated),
         "shards": len(infos),
         "bytes": index["bytes"],
         "shard_bytes_min": int(sizes.min()),

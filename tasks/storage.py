@@ -53,7 +53,7 @@ class Storage:
     http_timeout_s: float = 10.0
 
     @classmethod
-    def from_params(cls, params: StorageParams, http_timeout_s: float = 10.0) -> "Storage":
+    def from_params(cls, params: StorageParams, http_timeout_s: float = 10.0) -> Storage:
         return cls(params.s3_endpoint_url, params.s3_region, http_timeout_s)
 
     # -- filesystem construction -------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def launch_workers(stage: str, params: Params, out: Path, extra_env: dict[str, s
         stdout = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):
         stdout = None
-    proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), stdout=stdout, preexec_fn=_die_with_parent)  # noqa: PLW1509
+    proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), stdout=stdout, preexec_fn=die_with_parent)  # noqa: PLW1509
     try:
         code = proc.wait()
     except BaseException:  # Ctrl-C or a Prefect cancel: do not leave workers behind
@@ -183,13 +183,14 @@ def launch_workers(stage: str, params: Params, out: Path, extra_env: dict[str, s
     return run_dir
 
 
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGKILL when this process dies, so a killed stage never leaves training behind."""
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies (call it in the child), so a killed stage never
+    leaves training behind."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001, S110 - best effort (non-Linux)
+    except Exception:  # noqa: S110 - best effort (non-Linux)
         pass
 
 
@@ -502,7 +503,7 @@ def export_checks(export_dir: Path, names: list[str]):
         ok, reason = True, ""
         try:
             load_exported_backbone(export_dir / "model.json", name)
-        except Exception as exc:  # noqa: BLE001 - the check records why
+        except Exception as exc:  # the check records why
             ok, reason = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         rows.append({"file": name, "loads_strict": ok, "reason": reason})
     frame = pd.DataFrame(rows, columns=["file", "loads_strict", "reason"])

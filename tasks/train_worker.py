@@ -6,20 +6,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import sys
 from pathlib import Path
 
 STAGE_MODULES = {"pretrain": "tasks.pretrain", "adapt": "tasks.adapt", "distill": "tasks.distill"}
-
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with torchrun
-    except Exception:  # noqa: BLE001, S110 - best effort (non-Linux): the stage still cleans up on exit
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,10 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=sorted(STAGE_MODULES))
     parser.add_argument("--params", required=True, type=Path)
     args = parser.parse_args(argv)
-    _die_with_parent()
     from tasks.params import load_params
-    from tasks.train_common import run_worker
+    from tasks.train_common import die_with_parent, run_worker
 
+    die_with_parent()  # a rank must not outlive torchrun
     params = load_params(args.params)
     try:
         spec = importlib.import_module(STAGE_MODULES[args.stage]).build_spec(params)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.dedup import run_dedup
 from tasks.decontaminate import run_decontaminate
+from tasks.dedup import run_dedup
 from tasks.quality import DataQualityError
 from tasks.retrieve import choose_mode, run_retrieve
 from tasks.shards import run_shards
@@ -28,8 +27,8 @@ def curated(ingested, demo_dir, small_params_factory, tmp_path_factory):
         f"decontaminate.dedup={root}/dedup", f"decontaminate.images={ingest_params.ingest.out}",
         f"decontaminate.out={root}/decontam", f"decontaminate.cache_dir={root}/cache",
         f"decontaminate.ground_truth={d}/ground_truth.parquet",
-        f"decontaminate.eval_sets=[{{index: {d}/eval/classification/test.csv}}, "
-        f"{{index: {d}/eval/segmentation/test.csv, path_column: image}}]",
+        (f"decontaminate.eval_sets=[{{index: {d}/eval/classification/test.csv}}, "
+        f"{{index: {d}/eval/segmentation/test.csv, path_column: image}}]"),
         f"retrieve.pool={root}/decontam", f"retrieve.images={ingest_params.ingest.out}",
         f"retrieve.seed_index={d}/seed/seed.csv", f"retrieve.out={root}/retrieve",
         f"retrieve.cache_dir={root}/cache", f"retrieve.ground_truth={d}/ground_truth.parquet",
@@ -67,7 +66,7 @@ def test_every_planted_eval_copy_is_removed(curated):
 
 
 def test_retrieval_raises_the_in_domain_share(curated):
-    _, root, metrics = curated
+    _, _root, metrics = curated
     q = metrics["retrieve"]["quality"]
     assert metrics["retrieve"]["mode"] == "sample"
     assert q["curated_in_domain_share"] > q["pool_in_domain_share"] + 0.03, q

@@ -9,7 +9,6 @@ from PIL import Image
 from tasks.demo_data import BROKEN_KINDS, build_demo_data, decompression_bomb_png
 
 
-
 def _tree_digest(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}

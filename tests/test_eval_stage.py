@@ -44,7 +44,7 @@ def evaluated(fake_export, demo_dir, small_params_factory, tmp_path_factory):
 
 
 def test_every_backbone_and_baseline_is_measured(evaluated):
-    _, root, payload = evaluated
+    _, _root, payload = evaluated
     results = payload["results"]
     kinds = {r["kind"] for r in results.values()}
     assert kinds == {"trained", "random-init", "raw-pixels"}

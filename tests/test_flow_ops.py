@@ -110,9 +110,12 @@ def test_a_crashed_runs_params_are_restored_by_the_next_run(tmp_path):
 
 
 def test_one_run_per_project_at_a_time(tmp_path):
-    with pipeline.project_lock(tmp_path), pytest.raises(pipeline.StageFailed, match="another dinov2-pipeline run"):
-        with pipeline.project_lock(tmp_path):
-            pass
+    with (
+        pipeline.project_lock(tmp_path),
+        pytest.raises(pipeline.StageFailed, match="another dinov2-pipeline run"),
+        pipeline.project_lock(tmp_path),
+    ):
+        pass
 
 
 # ------------------------------------------------------------------------------------------- retries

@@ -7,6 +7,7 @@ import http.server
 import io
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -32,7 +33,7 @@ def _outcomes(result) -> pd.DataFrame:
 
 
 def test_counts_reconcile(ingested):
-    params, result, gt = ingested
+    _params, result, gt = ingested
     out = _outcomes(result)
     assert out.index.is_unique and out.index.tolist() == list(range(len(gt)))
     m = result.metrics
@@ -99,7 +100,7 @@ def test_normalised_images(ingested):
 
 
 def test_rerun_is_byte_identical(ingested, small_params_factory, demo_dir, tmp_path):
-    params, result, _ = ingested
+    params, _result, _ = ingested
     again = small_params_factory(demo_dir, [f"ingest.out={tmp_path}/ingest", f"reports={tmp_path}/reports"])
     run_ingest(again)
     assert _digest(Path(params.ingest.out)) == _digest(tmp_path / "ingest")
@@ -130,10 +131,10 @@ def _png(seed: int, size=(40, 30)) -> bytes:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    flaky_left = {"n": 0}
+    files: ClassVar[dict[str, bytes]] = {}
+    flaky_left: ClassVar[dict[str, int]] = {"n": 0}
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         if self.path == "/flaky.png" and self.flaky_left["n"] > 0:
             self.flaky_left["n"] -= 1
             self.send_error(503)
@@ -187,7 +188,7 @@ def test_byte_limit_and_formats(tmp_path, small_params_factory, http_server):
     buf = io.BytesIO()
     Image.new("RGB", (40, 40), (1, 2, 3)).save(buf, "JPEG")
     (crawl / "y.jpg").write_bytes(buf.getvalue())
-    out, result = _run_crawl(tmp_path, small_params_factory, [f"{http_server}/big.png", "x.png", "y.jpg"],
+    out, _result = _run_crawl(tmp_path, small_params_factory, [f"{http_server}/big.png", "x.png", "y.jpg"],
                              ["ingest.max_bytes=20000", "ingest.allowed_formats=[PNG]"])
     assert out["reason"].tolist() == ["too_many_bytes", "", "unsupported_format"]
 
@@ -245,8 +246,8 @@ def test_gx_failure_stops_the_stage_with_the_expectation_name(tmp_path, small_pa
     """Deliberately bad data at the boundary (a duplicated identity) fails the stage before outputs are written."""
     from typer.testing import CliRunner
 
-    import tasks.ingest as ingest
     from flows.cli import app
+    from tasks import ingest
 
     real_checks = ingest.ingest_checks
 
@@ -266,4 +267,4 @@ def test_gx_failure_stops_the_stage_with_the_expectation_name(tmp_path, small_pa
     assert "\n" not in line and "expect_column_values_to_be_unique" in line and "sha256" in line
     assert not (tmp_path / "out" / "manifest.parquet").exists()
     report = pd.read_json(tmp_path / "r" / "validation" / "ingest.json", typ="series")
-    assert report["success"] is False or report["success"] == False  # noqa: E712
+    assert report["success"] is False or report["success"] == False

@@ -23,6 +23,10 @@ def _opened(urls: Iterable[str], opener: Opener) -> Iterator[dict[str, Any]]:
             stream.close()
 
 
-def iter_shard_samples(urls: Iterable[str], opener: Opener = lambda u: open(u, "rb")) -> Iterator[dict[str, Any]]:
+def _open_local(url: str) -> IO[bytes]:
+    return open(url, "rb")
+
+
+def iter_shard_samples(urls: Iterable[str], opener: Opener = _open_local) -> Iterator[dict[str, Any]]:
     """Samples as dicts: `__key__`, `__url__` and one bytes entry per member extension (e.g. `jpg`, `json`)."""
     yield from group_by_keys(tar_file_expander(_opened(urls, opener)))
