@@ -8,7 +8,8 @@ Measures forward+backward images/s of
      loop"), xformers when available on CUDA;
 and reports achieved GFLOP/s against the float32 matmul peak measured in the same run. FLOPs are the useful model
 FLOPs (torch.utils.flop_counter on the meta device, forward+backward, attention per sequence), identical for all
-rows of one workload. If DINOV2_OFFICIAL_SRC points at a checkout of the reference implementation, its ViT-S/14 is
+rows of one workload. Memory: each row's activation memory, the bytes its forward keeps for the backward pass
+(counted with saved-tensor hooks; weights excluded). If DINOV2_OFFICIAL_SRC points at a checkout of the reference implementation, its ViT-S/14 is
 timed in the same run (interleaved with ours) and the ratio printed. Writes reports/bench/backbone.json.
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import machine_info, measure_matmul_peak_gflops, time_fn, write_json
-from dinov2_core.cost import measure_flops
+from dinov2_core.cost import count_saved_activations, measure_flops
 from dinov2_core.layers import xformers_available
 from dinov2_core.models import deterministic_state_dict, vit_small
 
@@ -82,6 +83,11 @@ def _interleaved(
         for name, fn in variants:
             times[name] += time_fn(fn, warmup=0, iters=1, device=device)
     return times
+
+
+def _saved_mb(variants: list[tuple[str, Callable[[], None]]], params: list[torch.Tensor]) -> dict[str, float]:
+    """Activation memory of each variant: what its forward keeps for the backward pass (one extra step each)."""
+    return {name: count_saved_activations(fn, params).total_bytes / 2**20 for name, fn in variants}
 
 
 def _meta_flops(inputs: Any, masks: Any) -> int:
@@ -162,8 +168,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ref_model is not None:
         variants.append(("reference (official) ViT-S/14", _step(ref_model, x, None)))
     flops = _meta_flops(x, None)
+    params = [*ours.parameters(), *(ref_model.parameters() if ref_model is not None else [])]
+    saved = _saved_mb(variants, params)
     for name, times in _interleaved(variants, args.iters, args.warmup, device).items():
-        rows.append(_row(name, wl, args.batch, times, flops, peak))
+        rows.append({**_row(name, wl, args.batch, times, flops, peak), "saved_activation_mb": saved[name]})
 
     # 2. multi-crop student step
     nb, nl = args.mc_batch, args.local_crops
@@ -193,8 +201,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ("reference (official): per-size loop", _step(ref_model, inputs, mlist, separate=True))
         )
     flops = _meta_flops(inputs, mlist)
+    saved = _saved_mb(variants, params)
     for name, times in _interleaved(variants, args.iters, args.warmup, device).items():
-        rows.append(_row(name, wl, nb, times, flops, peak))
+        rows.append({**_row(name, wl, nb, times, flops, peak), "saved_activation_mb": saved[name]})
     ours.pack_sequences = True
 
     peak_end = measure_matmul_peak_gflops(
@@ -240,7 +249,7 @@ def _print(result: dict[str, Any]) -> None:
         title=f"Backbone fwd+bwd on {result['device']} ({result['machine']['threads']} threads), "
         f"fp32 matmul peak {result['matmul_peak_gflops_fp32']:.1f} GFLOP/s"
     )
-    for col in ("workload", "variant", "img/s", "s/step", "GFLOP/step", "GFLOP/s", "% peak"):
+    for col in ("workload", "variant", "img/s", "s/step", "GFLOP/step", "GFLOP/s", "% peak", "activations MB"):
         t.add_column(col, justify="left" if col in ("workload", "variant") else "right")
     for r in result["rows"]:
         t.add_row(
@@ -251,6 +260,7 @@ def _print(result: dict[str, Any]) -> None:
             f"{r['gflop_per_step']:.0f}",
             f"{r['achieved_gflops']:.1f}",
             f"{100 * r['fraction_of_peak']:.0f}%",
+            f"{r['saved_activation_mb']:.0f}",
         )
     c = Console(width=150)
     c.print(t)

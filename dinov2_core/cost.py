@@ -8,7 +8,7 @@ convention of ``torch.utils.flop_counter``, so both ways of counting agree exact
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -192,6 +192,50 @@ def measure_flops(
             loss = sum(o["x_prenorm"].sum() if isinstance(o, dict) else o.sum() for o in outs)
             loss.backward()
     return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class SavedActivations:
+    """Bytes autograd keeps for the backward pass (each storage counted once, parameters excluded).
+
+    ``attention_matrix_bytes`` are the B x heads x N x N probabilities that the plain (math) attention path saves;
+    memory-efficient kernels (xformers, flash, PyTorch's fused CPU SDPA) keep only a per-row log-sum-exp instead.
+    """
+
+    total_bytes: int
+    attention_matrix_bytes: int
+
+    @property
+    def memory_efficient_bytes(self) -> int:
+        return self.total_bytes - self.attention_matrix_bytes
+
+
+def count_saved_activations(fn: Callable[[], Any], params: Iterable[torch.Tensor] = ()) -> SavedActivations:
+    """Run ``fn()`` (a forward pass with autograd on) and add up what it saves for backward.
+
+    Works on meta tensors, so the activation memory of a paper-scale model is counted without allocating it, the
+    same way :func:`measure_flops` counts FLOPs. Tensors sharing a storage (views) count once; the storages of
+    ``params`` (weights saved by linear layers) are not activations and are left out.
+    """
+    param_storages = {p.untyped_storage()._cdata for p in params}
+    seen: dict[int, int] = {}
+    attention: set[int] = set()
+    alive: list[torch.Tensor] = []  # a freed storage's address may be reused: hold every one until the count is done
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        alive.append(t)
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in param_storages and key not in seen:
+            seen[key] = storage.nbytes()
+            softmax_out = t.grad_fn is not None and "Softmax" in type(t.grad_fn).__name__
+            if softmax_out and t.dim() == 4 and t.shape[-1] == t.shape[-2]:
+                attention.add(key)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return SavedActivations(sum(seen.values()), sum(seen[k] for k in attention))
 
 
 @dataclass

@@ -66,3 +66,29 @@ def test_summary_is_printable():
     assert "vit_small" in text and "22.1 M params" in text and "257 tokens" in text
     assert s.as_dict()["forward_flops"] == forward_flops("vit_small", 224, batch=8)["total"]
     assert s.train_step_gflops == pytest.approx(3 * s.forward_gflops)
+
+
+def test_saved_activations_counted_on_meta_match_a_real_cpu_pass():
+    """The meta-device count (attention matrices left out, as a memory-efficient kernel keeps none) equals what a
+    real fused-attention forward on CPU saves for backward; the math path's matrices are exactly B*H*N*N floats."""
+    from dinov2_core.cost import count_saved_activations
+
+    torch.manual_seed(0)
+    counts = {}
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            model = vit_small(patch_size=14, img_size=56, depth=2, init_values=1.0)
+            x = torch.randn(3, 3, 56, 56)
+        counts[device] = count_saved_activations(lambda m=model, x=x: m.forward_features(x), model.parameters())
+    cpu, meta = counts["cpu"], counts["meta"]
+    assert cpu.attention_matrix_bytes == 0  # PyTorch's fused CPU attention stores no N x N matrix
+    assert meta.attention_matrix_bytes == 2 * 3 * 6 * 17 * 17 * 4  # depth x B x heads x N x N x float32
+    assert abs(meta.memory_efficient_bytes - cpu.total_bytes) / cpu.total_bytes < 0.01
+    # weights are not activations: counting them would add the model's size
+    n_params = sum(p.numel() for p in model.parameters())
+    assert cpu.total_bytes < 4 * n_params
+    # linear in the batch
+    with torch.device("meta"):
+        x6 = torch.empty(6, 3, 56, 56)
+    six = count_saved_activations(lambda: model.forward_features(x6), model.parameters())
+    assert abs(six.memory_efficient_bytes / meta.memory_efficient_bytes - 2.0) < 0.01

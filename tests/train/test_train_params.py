@@ -57,6 +57,13 @@ def test_default_profile_cost_table():
     assert cost["adapt"]["flops_per_step"] / cost["adapt"]["global_batch"] > \
         cost["pretrain"]["flops_per_step"] / cost["pretrain"]["global_batch"]  # higher resolution costs more
     assert "pretrain" in format_cost(cost)
+    # memory: one process on CPU holds the whole batch in float32; two processes halve the activations per process
+    pre = cost["pretrain"]
+    assert cost["activation_bytes_per_value"] == 4 and pre["world_size"] == 1 and pre["batch_per_gpu"] == 64
+    assert pre["memory_bytes_per_gpu"] == pre["model_state_bytes_per_gpu"] + pre["activation_bytes_per_gpu"]
+    assert pre["model_state_bytes_per_gpu"] >= 16 * pre["trainable_params"]
+    two = train_cost(load_params(ROOT / "params.yaml", ["launch.nproc_per_node=2"]))["pretrain"]
+    assert two["batch_per_gpu"] == 32 and two["activation_bytes_per_gpu"] == pre["activation_bytes_per_gpu"] // 2
 
 
 @pytest.mark.slow
@@ -72,6 +79,11 @@ def test_paper_profile_cost_on_the_meta_device(capsys):
     assert 1.0e9 < cost["pretrain"]["student_params"] < 1.3e9  # ViT-g/14: ~1.1 B parameters
     assert cost["pretrain"]["iterations"] == 625_000 and cost["adapt"]["img_size"] == 518
     assert 5_000 < cost["gpu_hours_total"] < 500_000
+    # 3072 images over 256 GPUs in bf16: a step must fit on one 80 GB GPU
+    pre = cost["pretrain"]
+    assert cost["activation_bytes_per_value"] == 2 and pre["batch_per_gpu"] == 12
+    assert 8 * 2**30 < pre["memory_bytes_per_gpu"] < 80 * 2**30
+    assert cost["adapt"]["activation_bytes_per_image"] > 3 * pre["activation_bytes_per_image"]  # 518 px: 5x tokens
 
 
 def test_hub_spec_rebuilds_the_paper_model_on_the_meta_device():
