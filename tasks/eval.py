@@ -242,6 +242,7 @@ def run_eval(params: Params) -> dict:
     plot = pd.DataFrame([{"backbone": name, "k": int(k), "top1": v["top1"]}
                          for name, r in results.items() for k, v in r["knn"].items()])
     write_plot_csv(reports, "eval_knn", plot)
+    summary_png(results, figures / "summary.png")
     summary_md = summary_table(results, warnings)
     atomic_write_bytes(reports / "eval_summary.md", summary_md.encode())
     payload = {"results": results, "warnings": warnings, "params": params_digest(p)}
@@ -249,6 +250,44 @@ def run_eval(params: Params) -> dict:
     write_json(Path(p.out) / "eval.json", payload)
     print(summary_md)
     return payload
+
+
+def summary_png(results: dict[str, dict], path: Path) -> Path:
+    """One picture of the table: k-NN top-1 against k, linear top-1 and segmentation mIoU, every backbone beside
+    its baselines (dashed: random init, dotted: raw pixels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = {"trained": "-", "random-init": "--", "raw-pixels": ":"}
+    names = list(results)
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw={"width_ratios": [1.3, 1, 1]})
+    for name, r in results.items():
+        ks = sorted(int(k) for k in r["knn"])
+        axes[0].plot(ks, [r["knn"][str(k)]["top1"] for k in ks], style.get(r["kind"], "-"), marker="o", ms=3,
+                     color=colours[name], label=name)
+    axes[0].set(xscale="log", xlabel="k", ylabel="top-1", title="k-NN (T = 0.07)")
+    axes[0].legend(fontsize=7)
+    for ax, key, title in ((axes[1], ("linear", "test_top1"), "linear probe top-1"),
+                           (axes[2], ("segmentation", "miou"), "linear segmentation mIoU")):
+        values = [results[n][key[0]][key[1]] for n in names]
+        bars = ax.barh(range(len(names)), values, color=[colours[n] for n in names])
+        for bar, name in zip(bars, names):
+            bar.set_hatch({"random-init": "//", "raw-pixels": ".."}.get(results[name]["kind"], ""))
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set(title=title, xlim=(0, 1))
+        for i, v in enumerate(values):
+            ax.text(v + 0.01, i, f"{v:.3f}", va="center", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def _warnings(results: dict[str, dict]) -> list[str]:

@@ -68,7 +68,7 @@ def test_reports_written(evaluated):
     for name in payload["results"]:
         assert name in summary
     figures = {p.name for p in (reports / "figures" / "eval").iterdir()}
-    assert {"pca_untrained-teacher.png", "segmentation_raw-pixels.png"} <= figures
+    assert {"pca_untrained-teacher.png", "segmentation_raw-pixels.png", "summary.png"} <= figures
     assert "pca_a-backbone-no-longer-listed.png" not in figures  # the stage's folder holds this run's pictures only
 
 
