@@ -106,6 +106,7 @@ def build_spec(params: Params) -> TrainSpec:
         export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, a.crops, optim, "adapt"),
         data=a.data, crops=a.crops, loss=loss, optim=optim,
         checkpoint_every=a.checkpoint.every, checkpoint_keep=a.checkpoint.keep,
+        checkpoint_dir=a.checkpoint.dir,
         digest_payload={"adapt": a.model_dump(mode="json", exclude={"checkpoint", "monitor", "out"}),
                         "init_sha256": sha256_file(Path(a.init)), "shards_index_sha256": index_sha,
                         "seed": params.seed},

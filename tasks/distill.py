@@ -126,6 +126,7 @@ def build_spec(params: Params) -> TrainSpec:
         export=export,
         data=d.data, crops=d.crops, loss=loss, optim=optim,
         checkpoint_every=d.checkpoint.every, checkpoint_keep=d.checkpoint.keep,
+        checkpoint_dir=d.checkpoint.dir,
         digest_payload={"distill": d.model_dump(mode="json", exclude={"checkpoint", "monitor", "out"}),
                         "teacher_sha256": t_sha, "shards_index_sha256": index_sha, "seed": params.seed},
         mask_student=False,

@@ -314,6 +314,9 @@ class TrainDataParams(Section):
 class CheckpointParams(Section):
     every: NonNegInt = 50  # iterations between checkpoints (0: only the final one)
     keep: PosInt = 2
+    # None: <out>/run/checkpoints. Multi-node: a folder every node sees, or an s3:// URL (endpoint from `storage`,
+    # keys from the environment), so a restarted job resumes without a shared filesystem.
+    dir: str | None = None
 
 
 class KnnMonitorParams(Section):

@@ -52,6 +52,7 @@ def build_spec(params: Params) -> TrainSpec:
         export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, p.crops, optim, "pretrain"),
         data=p.data, crops=p.crops, loss=loss, optim=optim,
         checkpoint_every=p.checkpoint.every, checkpoint_keep=p.checkpoint.keep,
+        checkpoint_dir=p.checkpoint.dir,
         digest_payload={"model": params.model.model_dump(mode="json"), "pretrain": p.model_dump(
             mode="json", exclude={"checkpoint", "monitor", "out"}), "shards_index_sha256": index_sha,
             "seed": params.seed},

@@ -70,6 +70,10 @@ class Storage:
             }
         return {}
 
+    def fsspec_options(self, url: str) -> dict[str, Any]:
+        """The options this storage opens `url` with, for libraries that take fsspec options (e.g. DCP)."""
+        return self._options(scheme_of(url))
+
     def filesystem(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         scheme = scheme_of(url)
         if scheme == "local":

@@ -12,7 +12,7 @@ run the loop, checkpoint atomically, export in the official format.
 Run folder (``<out>/run``, kept between runs so a killed run resumes) and exports (``<out>/export``)::
 
     <out>/run/params.yaml          the resolved params the workers read
-    <out>/run/checkpoints/step_N/  resumable checkpoints (dinov2_core.train.checkpoint)
+    <out>/run/checkpoints/step_N/  resumable checkpoints (dinov2_core.train.checkpoint), or under checkpoint.dir
     <out>/run/log.csv              one row per iteration (truncated to the checkpoint on resume)
     <out>/run/failure.txt          one line, only when the last run failed
     <out>/export/*.pth, model.json, summary.json
@@ -211,6 +211,7 @@ class TrainSpec:
     checkpoint_every: int
     checkpoint_keep: int
     digest_payload: dict[str, Any]
+    checkpoint_dir: str | None = None  # None: <out>/run/checkpoints
     mask_student: bool = True
     exclude_from_checkpoint: tuple = ()
     export_parts: tuple = ("student", "teacher")  # sub-networks gathered (unsharded) for the export
@@ -300,18 +301,21 @@ def run_worker(spec: TrainSpec, params: Params) -> dict[str, Any]:
     from dinov2_core.train import fsdp
     from dinov2_core.train.checkpoint import Checkpointer, atomic_write_text
     from dinov2_core.train.loop import NonFiniteLossError, build_optimizer, build_schedules, train_loop
+    from tasks.storage import Storage
 
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # outputs are never modified in place
     info = fsdp.init_distributed(params.launch.device, timeout_s=params.launch.timeout_s)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     run_dir = spec.out / "run"
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=spec.checkpoint_keep, exclude_prefixes=spec.exclude_from_checkpoint)
+    ckpt_root = spec.checkpoint_dir or run_dir / "checkpoints"
+    ckpt = Checkpointer(ckpt_root, keep=spec.checkpoint_keep, exclude_prefixes=spec.exclude_from_checkpoint,
+                        storage_options=Storage.from_params(params.storage).fsspec_options(str(ckpt_root)))
     run_digest = digest({**spec.digest_payload, "code": code_digest()})
     try:
         torch.manual_seed(spec.seed)  # identical initial weights on every rank, whatever the world size
         meta = spec.build()
         latest = ckpt.latest()
-        if latest is not None and json.loads((latest / "meta.json").read_text()).get("digest") != run_digest:
+        if latest is not None and ckpt.read_meta(latest).get("digest") != run_digest:
             if info.is_main:
                 log.info("%s: checkpoints in %s belong to another configuration; starting afresh", spec.stage,
                          ckpt.root)

@@ -12,17 +12,24 @@ Atomicity: every rank writes into ``.tmp-step_<n>/``; after a barrier rank 0 add
 folder to ``step_<n>`` (a directory rename is atomic on POSIX). A process killed at any moment (even ``kill -9``)
 leaves either the previous complete checkpoints or a ``.tmp-*`` folder that the next run deletes. DCP reshards on
 load, so a run saved by N processes resumes with M. Files we read with ``torch.load`` use ``weights_only=True``.
+
+``root`` may also be a URL (``s3://bucket/prefix``, any fsspec filesystem; options such as the endpoint are passed
+in by the caller, this module names no object-store client). Object stores have no rename, so there every rank
+writes straight into ``step_<n>/`` and rank 0 writes ``meta.json`` last: it is the commit marker. A checkpoint
+without it is incomplete, ignored by discovery and deleted by :meth:`Checkpointer.clean_partial`.
 """
 
 from __future__ import annotations
 
 import builtins
+import io
 import json
 import os
 import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -148,13 +155,46 @@ class Checkpointer:
     reloaded from its own file).
     """
 
-    def __init__(self, root: str | os.PathLike, keep: int = 2, exclude_prefixes: Iterable[str] = ()) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike, keep: int = 2, exclude_prefixes: Iterable[str] = (),
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.keep = max(1, int(keep))
         self.exclude_prefixes = tuple(exclude_prefixes)
+        self.storage_options = dict(storage_options or {})
+        self.is_url = "://" in str(root)
+        if self.is_url:
+            import fsspec
+
+            self.root: Any = str(root).rstrip("/")
+            self._fs, _ = fsspec.core.url_to_fs(self.root, **self.storage_options)
+        else:
+            self.root = Path(root)
+
+    def read_meta(self, path: str | os.PathLike) -> dict[str, Any]:
+        """meta.json of a checkpoint that :meth:`list` / :meth:`latest` returned."""
+        if self.is_url:
+            return json.loads(self._fs.cat_file(f"{path}/meta.json"))
+        return json.loads((Path(path) / "meta.json").read_text())
 
     # -- discovery ------------------------------------------------------------------------------------------
-    def list(self) -> builtins.list[tuple[int, Path]]:
+    def _url_steps(self) -> builtins.list[tuple[int, str, bool]]:
+        """(step, url, committed) of every ``step_*`` prefix under a URL root, listed fresh (no cached listing)."""
+        self._fs.invalidate_cache()
+        try:
+            names = self._fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            m = CKPT_RE.match(name.rstrip("/").rsplit("/", 1)[-1])
+            if m:
+                url = f"{self.root}/{m.group(0)}"
+                done = self._fs.exists(f"{url}/meta.json") and self._fs.exists(f"{url}/.metadata")
+                out.append((int(m.group(1)), url, done))
+        return sorted(out)
+
+    def list(self) -> builtins.list[tuple[int, Any]]:
+        if self.is_url:
+            return [(step, url) for step, url, done in self._url_steps() if done]
         if not self.root.is_dir():
             return []
         found = []
@@ -164,14 +204,21 @@ class Checkpointer:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
-    def latest(self) -> Path | None:
+    def latest(self) -> Any:
+        """The newest complete checkpoint (a Path, or a URL string for URL roots), or None."""
         found = self.list()
         return found[-1][1] if found else None
 
     def clean_partial(self) -> builtins.list[str]:
-        """Remove ``.tmp-*`` folders left by a run killed while saving (rank 0 only)."""
+        """Remove what a run killed while saving left behind (rank 0 only): ``.tmp-*`` folders, or uncommitted
+        ``step_*`` prefixes under a URL root."""
         removed = []
-        if _rank() == 0 and self.root.is_dir():
+        if _rank() == 0 and self.is_url:
+            for _, url, done in self._url_steps():
+                if not done:
+                    self._fs.rm(url, recursive=True)
+                    removed.append(url.rsplit("/", 1)[-1])
+        elif _rank() == 0 and self.root.is_dir():
             for p in self.root.glob(".tmp-step_*"):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
@@ -180,7 +227,12 @@ class Checkpointer:
 
     def clear(self) -> None:
         """Delete every checkpoint (rank 0), e.g. when they belong to a different configuration."""
-        if _rank() == 0 and self.root.is_dir():
+        if _rank() == 0 and self.is_url:
+            for _, url, _ in self._url_steps():
+                self._fs.rm(url, recursive=True)
+            if self._fs.exists(f"{self.root}/latest"):
+                self._fs.rm(f"{self.root}/latest")
+        elif _rank() == 0 and self.root.is_dir():
             for _, p in self.list():
                 shutil.rmtree(p, ignore_errors=True)
             (self.root / "latest").unlink(missing_ok=True)
@@ -198,6 +250,8 @@ class Checkpointer:
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
              meta: dict[str, Any]) -> Path:
         """Collective: every rank calls it. Returns the final folder."""
+        if self.is_url:
+            return self._save_url(step, model, optimizer, meta)
         import torch.distributed.checkpoint as dcp
 
         name = f"step_{step:08d}"
@@ -232,6 +286,38 @@ class Checkpointer:
         _barrier()
         return final
 
+    def _save_url(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                  meta: dict[str, Any]) -> str:
+        """Object-store variant of :meth:`save`: write in place, then commit with meta.json (rank 0, last)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        name = f"step_{step:08d}"
+        final = f"{self.root}/{name}"
+        rank = _rank()
+        if rank == 0 and self._fs.exists(final):  # the same step saved again (a rerun): uncommit, then rewrite
+            self._fs.rm(final, recursive=True)
+        _barrier()
+        if optimizer is not None:
+            fill_missing_optimizer_state(optimizer)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="fsync not supported")  # object stores have no fsync
+            dcp.save(self._state(model, optimizer), storage_writer=FsspecWriter(final, **self.storage_options))
+        buf = io.BytesIO()
+        torch.save(capture_rng_state(), buf)
+        self._fs.pipe_file(f"{final}/rng_rank{rank}.pt", buf.getvalue())
+        _barrier()
+        if rank == 0:
+            full_meta = dict(meta, step=int(step), world_size=dist.get_world_size() if dist.is_initialized() else 1,
+                             saved_at=time.time())
+            text = json.dumps(full_meta, indent=2, sort_keys=True) + "\n"
+            self._fs.pipe_file(f"{final}/meta.json", text.encode())
+            self._fs.pipe_file(f"{self.root}/latest", (name + "\n").encode())
+            for _, old in self.list()[: -self.keep]:
+                self._fs.rm(old, recursive=True)
+        _barrier()
+        return final
+
     def load(self, path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
              restore_rng: bool = True) -> dict[str, Any]:
         """Load model + optimizer (resharded to the current world) and this rank's RNG states; returns meta.json
@@ -243,19 +329,34 @@ class Checkpointer:
             set_optimizer_state_dict,
         )
 
-        path = Path(path)
         state = self._state(model, optimizer)
-        dcp.load(state, checkpoint_id=str(path))
+        if self.is_url:
+            from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+            dcp.load(state, storage_reader=FsspecReader(str(path), **self.storage_options))
+        else:
+            dcp.load(state, checkpoint_id=str(path))
         set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not self.exclude_prefixes))
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, state["optim"])
-        meta = json.loads((path / "meta.json").read_text())
-        rng_file = path / f"rng_rank{_rank()}.pt"
+        meta = self.read_meta(path)
         meta["rng_restored"] = False
-        if restore_rng and rng_file.is_file():
-            restore_rng_state(torch.load(rng_file, weights_only=True))
+        rng_state = self._read_rng(path) if restore_rng else None
+        if rng_state is not None:
+            restore_rng_state(rng_state)
             meta["rng_restored"] = True
         return meta
+
+    def _read_rng(self, path: str | os.PathLike) -> dict[str, Any] | None:
+        """This rank's RNG file, or None (it does not exist after a change of world size)."""
+        name = f"rng_rank{_rank()}.pt"
+        if self.is_url:
+            url = f"{path}/{name}"
+            if not self._fs.exists(url):
+                return None
+            return torch.load(io.BytesIO(self._fs.cat_file(url)), weights_only=True)
+        rng_file = Path(path) / name
+        return torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
 
 
 __all__ = ["CKPT_RE", "Checkpointer", "atomic_save", "atomic_write_text", "capture_rng_state",

@@ -118,3 +118,47 @@ def test_parameters_without_gradients_yet_still_round_trip(one_process_group, tm
     meta2, opt2 = sharded_meta(one_process_group, seed=3)
     assert ckpt.load(path, meta2, opt2)["step"] == 1
     assert torch.equal(meta2.student["backbone"].mask_token.full_tensor(), before)
+
+
+def test_checkpoints_on_s3_round_trip_commit_marker_and_pruning(one_process_group, s3_bucket, s3_env):
+    """The same contract on a real S3-compatible server: no rename there, so meta.json written last commits a
+    step; an uncommitted step (a save killed midway) is invisible and cleaned; the newest `keep` survive."""
+    import boto3
+
+    info = one_process_group
+    meta, opt = sharded_meta(info)
+    step(meta, opt, 0)
+    meta.flush_center_updates()
+    root = f"s3://{s3_bucket}/runs/pretrain/checkpoints"
+    ckpt = Checkpointer(root, keep=2, storage_options={"client_kwargs": {"endpoint_url": s3_env}})
+    assert ckpt.latest() is None and ckpt.list() == []
+    torch.manual_seed(7)
+    rng_before = torch.rand(3)
+    torch.manual_seed(7)
+    path = ckpt.save(1, meta, opt, {"digest": "abc", "data": {"position": 1}})
+    assert path == f"{root}/step_00000001" and ckpt.latest() == path
+    s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    prefix = "runs/pretrain/checkpoints/step_00000001/"
+    assert {prefix + "meta.json", prefix + ".metadata", prefix + "rng_rank0.pt"} <= keys
+    expected = full(meta)
+
+    meta2, opt2 = sharded_meta(info, seed=5)
+    state = ckpt.load(path, meta2, opt2)
+    assert state["step"] == 1 and state["digest"] == "abc" and state["rng_restored"]
+    assert torch.equal(torch.rand(3), rng_before)
+    got = full(meta2)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+    # a save killed before its commit marker: shards present, no meta.json -> not a checkpoint, then cleaned
+    s3.put_object(Bucket=s3_bucket, Key="runs/pretrain/checkpoints/step_00000009/__0_0.distcp", Body=b"garbage")
+    s3.put_object(Bucket=s3_bucket, Key="runs/pretrain/checkpoints/step_00000009/.metadata", Body=b"garbage")
+    assert ckpt.latest() == path
+    assert ckpt.clean_partial() == ["step_00000009"]
+    for n in (2, 3):
+        ckpt.save(n, meta2, opt2, {"digest": "abc"})
+    assert [s for s, _ in ckpt.list()] == [2, 3] and ckpt.read_meta(ckpt.latest())["step"] == 3
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert not any("step_00000001" in k or "step_00000009" in k for k in keys)
+    ckpt.clear()
+    assert ckpt.list() == []

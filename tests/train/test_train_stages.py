@@ -164,6 +164,39 @@ def test_kill_9_then_resume_continues_the_same_curve(train_params, fmnist_shards
 
 
 @pytest.mark.slow
+def test_checkpoints_on_s3_let_a_fresh_run_resume(train_params, fmnist_shards, tmp_path, s3_bucket, s3_env):
+    """checkpoint.dir on a real S3-compatible server: nothing on the local disk, and a run whose last save never
+    committed (no meta.json) resumes, in new torchrun processes, from the last committed step on the same curve."""
+    import boto3
+
+    from tasks.pretrain import run_pretrain
+
+    root = f"s3://{s3_bucket}/ckpt/pretrain"
+    steps, every = 6, 2
+    ref = train_params("pretrain", fmnist_shards, steps=steps, out=tmp_path / "ref", every=every)
+    run_pretrain(ref)
+    p = train_params("pretrain", fmnist_shards, steps=steps, out=tmp_path / "s3run", every=every,
+                     extra=[f"pretrain.checkpoint.dir={root}", "pretrain.checkpoint.keep=3"])
+    first = run_pretrain(p)
+    out = Path(p.pretrain.out)
+    assert first["summary"]["resumed_from"] == 0 and not (out / "run" / "checkpoints").exists()
+    s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="ckpt/pretrain/")["Contents"]}
+    assert {f"ckpt/pretrain/step_{n:08d}/meta.json" for n in (2, 4, 6)} <= keys
+
+    # as if killed while saving iteration 6: its shards are there, its commit marker is not
+    s3.delete_object(Bucket=s3_bucket, Key="ckpt/pretrain/step_00000006/meta.json")
+    (out / "export" / "summary.json").unlink()
+    second = run_pretrain(p)
+    assert second["summary"]["resumed_from"] == 4
+    a, b = read_log(Path(ref.pretrain.out)), read_log(out)
+    assert list(b["step"]) == list(range(steps))
+    np.testing.assert_allclose(b["loss_total"], a["loss_total"], rtol=1e-4, atol=1e-5)
+    for k, v in load_full(Path(ref.pretrain.out))["teacher"].items():
+        torch.testing.assert_close(load_full(out)["teacher"][k], v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(train_params, fmnist_shards, tmp_path,
                                                                          monkeypatch):
     from tasks.pretrain import run_pretrain
