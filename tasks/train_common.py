@@ -149,6 +149,12 @@ def launch_workers(stage: str, params: Params, out: Path, extra_env: dict[str, s
 
     Raises TrainingFailed with the failing rank's one-line reason.
     """
+    ckpt_dir = getattr(params, stage).checkpoint.dir
+    if ckpt_dir and "://" in ckpt_dir:
+        from tasks.storage import Storage
+
+        # before any worker starts: an unreachable store or rejected keys is one line here, not N rank tracebacks
+        Storage.from_params(params.storage).exists(ckpt_dir)
     run_dir = out / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     params_file = run_dir / "params.yaml"

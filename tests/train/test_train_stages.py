@@ -196,6 +196,27 @@ def test_checkpoints_on_s3_let_a_fresh_run_resume(train_params, fmnist_shards, t
         torch.testing.assert_close(load_full(out)["teacher"][k], v, atol=1e-5, rtol=1e-4)
 
 
+def test_unreachable_checkpoint_store_is_one_line_before_any_worker_starts(train_params, fmnist_shards, tmp_path,
+                                                                            monkeypatch):
+    import socket
+
+    from tasks.pretrain import run_pretrain
+    from tasks.storage import StorageError
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    p = train_params("pretrain", fmnist_shards, steps=2, extra=[
+        "pretrain.checkpoint.dir=s3://nowhere/ckpt", f"storage.s3_endpoint_url={dead}"])
+    with pytest.raises(StorageError) as err:
+        run_pretrain(p)
+    msg = str(err.value)
+    assert "\n" not in msg and "s3://nowhere/ckpt" in msg and "network error" in msg and err.value.transient
+    assert not (Path(p.pretrain.out) / "run" / "log.csv").exists()  # no worker ran
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(train_params, fmnist_shards, tmp_path,
                                                                          monkeypatch):
