@@ -165,24 +165,27 @@ def test_kill_9_then_resume_continues_the_same_curve(train_params, fmnist_shards
 
 @pytest.mark.slow
 def test_checkpoints_on_s3_let_a_fresh_run_resume(train_params, fmnist_shards, tmp_path, s3_bucket, s3_env):
-    """checkpoint.dir on a real S3-compatible server: nothing on the local disk, and a run whose last save never
-    committed (no meta.json) resumes, in new torchrun processes, from the last committed step on the same curve."""
+    """checkpoint.dir on a real S3-compatible server, 2 ranks writing their shards: nothing on the local disk, and a
+    run whose last save never committed (no meta.json) resumes, in new torchrun processes, from the last committed
+    step on the same curve."""
     import boto3
 
     from tasks.pretrain import run_pretrain
 
     root = f"s3://{s3_bucket}/ckpt/pretrain"
     steps, every = 6, 2
-    ref = train_params("pretrain", fmnist_shards, steps=steps, out=tmp_path / "ref", every=every)
+    two = ["launch.nproc_per_node=2"]
+    ref = train_params("pretrain", fmnist_shards, steps=steps, out=tmp_path / "ref", every=every, extra=two)
     run_pretrain(ref)
     p = train_params("pretrain", fmnist_shards, steps=steps, out=tmp_path / "s3run", every=every,
-                     extra=[f"pretrain.checkpoint.dir={root}", "pretrain.checkpoint.keep=3"])
+                     extra=[*two, f"pretrain.checkpoint.dir={root}", "pretrain.checkpoint.keep=3"])
     first = run_pretrain(p)
     out = Path(p.pretrain.out)
     assert first["summary"]["resumed_from"] == 0 and not (out / "run" / "checkpoints").exists()
     s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="ckpt/pretrain/")["Contents"]}
-    assert {f"ckpt/pretrain/step_{n:08d}/meta.json" for n in (2, 4, 6)} <= keys
+    assert {f"ckpt/pretrain/step_{n:08d}/{f}" for n in (2, 4, 6) for f in ("meta.json", "rng_rank0.pt",
+                                                                         "rng_rank1.pt")} <= keys
 
     # as if killed while saving iteration 6: its shards are there, its commit marker is not
     s3.delete_object(Bucket=s3_bucket, Key="ckpt/pretrain/step_00000006/meta.json")
