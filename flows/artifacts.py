@@ -111,6 +111,15 @@ def headline_metrics(path: Path, limit: int = 4) -> str:
     return ", ".join(f"{k}={_cell(v, 20)}" for k, v in scalars[:limit])
 
 
+def metric_warnings(path: Path) -> list[str]:
+    """The one-line ``warnings`` a stage put in its metrics (e.g. "no learning signal", raw pixels still win)."""
+    try:
+        warnings = json.loads(path.read_text()).get("warnings") or []
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+    return [str(w) for w in warnings] if isinstance(warnings, list) else []
+
+
 def _human(n: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:

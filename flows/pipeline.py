@@ -38,6 +38,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.artifacts import (
     headline_metrics,
+    metric_warnings,
     metrics_markdown,
     outputs_markdown,
     publish,
@@ -211,7 +212,7 @@ def select_stages(requested: list[str] | None, available: list[str]) -> tuple[li
 
 def resolve_run_params(project: Path, profile: str, overrides: list[str]) -> tuple[str | None, Any]:
     """Validate profile + overrides; return (params.yaml text for this run or None if unchanged, Params)."""
-    from tasks.params import ParamsError, load_params, parse_override
+    from tasks.params import ParamsError, load_params, parse_override, read_params_tree
 
     profile_path = (project / profile) if not Path(profile).is_absolute() else Path(profile)
     try:
@@ -220,7 +221,7 @@ def resolve_run_params(project: Path, profile: str, overrides: list[str]) -> tup
         raise StageFailed(f"params: {exc}") from None
     if profile_path.resolve() == (project / "params.yaml").resolve() and not overrides:
         return None, params
-    tree = yaml.safe_load(profile_path.read_text()) or {}
+    tree = read_params_tree(profile_path)  # an overlay profile is written out whole: DVC sees every value
     for item in overrides:
         key, value = parse_override(item)
         node = tree
@@ -342,9 +343,12 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
     markdown = metrics_markdown(stage, metrics_path)
     if markdown:
         publish("metrics", f"{stage}-metrics", markdown, f"{stage}: metrics{note}")
+    warnings = metric_warnings(metrics_path)
+    for w in warnings:
+        logger.warning(w)
     return {"stage": stage, "ran": status == "yes", "status": status, "seconds": seconds,
             "also_ran": also_ran, "validation": validation_summary(gx_files),
-            "metrics": headline_metrics(metrics_path)}
+            "metrics": headline_metrics(metrics_path), "warnings": warnings}
 
 
 def _block_env(project: Path, credentials_block: str | None) -> dict[str, str]:
@@ -436,7 +440,8 @@ def _summary_table(results: list[dict]) -> str:
     for r in results:
         ran = r["status"] + (f" (+ upstream {', '.join(r['also_ran'])})" if r.get("also_ran") else "")
         lines.append(f"| {r['stage']} | {ran} | {r['seconds']} | {r['validation']} | {r['metrics']} |")
-    return "\n".join(lines)
+    warnings = [w for r in results for w in r.get("warnings", [])]
+    return "\n".join(lines) + "".join(f"\n\n> WARNING: {w}" for w in warnings)
 
 
 def _git_rev(project: Path) -> str | None:

@@ -31,6 +31,7 @@ from tasks.train_common import (
     launch_workers,
     load_exported_backbone,
     optim_config,
+    prototype_counts,
     random_backbone,
     read_shard_index_table,
     sha256_file,
@@ -105,6 +106,7 @@ def build_spec(params: Params) -> TrainSpec:
         init_fresh=init_fresh,
         export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, a.crops, optim, "adapt"),
         data=a.data, crops=a.crops, loss=loss, optim=optim,
+        monitor=a.monitor,
         checkpoint_every=a.checkpoint.every, checkpoint_keep=a.checkpoint.keep,
         checkpoint_dir=a.checkpoint.dir,
         digest_payload={"adapt": a.model_dump(mode="json", exclude={"checkpoint", "monitor", "out"}),
@@ -123,6 +125,7 @@ def run_adapt(params: Params) -> dict[str, Any]:
     a = params.adapt
     ckpt = load_full_checkpoint(a.init)
     old_bb = BackboneConfig.from_dict(ckpt["config"]["backbone"])
+    prototypes = prototype_counts(ckpt["config"]["loss"])
     check_crops("adapt", a.crops, old_bb.patch_size)
     check_batch("adapt", a.data, params.launch)
     if a.crops.global_crops_size < old_bb.img_size:
@@ -155,7 +158,7 @@ def run_adapt(params: Params) -> dict[str, Any]:
         "params": {"adapt": params_digest(a)},
     }
     metrics = write_training_reports("adapt", params, run_dir, total, export_dir, ["teacher_backbone.pth", "full.pth"],
-                                     metrics)
+                                     metrics, n_prototypes=prototypes, embed_dim=teacher.embed_dim)
     low = knn.get("at_pretrain_size", {})
     log.info("adapt: %d -> %d px, %d iterations, loss %.3f -> %.3f, k-NN top-1 at %d px %s (random init %s), at %d px "
              "%s (before adaptation %s) (%.0f s)", old_bb.img_size, bb.img_size, metrics.get("iterations", 0),

@@ -29,6 +29,7 @@ from tasks.train_common import (
     load_exported_backbone,
     loss_config,
     optim_config,
+    prototype_counts,
     random_backbone,
     read_shard_index_table,
     shard_index_checks,
@@ -125,6 +126,8 @@ def build_spec(params: Params) -> TrainSpec:
         init_fresh=lambda meta: None,
         export=export,
         data=d.data, crops=d.crops, loss=loss, optim=optim,
+        monitor=d.monitor,
+        monitor_part="student_ema",
         checkpoint_every=d.checkpoint.every, checkpoint_keep=d.checkpoint.keep,
         checkpoint_dir=d.checkpoint.dir,
         digest_payload={"distill": d.model_dump(mode="json", exclude={"checkpoint", "monitor", "out"}),
@@ -171,7 +174,9 @@ def run_distill(params: Params) -> dict[str, Any]:
         "params": {"distill": params_digest(d)},
     }
     metrics = write_training_reports("distill", params, run_dir, total, export_dir,
-                                     ["student_backbone.pth", "full.pth"], metrics)
+                                     ["student_backbone.pth", "full.pth"], metrics,
+                                     n_prototypes=prototype_counts(distill_loss_config(d, t_loss)),
+                                     embed_dim=models["student_ema"].embed_dim)
     log.info("distill: %d iterations, loss %.3f -> %.3f, k-NN top-1 student EMA %s vs teacher %s vs random init %s, "
              "CKA(student, teacher) %s (%.0f s)", metrics.get("iterations", 0),
              metrics.get("loss_start_mean", float("nan")), metrics.get("loss_end_mean", float("nan")),

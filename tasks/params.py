@@ -326,6 +326,7 @@ class KnnMonitorParams(Section):
     n_train: PosInt = 2000
     n_test: PosInt = 2000
     k: PosInt = 20
+    every: NonNegInt = 0  # also during training, every N iterations (0: only after the run)
 
 
 class LaunchParams(Section):
@@ -407,7 +408,7 @@ class DistillParams(Section):
 class Params(Section):
     """The whole params file. Add a section here when a stage is added."""
 
-    profile: Literal["tiny-cpu", "paper"] = "tiny-cpu"
+    profile: Literal["tiny-cpu", "quality-cpu", "paper"] = "tiny-cpu"
     seed: NonNegInt = 0
     reports: str = "reports"
     storage: StorageParams = Field(default_factory=StorageParams)
@@ -462,8 +463,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read, merge overrides into, and validate a params file. Raises ParamsError with one line."""
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` on ``base``: mappings merge key by key, anything else (lists included) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_params_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A params file as a plain tree. A profile may start with ``extends: <file>`` (relative to itself) and state
+    only what differs: the official configs' "defaults once, experiments as overlays"."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: params file not found (run from the project root or pass --params)")
@@ -475,7 +488,19 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raise ParamsError(f"{path}: not valid YAML{where}") from None
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
-    tree = copy.deepcopy(tree)
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        raise ParamsError(f"{path}: 'extends: {base}' makes a cycle")
+    return _merge(read_params_tree(base_path, (*_seen, path.resolve())), tree)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read (resolving ``extends``), merge overrides into, and validate a params file. Raises ParamsError with one
+    line."""
+    tree = read_params_tree(path)
     for item in overrides or []:
         key, value = parse_override(item)
         _set_dotted(tree, key, value)

@@ -26,6 +26,7 @@ from tasks.train_common import (
     load_exported_backbone,
     loss_config,
     optim_config,
+    prototype_counts,
     random_backbone,
     read_shard_index_table,
     shard_index_checks,
@@ -51,6 +52,7 @@ def build_spec(params: Params) -> TrainSpec:
         init_fresh=lambda meta: None,
         export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, p.crops, optim, "pretrain"),
         data=p.data, crops=p.crops, loss=loss, optim=optim,
+        monitor=p.monitor,
         checkpoint_every=p.checkpoint.every, checkpoint_keep=p.checkpoint.keep,
         checkpoint_dir=p.checkpoint.dir,
         digest_payload={"model": params.model.model_dump(mode="json"), "pretrain": p.model_dump(
@@ -89,7 +91,8 @@ def run_pretrain(params: Params) -> dict[str, Any]:
         "params": {"model": params_digest(params.model), "pretrain": params_digest(p)},
     }
     metrics = write_training_reports("pretrain", params, run_dir, p.optim.epochs * p.optim.epoch_length, export_dir,
-                                     ["teacher_backbone.pth", "full.pth"], metrics)
+                                     ["teacher_backbone.pth", "full.pth"], metrics,
+                                     n_prototypes=prototype_counts(p.loss), embed_dim=teacher.embed_dim)
     log.info("pretrain: %d iterations, loss %.3f -> %.3f, k-NN top-1 teacher %s vs random init %s (%.0f s)",
              metrics.get("iterations", 0), metrics.get("loss_start_mean", float("nan")),
              metrics.get("loss_end_mean", float("nan")), knn.get("teacher_top1"), knn.get("random_init_top1"),

@@ -223,6 +223,8 @@ class TrainSpec:
     export_parts: tuple = ("student", "teacher")  # sub-networks gathered (unsharded) for the export
     seed: int = 0
     extra_summary: dict[str, Any] = field(default_factory=dict)
+    monitor: KnnMonitorParams | None = None  # k-NN of ``monitor_part``'s backbone every ``monitor.every`` iterations
+    monitor_part: str = "teacher"  # "student_ema" for distillation: the result, not the frozen teacher
 
 
 class TrainLog:
@@ -230,15 +232,18 @@ class TrainLog:
 
     COLUMNS: ClassVar[tuple[str, ...]] = (
         "step", "epoch", "loss_total", "loss_dino", "loss_dino_global", "loss_dino_local", "loss_ibot", "loss_koleo",
+        "teacher_entropy_dino", "teacher_entropy_ibot", "student_entropy_dino", "cls_std",
         "lr", "wd", "momentum", "teacher_temp", "last_layer_lr", "grad_norm_backbone", "images_per_s", "step_s",
         "data_s")
+    FIRST_KEPT: ClassVar[int] = 0  # rows with step < start_step are kept on resume (log.csv: iteration indices)
 
     def __init__(self, path: Path, start_step: int) -> None:
         self.path = path
         rows = []
         if path.exists() and start_step > 0:
             with open(path, newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit() and int(r["step"]) < start_step]
+                rows = [r for r in csv.DictReader(fh)
+                        if r.get("step", "").isdigit() and int(r["step"]) < start_step + self.FIRST_KEPT]
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(path, "w", newline="")  # noqa: SIM115 - kept open for the run, closed by close()
         self.writer = csv.DictWriter(self.fh, fieldnames=list(self.COLUMNS), extrasaction="ignore")
@@ -255,6 +260,35 @@ class TrainLog:
         self.fh.close()
 
 
+class KnnLog(TrainLog):
+    """``knn.csv``: the k-NN monitor during training, one row per evaluation (``step`` = iterations completed)."""
+
+    COLUMNS: ClassVar[tuple[str, ...]] = ("step", "images_seen", "knn_top1", "seconds")
+    FIRST_KEPT: ClassVar[int] = 1  # a row for n completed iterations belongs to a run resumed at step >= n
+
+
+def knn_probe(monitor: KnnMonitorParams, img_size: int, patch_size: int):
+    """The labelled monitor split, preprocessed once (official eval transform at the training resolution), as a
+    :class:`dinov2_core.eval.KnnProbe`; None when there is no labelled set."""
+    import torch
+    from PIL import Image
+
+    from dinov2_core.eval import KnnProbe
+    from dinov2_core.eval.features import EvalTransformConfig
+
+    if not monitor.eval_dir or not (Path(monitor.eval_dir) / "train.csv").exists():
+        return None
+    eval_dir = Path(monitor.eval_dir)
+    tf = EvalTransformConfig(resize_size=img_size, crop_size=img_size, patch_size=patch_size).build()
+
+    def load(split: str, n: int):
+        table = _labelled(eval_dir, split, n)
+        images = torch.stack([tf(Image.open(eval_dir / p).convert("RGB")) for p in table["path"]])
+        return images, torch.as_tensor(table["label"].to_numpy().copy())
+
+    return KnnProbe(*load("train", monitor.n_train), *load("test", monitor.n_test), k=monitor.k)
+
+
 def storage_opener(params: Params):
     from tasks.storage import Storage
 
@@ -263,13 +297,13 @@ def storage_opener(params: Params):
 
 def make_loader(spec: TrainSpec, params: Params, patch_size: int, rank: int, world: int, start_step: int,
                 pin_memory: bool):
-    from dinov2_core.data.augmentations import DataAugmentationDINO
+    from dinov2_core.data.batch_augment import BatchMultiCrop
     from dinov2_core.data.loader import SSLDataLoader, read_shard_index
 
     opener = storage_opener(params)
     index = read_shard_index(spec.data.shards, opener=opener)
     crops = spec.crops
-    transform = DataAugmentationDINO(
+    transform = BatchMultiCrop(
         global_crops_scale=tuple(crops.global_crops_scale), local_crops_scale=tuple(crops.local_crops_scale),
         local_crops_number=crops.local_crops_number, global_crops_size=crops.global_crops_size,
         local_crops_size=crops.local_crops_size,
@@ -348,6 +382,7 @@ def run_worker(spec: TrainSpec, params: Params) -> dict[str, Any]:
             torch.manual_seed(spec.seed * 1000 + info.rank + 1)  # drop-path etc. differ across ranks
         total = spec.optim.total_steps
         train_log = TrainLog(run_dir / "log.csv", start_step) if info.is_main else None
+        monitor = _knn_monitor_hook(spec, meta, info, run_dir, start_step)
         loader = make_loader(spec, params, meta.backbone_cfg.patch_size, info.rank, info.world_size, start_step,
                              pin_memory=info.device.type == "cuda")
 
@@ -363,6 +398,7 @@ def run_worker(spec: TrainSpec, params: Params) -> dict[str, Any]:
                 meta, optimizer, schedules, batches, start_step=start_step, total_steps=total, device=info.device,
                 global_batch_size=spec.data.global_batch_size, clip_grad=spec.optim.clip_grad,
                 epoch_length=spec.optim.epoch_length, checkpoint_every=spec.checkpoint_every, save_checkpoint=save,
+                monitor_every=spec.monitor.every if spec.monitor else 0, monitor=monitor,
                 on_record=train_log.write if train_log else None, loss_hook=_fault_hook(), show_progress=info.is_main,
                 progress_kwargs=progress_kwargs(), desc=spec.stage,
             )
@@ -378,6 +414,8 @@ def run_worker(spec: TrainSpec, params: Params) -> dict[str, Any]:
             batches.close()
             if train_log:
                 train_log.close()
+            if monitor is not None:
+                monitor.close()
         if start_step >= total and latest is not None and info.is_main:
             log.info("%s: already complete at iteration %d; re-exporting", spec.stage, total)
         meta.flush_center_updates()
@@ -398,6 +436,40 @@ def run_worker(spec: TrainSpec, params: Params) -> dict[str, Any]:
         return summary
     finally:
         fsdp.destroy_distributed()
+
+
+class _KnnMonitorHook:
+    """``monitor(n)`` of the training loop: gathers the monitored backbone (a collective, every rank) and, on the
+    main rank, appends its k-NN top-1 to ``knn.csv``."""
+
+    def __init__(self, spec: TrainSpec, meta, info, run_dir: Path, start_step: int) -> None:
+        self.spec, self.meta, self.info = spec, meta, info
+        img_size = meta.backbone_cfg.img_size
+        self.probe = knn_probe(spec.monitor, img_size, meta.backbone_cfg.patch_size) if info.is_main else None
+        self.log = KnnLog(run_dir / "knn.csv", start_step) if info.is_main else None
+
+    def __call__(self, n: int) -> None:
+        from dinov2_core.train import fsdp
+
+        started = time.perf_counter()
+        state = sub_state(fsdp.full_state_dict(getattr(self.meta, self.spec.monitor_part)), "backbone.")
+        if self.probe is None:
+            return
+        model = self.meta.backbone_cfg.build(with_drop_path=False)
+        model.load_state_dict(state)
+        top1 = self.probe(model)
+        self.log.write({"step": n, "images_seen": n * self.spec.data.global_batch_size, "knn_top1": round(top1, 4),
+                        "seconds": round(time.perf_counter() - started, 2)})
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def _knn_monitor_hook(spec: TrainSpec, meta, info, run_dir: Path, start_step: int) -> _KnnMonitorHook | None:
+    if spec.monitor is None or not spec.monitor.every or not spec.monitor.eval_dir:
+        return None  # decided from params alone: every rank must agree, the hook runs a collective
+    return _KnnMonitorHook(spec, meta, info, run_dir, start_step)
 
 
 # ============================================================================================== exports
@@ -482,6 +554,91 @@ def loss_curve_png(frame, path: Path, title: str) -> Path:
     return path
 
 
+def read_knn_log(run_dir: Path):
+    import pandas as pd
+
+    path = run_dir / "knn.csv"
+    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=list(KnnLog.COLUMNS))
+
+
+def prototype_counts(loss) -> dict[str, int]:
+    """{"dino": K, "ibot": K'} of a LossConfig / LossParams / its dict (the ln K references of the diagnostics)."""
+    get = (lambda o, k: o[k]) if isinstance(loss, dict) else getattr
+    dino = int(get(get(loss, "dino_head"), "n_prototypes"))
+    ibot = int(get(get(loss, "ibot_head"), "n_prototypes")) if get(loss, "ibot_separate_head") else dino
+    return {"dino": dino, "ibot": ibot}
+
+
+def learning_curve_png(frame, knn, path: Path, title: str, n_prototypes: dict[str, int], embed_dim: int) -> Path:
+    """The learning-vs-collapse picture: DINO / iBOT losses next to the teacher's target entropy and ln K (targets at
+    ln K: no signal), the CLS feature spread next to 1/sqrt(D) (towards 0: collapse), and k-NN vs images seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    has = lambda c: c in frame and len(frame) and frame[c].notna().any()
+    for ax, head in ((axes[0], "dino"), (axes[1], "ibot")):
+        for col, label, style in ((f"teacher_entropy_{head}", "teacher target entropy", "-"),
+                                  (f"student_entropy_{head}", "student entropy", "--")):
+            if has(col):
+                ax.plot(frame["step"], frame[col], lw=1, ls=style, label=label)
+        k = n_prototypes.get(head)
+        if k:
+            ax.axhline(math.log(k), color="k", lw=0.8, ls=":", label=f"ln K = {math.log(k):.2f} (uniform)")
+        ax.set(xlabel="iteration", ylabel="nats", title=f"{title}: {'DINO (CLS)' if head == 'dino' else 'iBOT (patches)'}")
+    if has("loss_dino"):  # cross-entropy = teacher entropy + KL: the gap to the teacher entropy is what is learnt
+        axes[0].plot(frame["step"], frame["loss_dino"], lw=1, label="DINO loss (cross-entropy)")
+    if has("loss_ibot"):  # official normalisation: a mean over all global crops, masked or not
+        twin = axes[1].twinx()
+        twin.plot(frame["step"], frame["loss_ibot"], lw=0.8, color="tab:green", label="iBOT loss (right)")
+        twin.legend(fontsize=7, loc="lower right")
+    for ax in axes[:2]:
+        ax.legend(fontsize=7, loc="lower left")
+    if has("cls_std"):
+        axes[2].plot(frame["step"], frame["cls_std"], lw=1, label="CLS per-dim std")
+    axes[2].axhline(1 / math.sqrt(embed_dim), color="k", lw=0.8, ls=":", label="1/sqrt(D): spread")
+    axes[2].set_ylim(bottom=0)
+    if has("loss_koleo"):
+        ax2 = axes[2].twinx()
+        ax2.plot(frame["step"], frame["loss_koleo"], color="tab:orange", lw=0.8, label="KoLeo")
+        ax2.legend(fontsize=7, loc="lower right")
+    axes[2].set(xlabel="iteration", title="feature spread (left), KoLeo (right)")
+    axes[2].legend(fontsize=7, loc="lower left")
+    if len(knn):
+        axes[3].plot(knn["images_seen"], knn["knn_top1"], marker="o")
+    axes[3].set(xlabel="images seen", ylabel="k-NN top-1", title="k-NN monitor during training")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def learning_summary(stage: str, frame, knn, n_prototypes: dict[str, int], embed_dim: int,
+                     tail: int = 20) -> dict[str, Any]:
+    """End-of-run diagnostics for the metrics file: means over the last iterations, the k-NN curve, warnings."""
+    from dinov2_core.train.diagnostics import learning_warnings
+
+    end = frame.tail(min(tail, len(frame))) if len(frame) else frame
+    mean = lambda c: float(end[c].mean()) if c in end and len(end) and end[c].notna().any() else None
+    out: dict[str, Any] = {f"{c}_end_mean": mean(c) for c in
+                           ("teacher_entropy_dino", "teacher_entropy_ibot", "student_entropy_dino", "cls_std")}
+    out["ln_k_dino"] = math.log(n_prototypes["dino"])
+    if mean("loss_dino") is not None and out["teacher_entropy_dino_end_mean"] is not None:
+        out["dino_kl_gap_end_mean"] = mean("loss_dino") - out["teacher_entropy_dino_end_mean"]
+    out["knn_vs_images_seen"] = [{"images_seen": int(r.images_seen), "top1": float(r.knn_top1)}
+                                 for r in knn.itertuples()]
+    out["warnings"] = learning_warnings(stage, dino_loss_end=mean("loss_dino"), n_prototypes=n_prototypes["dino"],
+                                        cls_std_end=out["cls_std_end_mean"], embed_dim=embed_dim)
+    for w in out["warnings"]:
+        log.warning(w)
+    return out
+
+
 def log_checks(frame, total_steps: int):
     """GX suite of the training log: one row per iteration, finite losses, schedules in range."""
     import great_expectations.expectations as gxe
@@ -541,15 +698,21 @@ def summarise_log(frame, tail: int = 20) -> dict[str, Any]:
 
 
 def write_training_reports(stage: str, params: Params, run_dir: Path, total_steps: int, export_dir: Path,
-                           export_names: list[str], metrics: dict[str, Any]) -> dict[str, Any]:
+                           export_names: list[str], metrics: dict[str, Any], n_prototypes: dict[str, int],
+                           embed_dim: int) -> dict[str, Any]:
+    """Per-step CSV, k-NN-during-training CSV, loss and learning figures, GX checks, metrics with warnings.
+    ``n_prototypes`` ({"dino": K, "ibot": K'}) and ``embed_dim`` (student) set the ln K / 1/sqrt(D) references."""
     from tasks.quality import validate_stage
     from tasks.reports import write_metrics, write_plot_csv
 
-    frame = read_log(run_dir)
+    frame, knn = read_log(run_dir), read_knn_log(run_dir)
     write_plot_csv(params.reports, stage, frame)
-    loss_curve_png(frame, Path(params.reports) / "figures" / f"{stage}_loss.png", f"{stage} losses")
+    write_plot_csv(params.reports, f"{stage}_knn", knn)
+    figures = Path(params.reports) / "figures"
+    loss_curve_png(frame, figures / f"{stage}_loss.png", f"{stage} losses")
+    learning_curve_png(frame, knn, figures / f"{stage}_learning.png", stage, n_prototypes, embed_dim)
     validate_stage(stage, [log_checks(frame, total_steps), export_checks(export_dir, export_names)], params.reports)
-    metrics = {**summarise_log(frame), **metrics}
+    metrics = {**summarise_log(frame), **learning_summary(stage, frame, knn, n_prototypes, embed_dim), **metrics}
     write_metrics(params.reports, stage, metrics)
     return metrics
 
@@ -562,51 +725,29 @@ def _labelled(eval_dir: Path, split: str, n: int):
     return table.iloc[:n]
 
 
-def eval_features(model, eval_dir: Path, split: str, n: int, img_size: int, patch_size: int, batch: int = 256):
-    """Final-block CLS features of the first ``n`` images of a labelled split (official eval transform, resized so
-    the crop is the model's training resolution)."""
-    import torch
-    from PIL import Image
-
-    from dinov2_core.eval.features import EvalTransformConfig, extract_features
-
-    table = _labelled(eval_dir, split, n)
-    tf = EvalTransformConfig(resize_size=img_size, crop_size=img_size, patch_size=patch_size).build()
-
-    def batches():
-        for start in range(0, len(table), batch):
-            rows = table.iloc[start:start + batch]
-            images = [tf(Image.open(eval_dir / p).convert("RGB")) for p in rows["path"]]
-            yield torch.stack(images), torch.as_tensor(rows["label"].to_numpy().copy())
-
-    feats = extract_features(model, batches(), n_last_blocks=1, progress=False)
-    return feats.knn_features(), feats.targets
-
-
 def knn_monitor(monitor: KnnMonitorParams, models: dict[str, Any], img_size: int, patch_size: int) -> dict[str, Any]:
     """k-NN top-1 of each model on the labelled eval split, plus linear CKA of every model against the first one."""
     import torch
 
-    from dinov2_core.eval.knn import knn_classify
+    from dinov2_core.eval import knn_classify
 
-    if not monitor.eval_dir or not (Path(monitor.eval_dir) / "train.csv").exists():
-        return {"skipped": f"no labelled eval set at {monitor.eval_dir!r}"}
-    eval_dir = Path(monitor.eval_dir)
     start = time.perf_counter()
-    out: dict[str, Any] = {"eval_dir": str(eval_dir), "k": monitor.k, "img_size": img_size}
+    probe = knn_probe(monitor, img_size, patch_size)
+    if probe is None:
+        return {"skipped": f"no labelled eval set at {monitor.eval_dir!r}"}
+    out: dict[str, Any] = {"eval_dir": str(monitor.eval_dir), "k": monitor.k, "img_size": img_size}
     test_feats = {}
     torch_threads = torch.get_num_threads()
     for name, model in models.items():
-        xtr, ytr = eval_features(model, eval_dir, "train", monitor.n_train, img_size, patch_size)
-        xte, yte = eval_features(model, eval_dir, "test", monitor.n_test, img_size, patch_size)
-        res = knn_classify(xtr, ytr, xte, yte, ks=(monitor.k,))
+        xtr, xte = probe.features(model, probe.train_images), probe.features(model, probe.test_images)
+        res = knn_classify(xtr, probe.train_labels, xte, probe.test_labels, ks=(monitor.k,))
         out[f"{name}_top1"] = round(float(next(iter(res.values()))["top1"]), 4)
         test_feats[name] = xte
     ref = next(iter(test_feats))
     for name, feats in test_feats.items():
         if name != ref:
             out[f"{name}_cka_vs_{ref}"] = round(linear_cka(feats, test_feats[ref]), 4)
-    out["n_train"], out["n_test"] = len(ytr), len(yte)
+    out["n_train"], out["n_test"] = len(probe.train_labels), len(probe.test_labels)
     out["seconds"] = round(time.perf_counter() - start, 2)
     torch.set_num_threads(torch_threads)
     return out

@@ -16,6 +16,17 @@ def test_default_and_paper_profiles_validate():
     assert default.ingest.min_side <= default.ingest.max_side
 
 
+def test_a_profile_extends_another_and_states_only_what_differs(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 3\ningest:\n  workers: 4\n  allowed_formats: [PNG, JPEG]\n")
+    (tmp_path / "over.yaml").write_text("extends: base.yaml\ningest:\n  workers: 2\n  allowed_formats: [GIF]\n")
+    params = load_params(tmp_path / "over.yaml")
+    assert params.seed == 3 and params.ingest.workers == 2  # merged key by key
+    assert params.ingest.allowed_formats == ["GIF"]  # lists are replaced, not appended
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ParamsError, match="cycle"):
+        load_params(tmp_path / "loop.yaml")
+
+
 def test_unknown_key_names_the_key(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("ingest:\n  wrokers: 4\n")
@@ -31,7 +42,7 @@ def test_unknown_key_names_the_key(tmp_path):
         ("ingest.workers=abc", "ingest.workers", "valid integer"),
         ("ingest.min_side=0", "ingest.min_side", "greater than or equal to 1"),
         ("demo_data.jpeg_fraction=1.5", "demo_data.jpeg_fraction", "less than or equal to 1"),
-        ("profile=huge", "profile", "'tiny-cpu' or 'paper'"),
+        ("profile=huge", "profile", "'quality-cpu' or 'paper'"),
     ],
 )
 def test_bad_values_name_key_and_expectation(override, key, expect):

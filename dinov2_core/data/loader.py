@@ -155,6 +155,20 @@ def decode_image(data: bytes) -> Image.Image:
         return img.convert("RGB")
 
 
+def decode_tensor(data: bytes, max_side: int | None = None) -> torch.Tensor:
+    """Image bytes -> uint8 (3, H, W); with ``max_side``, downscaled so the shorter side is at most that (a batch
+    transform pads every image to the largest in the batch, so a huge crawl image must not set the size)."""
+    with Image.open(io.BytesIO(data)) as img:
+        if max_side and img.format == "JPEG":
+            img.draft("RGB", (max_side, max_side))  # DCT-domain downscaling: decode less
+        rgb = img.convert("RGB")
+    if max_side and min(rgb.size) > max_side:
+        f = max_side / min(rgb.size)
+        rgb = rgb.resize((max(1, round(rgb.width * f)), max(1, round(rgb.height * f))), Image.Resampling.BILINEAR,
+                         reducing_gap=2.0)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 class MultiCropShardDataset(IterableDataset):
     """Yields, per step, this worker's part of the rank's local batch: crops stacked crop-major per crop kind.
 
@@ -194,12 +208,19 @@ class MultiCropShardDataset(IterableDataset):
         start = self.start_step * self.per_stream
         iters = [_Stream(j, self.plan[j], self.index.urls, self.opener, self.seed).iterate(start) for j in mine]
         while True:
-            keys, crops = [], []
+            keys, datas, seeds = [], [], []
             for it in iters:
                 for _ in range(self.per_stream):
                     key, data, seed = next(it)
                     keys.append(key)
-                    crops.append(self._crops(data, seed))
+                    datas.append(data)
+                    seeds.append(seed)
+            if getattr(self.transform, "batched", False):  # one tensor op per batch (batch_augment.BatchMultiCrop)
+                max_side = getattr(self.transform, "max_side", None)
+                out = self.transform([decode_tensor(d, max_side) for d in datas], seeds)
+                yield {"global": out["global"], "local": out["local"], "keys": keys}
+                continue
+            crops = [self._crops(d, s) for d, s in zip(datas, seeds)]
             g = torch.stack([torch.stack([c["global_crops"][i] for c in crops]) for i in range(len(crops[0]["global_crops"]))])
             n_local = len(crops[0]["local_crops"])
             loc = (torch.stack([torch.stack([c["local_crops"][i] for c in crops]) for i in range(n_local)])
@@ -305,6 +326,7 @@ __all__ = [
     "SSLDataLoader",
     "ShardIndex",
     "decode_image",
+    "decode_tensor",
     "global_batch_masks",
     "mask_batch_fields",
     "plan_streams",

@@ -18,7 +18,7 @@ from .features import (
     make_eval_transform,
     snap_to_patch,
 )
-from .knn import KNN_KS, KNN_TEMPERATURE, knn_classify, knn_vote_scores
+from .knn import KNN_KS, KNN_TEMPERATURE, KnnProbe, knn_classify, knn_vote_scores
 from .linear import LINEAR_LRS, LinearProbeConfig, LinearProbeResult, linear_probe, stratified_split
 from .metrics import (
     confusion_matrix,
@@ -49,6 +49,7 @@ __all__ = [
     "LINEAR_LRS",
     "EvalTransformConfig",
     "ExtractedFeatures",
+    "KnnProbe",
     "LinearProbeConfig",
     "LinearProbeResult",
     "LinearSegHead",

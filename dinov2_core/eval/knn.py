@@ -101,3 +101,31 @@ def knn_classify(
         acc = topk_accuracy(s, test_labels.long(), report_ks)
         results[k] = {f"top{kk}": v for kk, v in acc.items()}
     return results
+
+
+class KnnProbe:
+    """k-NN top-1 of a backbone's final CLS token on a fixed labelled split, with the images preprocessed once, so
+    that it is cheap enough to run many times during training (``knn_vs_images_seen``)."""
+
+    def __init__(self, train_images: Tensor, train_labels: Tensor, test_images: Tensor, test_labels: Tensor, *,
+                 k: int = 20, temperature: float = KNN_TEMPERATURE, batch_size: int = 256) -> None:
+        self.train_images, self.train_labels = train_images, train_labels.long()
+        self.test_images, self.test_labels = test_images, test_labels.long()
+        self.k, self.temperature, self.batch_size = int(k), temperature, batch_size
+
+    @torch.inference_mode()
+    def features(self, model: torch.nn.Module, images: Tensor) -> Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            out = [model.forward_features(images[i: i + self.batch_size])["x_norm_clstoken"].float()
+                   for i in range(0, len(images), self.batch_size)]
+        finally:
+            model.train(was_training)
+        return torch.cat(out)
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        res = knn_classify(self.features(model, self.train_images), self.train_labels,
+                           self.features(model, self.test_images), self.test_labels, ks=(self.k,),
+                           temperature=self.temperature)
+        return float(next(iter(res.values()))["top1"])

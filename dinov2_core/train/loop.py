@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import OptimConfig
+from .diagnostics import DIAGNOSTIC_KEYS
 from .fsdp import all_reduce_mean
 from .schedules import Schedules, apply_optim_scheduler, build_schedulers, scale_lr
 from .ssl_meta_arch import batch_to_device
@@ -96,6 +97,8 @@ def train_loop(
     epoch_length: int,
     checkpoint_every: int = 0,
     save_checkpoint: Callable[[int], Any] | None = None,
+    monitor_every: int = 0,
+    monitor: Callable[[int], Any] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     loss_hook: Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     show_progress: bool = True,
@@ -103,7 +106,8 @@ def train_loop(
     desc: str = "train",
 ) -> LoopResult:
     """Run iterations ``start_step .. total_steps - 1``. ``save_checkpoint(n)`` is called (on every rank) after
-    ``n`` completed iterations when ``n`` is a multiple of ``checkpoint_every`` and at the end."""
+    ``n`` completed iterations when ``n`` is a multiple of ``checkpoint_every`` and at the end; ``monitor(n)``
+    likewise (every rank: it may gather sharded weights) for multiples of ``monitor_every`` and at the end."""
     meta.train()
     kwargs = dict(progress_kwargs or {})
     kwargs["disable"] = not show_progress  # also in logs (non-TTY): a line every `mininterval` with rate and ETA
@@ -136,7 +140,8 @@ def train_loop(
             now = time.perf_counter()
             step_s = now - last
             last = now
-            record: dict[str, Any] = {"step": it, "epoch": it / epoch_length, **{f"loss_{k}": v for k, v in reduced.items()},
+            record: dict[str, Any] = {"step": it, "epoch": it / epoch_length,
+                                      **{(k if k in DIAGNOSTIC_KEYS else f"loss_{k}"): v for k, v in reduced.items()},
                                       **sched, **{f"grad_norm_{k}": v for k, v in norms.items()},
                                       "images_per_s": global_batch_size / step_s if step_s > 0 else float("nan"),
                                       "step_s": step_s, "data_s": data_s}
@@ -146,6 +151,9 @@ def train_loop(
             it += 1
             bar.update(1)
             bar.set_postfix(loss=f"{reduced['total']:.3f}", lr=f"{sched['lr']:.2e}", refresh=False)
+            if monitor is not None and (it == total_steps or (monitor_every and it % monitor_every == 0)):
+                monitor(it)
+                last = time.perf_counter()  # monitoring time is not step time
             if save_checkpoint is not None and (it == total_steps or (checkpoint_every and it % checkpoint_every == 0)):
                 save_checkpoint(it)
                 last = time.perf_counter()  # checkpoint time is not step time

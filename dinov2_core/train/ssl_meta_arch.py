@@ -27,6 +27,7 @@ from ..loss.dino_clstoken_loss import DINOLoss
 from ..loss.ibot_patch_loss import iBOTPatchLoss
 from ..loss.koleo_loss import KoLeoLoss
 from .config import BackboneConfig, LossConfig
+from .diagnostics import DIAGNOSTIC_KEYS, learning_diagnostics
 from .ema import ema_update_
 from .param_groups import fuse_params_groups, get_params_groups_with_decay
 
@@ -225,8 +226,10 @@ class SSLMetaArch(nn.Module):
             koleo = dino.new_zeros(())
         total = (cfg.dino_loss_weight * dino + cfg.ibot_loss_weight * ibot
                  + cfg.koleo_loss_weight * self.n_global_crops * koleo)
+        diagnostics = learning_diagnostics(student["global_logits"], self.dino_loss.student_temp, dino_targets,
+                                           ibot_targets, student["global_cls"])
         return {"total": total, "dino": dino, "dino_global": dino_global, "dino_local": dino_local,
-                "ibot": ibot, "koleo": koleo}
+                "ibot": ibot, "koleo": koleo, **diagnostics}
 
     def forward_backward(self, batch: dict[str, Any], teacher_temp: float, backward: bool = True,
                          loss_hook=None) -> dict[str, Tensor]:
@@ -258,4 +261,4 @@ def iter_student_params(meta: nn.Module) -> Iterable[Tensor]:
         yield from module.parameters()
 
 
-__all__ = ["LOSS_KEYS", "SSLMetaArch", "batch_to_device", "build_heads", "iter_student_params"]
+__all__ = ["DIAGNOSTIC_KEYS", "LOSS_KEYS", "SSLMetaArch", "batch_to_device", "build_heads", "iter_student_params"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinov2_core.data.augmentations import DataAugmentationDINO
+from dinov2_core.data.batch_augment import BatchMultiCrop
 from dinov2_core.data.loader import (
     SSLDataLoader,
     global_batch_masks,
@@ -65,10 +65,15 @@ def test_plan_streams_deals_every_sample_once():
         plan_streams([1], 3)
 
 
-def test_one_and_two_processes_see_the_same_global_batch(fmnist_shards):
+TRANSFORMS = {"per-image": CheapCrops, "batched": lambda: BatchMultiCrop(local_crops_number=2, global_crops_size=28,
+                                                                          local_crops_size=14)}
+
+
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+def test_one_and_two_processes_see_the_same_global_batch(fmnist_shards, transform):
     index = read_shard_index(str(fmnist_shards))
-    single = take(make_loader(index), 3)
-    ranks = [take(make_loader(index, world=2, rank=r), 3) for r in range(2)]
+    single = take(make_loader(index, transform=TRANSFORMS[transform]()), 3)
+    ranks = [take(make_loader(index, world=2, rank=r, transform=TRANSFORMS[transform]()), 3) for r in range(2)]
     for step in range(3):
         merged = merge_ranks([ranks[0][step], ranks[1][step]])
         assert merged["keys"] == single[step]["keys"]
@@ -78,11 +83,13 @@ def test_one_and_two_processes_see_the_same_global_batch(fmnist_shards):
         assert ranks[0][step]["collated_global_crops"].shape[0] == 2 * 4  # local batch 4 = 8 / 2
 
 
-def test_workers_and_resumption_do_not_change_batches(fmnist_shards):
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+def test_workers_and_resumption_do_not_change_batches(fmnist_shards, transform):
     index = read_shard_index(str(fmnist_shards))
-    ref = take(make_loader(index), 4)
-    with_workers = take(make_loader(index, workers=2), 4)
-    resumed = take(make_loader(index, start=2), 2)
+    make = TRANSFORMS[transform]
+    ref = take(make_loader(index, transform=make()), 4)
+    with_workers = take(make_loader(index, workers=2, transform=make()), 4)
+    resumed = take(make_loader(index, start=2, transform=make()), 2)
     for a, b in zip(ref, with_workers):
         assert a["keys"] == b["keys"] and torch.equal(a["collated_global_crops"], b["collated_global_crops"])
     for a, b in zip(ref[2:], resumed):
@@ -123,7 +130,7 @@ def test_real_multicrop_transform_through_s3(fmnist_shards, s3_bucket):
     for path in Path(fmnist_shards).parent.iterdir():
         storage.put_file(path, join_url(prefix, path.name)) if path.suffix == ".tar" else \
             storage.write_bytes(join_url(prefix, path.name), path.read_bytes())
-    aug = DataAugmentationDINO(local_crops_number=2, global_crops_size=56, local_crops_size=28)
+    aug = BatchMultiCrop(local_crops_number=2, global_crops_size=56, local_crops_size=28)  # the pipeline's
     local = read_shard_index(str(fmnist_shards))
     remote = read_shard_index(f"{prefix}/shards.json", opener=storage.open_read)
     assert remote.counts == local.counts and remote.urls[0].startswith("s3://")

@@ -157,3 +157,35 @@ def test_distillation_frozen_teacher_unmasked_student_and_ema():
     after_t = meta.teacher.state_dict()
     assert all(torch.equal(before_t[k], after_t[k]) for k in before_t)  # frozen
     assert any(not torch.equal(before_ema[k], v) for k, v in meta.student_ema.state_dict().items())  # EMA moved
+
+
+def test_diagnostics_tell_uniform_targets_and_collapse_from_a_signal():
+    """Identical images: Sinkhorn-Knopp can only return uniform targets (entropy ln K) and the CLS features have no
+    spread (collapse). Distinct images through a network whose residual branches are open (no 1e-5 LayerScale) and a
+    sharp teacher: targets well below ln K and features spread."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    meta = SSLMetaArch(BB, loss_cfg(), n_local_crops=2)
+    same = meta.forward_backward(batch(8, identical=True), teacher_temp=0.04, backward=False)
+    assert abs(float(same["teacher_entropy_dino"]) - math.log(64)) < 1e-3
+    assert float(same["cls_std"]) < 1e-3
+    torch.manual_seed(0)
+    open_meta = SSLMetaArch(replace(BB, layerscale=None), loss_cfg(), n_local_crops=2)
+    out = open_meta.forward_backward(batch(8), teacher_temp=0.01, backward=False)
+    assert float(out["teacher_entropy_dino"]) < math.log(64) - 0.5
+    assert float(out["teacher_entropy_ibot"]) < math.log(64) - 0.5
+    assert float(out["cls_std"]) > 0.25 / math.sqrt(48)
+    assert 0 < float(out["student_entropy_dino"]) <= math.log(64) + 1e-4
+
+
+def test_learning_warnings_name_the_failure():
+    from dinov2_core.train.diagnostics import learning_warnings
+
+    ln_k = math.log(256)
+    flat = learning_warnings("pretrain", dino_loss_end=ln_k * 0.999, n_prototypes=256, cls_std_end=0.07, embed_dim=192)
+    assert len(flat) == 1 and "no learning signal" in flat[0] and "\n" not in flat[0]
+    assert learning_warnings("pretrain", dino_loss_end=ln_k * 0.95, n_prototypes=256, cls_std_end=0.07,
+                             embed_dim=192) == []
+    collapsed = learning_warnings("pretrain", dino_loss_end=4.0, n_prototypes=256, cls_std_end=0.001, embed_dim=192)
+    assert len(collapsed) == 1 and "feature collapse" in collapsed[0]

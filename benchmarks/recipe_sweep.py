@@ -1,0 +1,156 @@
+"""The pre-training recipe sweep behind the default profile: ``python -m benchmarks.recipe_sweep [NAME ...]``.
+
+Each row is the pretrain stage's own worker code (``tasks.train_common.run_worker``: FSDP2 on one process, the real
+shard loader, the same schedules) run with a few ``--set``-style overrides on top of a params file, on the shards
+that `dvc repro shards` wrote. Only the paper's knobs change (temperatures, LayerScale init, prototypes, crops,
+lr, batch, iterations); the method stays DINO + iBOT + KoLeo with Sinkhorn-Knopp.
+
+Chosen on one split, reported on another: the k-NN monitor here uses the labelled eval set's *train* images only
+(first half as the k-NN reference, second half as queries), never its test images, which the eval stage reports
+on. Raw pixels on the same selection split are measured in the same run, as the bar to beat.
+
+Writes reports/bench/recipe_sweep.json and .md (one row per configuration: k-NN on the selection split at every
+monitor point, DINO loss and teacher target entropy at the end against ln K, training seconds). Not part of the
+default `make bench` (it trains every row: minutes each); `make sweep` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (name, what it tests, overrides). The first row is the paper's recipe at this scale (the profile before the sweep).
+SWEEP: list[tuple[str, str, list[str]]] = [
+    ("paper-knobs", "released-config knobs: LayerScale 1e-5, teacher temp 0.04 -> 0.07 (30 it), 100 it",
+     ["model.layerscale=1.0e-5", "pretrain.optim.teacher_temp=0.07", "pretrain.optim.warmup_teacher_temp=0.04",
+      "pretrain.optim.epochs=10"]),
+    ("smoke", "3 iterations (a check of this script)",
+     ["pretrain.optim.epochs=1", "pretrain.optim.epoch_length=3", "pretrain.optim.warmup_epochs=0",
+      "pretrain.optim.freeze_last_layer_epochs=0", "pretrain.optim.warmup_teacher_temp_epochs=0"]),
+]
+
+
+def _selection_split(eval_dir: Path, tmp: Path) -> Path:
+    """train.csv / test.csv over the eval set's train images only (absolute paths): reference half, query half."""
+    import pandas as pd
+
+    table = pd.read_csv(eval_dir / "train.csv")
+    table["path"] = [str((eval_dir / p).resolve()) for p in table["path"]]
+    half = len(table) // 2
+    out = tmp / "selection"
+    out.mkdir(parents=True, exist_ok=True)
+    table.iloc[:half].to_csv(out / "train.csv", index=False)
+    table.iloc[half:2 * half].to_csv(out / "test.csv", index=False)
+    return out
+
+
+def _raw_pixels_top1(selection: Path, n: int, img_size: int, patch_size: int, k: int) -> float:
+    from dinov2_core.eval import RawPixelBackbone, knn_classify
+    from tasks.params import KnnMonitorParams
+    from tasks.train_common import knn_probe
+
+    probe = knn_probe(KnnMonitorParams(eval_dir=str(selection), n_train=n, n_test=n, k=k), img_size, patch_size)
+    pixels = RawPixelBackbone(patch_size=patch_size, cls_size=32)
+    feats = lambda x: pixels.forward_features(x)["x_norm_clstoken"]
+    res = knn_classify(feats(probe.train_images), probe.train_labels, feats(probe.test_images), probe.test_labels,
+                       ks=(k,))
+    return float(next(iter(res.values()))["top1"])
+
+
+def run_config(name: str, overrides: list[str], params_file: Path, selection: Path, out: Path, every: int,
+               n: int) -> dict[str, Any]:
+    import pandas as pd
+
+    from tasks.params import load_params
+    from tasks.pretrain import build_spec
+    from tasks.train_common import run_worker
+
+    sets = [*overrides, f"pretrain.out={out}", f"pretrain.monitor.eval_dir={selection}",
+            f"pretrain.monitor.every={every}", f"pretrain.monitor.n_train={n}", f"pretrain.monitor.n_test={n}",
+            "pretrain.checkpoint.every=1000000", "pretrain.checkpoint.dir=null"]
+    params = load_params(params_file, sets)
+    spec = build_spec(params)
+    started = time.perf_counter()
+    summary = run_worker(spec, params)
+    seconds = time.perf_counter() - started
+    log = pd.read_csv(out / "run" / "log.csv")
+    knn = pd.read_csv(out / "run" / "knn.csv")
+    end = log.tail(20)
+    k_dino = params.pretrain.loss.dino_head.n_prototypes
+    row = {
+        "name": name, "overrides": overrides, "iterations": len(log),
+        "images_seen": len(log) * params.pretrain.data.global_batch_size,
+        "train_seconds": round(float(summary.get("train_seconds", seconds)), 1),
+        "knn": [{"images_seen": int(r.images_seen), "top1": float(r.knn_top1)} for r in knn.itertuples()],
+        "knn_final": float(knn["knn_top1"].iloc[-1]),
+        "dino_loss_end": round(float(end["loss_dino"].mean()), 4),
+        "ln_k": round(math.log(k_dino), 4),
+        "teacher_entropy_dino_end": round(float(end["teacher_entropy_dino"].mean()), 4),
+        "ibot_loss_end": round(float(end["loss_ibot"].mean()), 4),
+        "cls_std_end": round(float(end["cls_std"].mean()), 4),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [f"Selection split: {report['selection']}; raw pixels there: k-NN top-1 {report['raw_pixels_top1']:.3f}.",
+             "", ("| configuration | iterations | train s | k-NN top-1 (selection) | DINO loss end / ln K | "
+                  "teacher entropy end |"), "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['name']} | {r['iterations']} | {r['train_seconds']:.0f} | {r['knn_final']:.3f} | "
+                     f"{r['dino_loss_end']:.3f} / {r['ln_k']:.3f} | {r['teacher_entropy_dino_end']:.3f} |")
+    lines += ["", "Rows:"] + [f"- **{name}**: {what}" for name, what, _ in SWEEP if name in
+                                {r["name"] for r in report["rows"]}]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="rows to run (default: all)")
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--every", type=int, default=100, help="k-NN monitor period (iterations)")
+    parser.add_argument("--n", type=int, default=1000, help="reference and query images of the selection split")
+    parser.add_argument("--out", default=str(REPO / "reports" / "bench" / "recipe_sweep.json"))
+    if argv is None:
+        argv = sys.argv[1:] if __name__ == "__main__" else []
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from tasks.params import load_params
+
+    base = load_params(args.params)
+    eval_dir = Path(base.pretrain.monitor.eval_dir)
+    rows_wanted = [r for r in SWEEP if not args.names or r[0] in args.names]
+    out_path = Path(args.out)
+    previous = json.loads(out_path.read_text()) if out_path.exists() and args.names else {"rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        selection = _selection_split(eval_dir, Path(tmp))
+        raw = _raw_pixels_top1(selection, args.n, base.pretrain.crops.global_crops_size, base.model.patch_size,
+                               base.pretrain.monitor.k)
+        print(f"raw pixels on the selection split: k-NN top-1 {raw:.3f}", flush=True)
+        rows = [run_config(name, sets, Path(args.params), selection, Path(tmp) / name, args.every, args.n)
+                for name, _, sets in rows_wanted]
+    kept = [r for r in previous["rows"] if r["name"] not in {r["name"] for r in rows}]
+    order = [name for name, _, _ in SWEEP]
+    merged = sorted(kept + rows, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    report = {"selection": f"{eval_dir}/train.csv, first {args.n} as reference, next {args.n} as queries (k-NN, "
+                           f"k={base.pretrain.monitor.k})",
+              "raw_pixels_top1": raw, "params": str(args.params), "rows": merged,
+              "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    out_path.with_suffix(".md").write_text(to_markdown(report))
+    print(to_markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
