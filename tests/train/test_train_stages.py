@@ -115,6 +115,23 @@ def test_two_processes_give_the_first_step_of_one(train_params, fmnist_shards, t
             assert torch.equal(reloaded[part][k], v), k
 
 
+@pytest.mark.slow
+def test_a_fixed_seed_run_is_deterministic_on_cpu(train_params, fmnist_shards, tmp_path):
+    """Two runs of the same params (fresh processes, data-loader workers, stochastic depth): the same losses and the
+    same exported teacher, bit for bit. Learning assertions elsewhere rely on it."""
+    from tasks.pretrain import run_pretrain
+
+    extra = ["model.drop_path_rate=0.1", "pretrain.data.num_workers=2"]
+    runs = [train_params("pretrain", fmnist_shards, steps=6, out=tmp_path / f"run{i}", extra=extra) for i in (0, 1)]
+    for p in runs:
+        run_pretrain(p)
+    a, b = (read_log(Path(p.pretrain.out)) for p in runs)
+    for col in ("loss_total", "loss_dino", "loss_ibot", "loss_koleo", "teacher_entropy_dino", "cls_std"):
+        assert list(a[col]) == list(b[col]), col
+    ta, tb = (torch.load(Path(p.pretrain.out) / "export" / "teacher_backbone.pth", weights_only=True) for p in runs)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def _start_stage_process(params, params_file: Path) -> subprocess.Popen:
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     code = ("import sys; from tasks.params import load_params; from tasks.pretrain import run_pretrain; "
@@ -246,7 +263,9 @@ def test_pretrain_adapt_distill_chain(train_params, fmnist_shards, labelled_eval
 
     monitor = [f"eval_dir={labelled_eval}", "n_train=300", "n_test=300", "k=10"]
     pre = train_params("pretrain", fmnist_shards, steps=40, batch=16, every=20,
-                       extra=["pretrain.data.num_workers=2", "pretrain.optim.base_lr=0.008"]
+                       extra=["pretrain.data.num_workers=2", "pretrain.optim.base_lr=0.008",
+                              "model.layerscale=1.0e-5",  # the released models' init: ls1/ls2 keys in the export
+                              "pretrain.monitor.every=20"]
                        + [f"pretrain.monitor.{m}" for m in monitor])
     m = run_pretrain(pre)
     # the loss decreases on real data
@@ -255,6 +274,14 @@ def test_pretrain_adapt_distill_chain(train_params, fmnist_shards, labelled_eval
     assert log["loss_dino"].tail(8).mean() < log["loss_dino"].head(8).mean()
     assert m["knn"]["teacher_top1"] > 0.1 and Path(pre.reports, "figures", "pretrain_loss.png").stat().st_size > 0
     assert Path(pre.reports, "plots", "pretrain.csv").exists()
+    # learning diagnostics: per-step teacher entropy / feature spread, and the k-NN monitor as a curve
+    for col in ("teacher_entropy_dino", "teacher_entropy_ibot", "student_entropy_dino", "cls_std"):
+        assert log[col].notna().all() and (log[col] >= 0).all(), col
+    assert (log["teacher_entropy_dino"] <= np.log(64) + 1e-3).all()
+    assert [p["images_seen"] for p in m["knn_vs_images_seen"]] == [20 * 16, 40 * 16]
+    assert Path(pre.reports, "plots", "pretrain_knn.csv").exists()
+    assert Path(pre.reports, "figures", "pretrain_learning.png").stat().st_size > 0
+    assert isinstance(m["warnings"], list) and m["ln_k_dino"] == pytest.approx(np.log(64))
     # the exported teacher is a plain official-format state dict that the hub constructors load strictly
     export = Path(pre.pretrain.out) / "export"
     sd = torch.load(export / "teacher_backbone.pth", weights_only=True)
