@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test test-fast bench clean lint stack stack-stop stack-status deploy cost-model
+.PHONY: setup run test test-fast bench sweep clean lint stack stack-stop stack-status deploy cost-model
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks
+
+sweep: setup   # the pretraining recipe sweep behind params.yaml (needs the shards: dvc repro shards)
+	$(BIN)/dvc repro shards
+	$(BIN)/python -m benchmarks.recipe_sweep
 
 lint: setup
 	$(BIN)/ruff check dinov2_core tasks flows tests benchmarks

@@ -56,9 +56,8 @@ def learning_warnings(stage: str, *, dino_loss_end: float | None, n_prototypes: 
     ln_k = math.log(n_prototypes)
     if dino_loss_end is not None and math.isfinite(dino_loss_end) and dino_loss_end >= ln_k * (1 - NO_SIGNAL_TOLERANCE):
         out.append(
-            f"{stage}: no learning signal: the DINO loss ended at {dino_loss_end:.3f}, within "
-            f"{NO_SIGNAL_TOLERANCE:.0%} of ln K = {ln_k:.3f} ({n_prototypes} prototypes), so the teacher's targets are "
-            "near uniform; likely causes: a teacher temperature too high for the head's logit spread "
+            f"{stage}: no learning signal: the DINO loss ended at {dino_loss_end:.3f}, not {NO_SIGNAL_TOLERANCE:.0%} "
+            f"below ln K = {ln_k:.3f} ({n_prototypes} prototypes), so the teacher's targets are near uniform; likely causes: a teacher temperature too high for the head's logit spread "
             "(optim.teacher_temp), LayerScale 1e-5 muting the CLS token early (model.layerscale), or too few iterations")
     ref = 1.0 / math.sqrt(embed_dim)
     if cls_std_end is not None and math.isfinite(cls_std_end) and cls_std_end < COLLAPSE_FRACTION * ref:

@@ -98,7 +98,11 @@ def test_two_processes_give_the_first_step_of_one(train_params, fmnist_shards, t
     worst = max(diffs, key=diffs.get)
     print(f"1 vs 2 processes: max |weight diff| after step 1 = {diffs[worst]:.3g} ({worst}); "
           f"loss {logs[1]['loss_total'][0]:.6f} vs {logs[2]['loss_total'][0]:.6f}")
-    assert diffs[worst] < 1e-5
+    # AdamW moves every weight by ~lr * g / (|g| + eps) on the first step, so for near-zero gradients the float
+    # rounding of a different reduction order (gloo across 2 ranks) shows up at up to ~1e-3 of the lr; a real
+    # discrepancy (a wrong shard, a missing all-reduce) moves weights by the order of the lr itself.
+    lr = 0.05 * (8 / 1024) ** 0.5
+    assert diffs[worst] < 1e-2 * lr
     moved = float((states[1]["student"]["backbone.blocks.0.attn.qkv.weight"]
                    - states[1]["teacher"]["backbone.blocks.0.attn.qkv.weight"]).abs().max())
     assert moved > 1e-3  # the step did update the student (the teacher, an EMA at 0.992, barely follows)
@@ -316,14 +320,16 @@ def test_pretrain_adapt_distill_chain(train_params, fmnist_shards, labelled_eval
     knn = md["knn"]
     print("distill k-NN / CKA:", {k: v for k, v in knn.items() if "top1" in k or "cka" in k})
     assert md["summary"]["teacher_has_trained_heads"]
-    # the student tracks its teacher: it learns to predict the frozen teacher's prototype distributions (CLS and
-    # every patch), and its features end closer to the teacher's than a random init's. (With these 2-block,
-    # 40-iteration models every backbone's features are dominated by image intensity, so CKA is high for all; the
-    # default profile's numbers are in reports/metrics/distill.json.)
+    # the student tracks its teacher: the DINO loss minus the frozen teacher's target entropy is the student/teacher
+    # KL, what distillation minimises. Over seeds 0-2 it fell from 0.94-0.96 nats (first 8 iterations) to
+    # 0.006-0.034 (last 8), and the DINO / iBOT losses to <= 0.82 / <= 0.75 of their start; the bounds below keep
+    # a wide margin. (Feature-similarity comparisons with a random network, e.g. CKA, sat inside run-to-run noise
+    # at this size and were dropped.)
     dlog = read_log(Path(dis.distill.out))
+    gap = dlog["loss_dino"] - dlog["teacher_entropy_dino"]
+    assert gap.tail(8).mean() < 0.25 * gap.head(8).mean()
     for col in ("loss_dino", "loss_ibot"):
-        assert dlog[col].tail(8).mean() < dlog[col].head(8).mean(), col
-    assert knn["student_ema_cka_vs_teacher"] > knn["random_init_cka_vs_teacher"]
+        assert dlog[col].tail(8).mean() < 0.9 * dlog[col].head(8).mean(), col
     sinfo = json.loads((Path(dis.distill.out) / "export" / "model.json").read_text())
     student = hub.dinov2_vits14(pretrained=True,
                                 weights=str(Path(dis.distill.out) / "export" / "student_backbone.pth"),
