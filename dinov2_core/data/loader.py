@@ -12,8 +12,9 @@ Contract (what makes runs reproducible, resumable and independent of the number 
 * **Streams.** Shards (or, with fewer shards than streams, interleaved slices of shards) are dealt to streams
   round-robin. A stream walks its units in a fresh random order on every pass and each unit's samples in a fresh
   random order (the shards stage already mixed samples across shards), so the data are reshuffled every pass.
-* **Augmentation.** The multi-crop transform of the ``c``-th image of stream ``j`` runs under a torch seed derived
-  from (seed, j, c): crops do not depend on worker count or timing.
+* **Augmentation.** The crops of the ``c``-th image of stream ``j`` are a function of a seed derived from
+  (seed, j, c) -- passed to a batched transform (``batch_augment.BatchMultiCrop``, the pipeline's), or set as the
+  torch seed around a per-image one: crops do not depend on worker count, rank split or timing.
 * **Masks.** iBOT masks are drawn for the whole global batch from (seed, step) with the official stratified
   ratios, and each rank keeps its rows, so masking too is independent of the split.
 * **Workers.** Decoding and augmentation run in ``DataLoader`` worker processes; each worker owns whole streams and
