@@ -34,6 +34,9 @@ SetOpt = Annotated[
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file to read.")]
 
 
+EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL: "try again later"
+
+
 def _fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -55,7 +58,9 @@ def _guarded(fn, *args, **kwargs):
         _fail(str(exc), 3)
     except (StorageError, FileNotFoundError, ValueError, RuntimeError) as exc:
         name = type(exc).__name__
-        _fail(f"{name}: {str(exc).splitlines()[0] if str(exc) else name}")
+        # A transient fault (network, S3 outage) exits EX_TEMPFAIL so the flow knows a retry may succeed.
+        code = EXIT_TRANSIENT if getattr(exc, "transient", False) else 1
+        _fail(f"{name}: {str(exc).splitlines()[0] if str(exc) else name}", code)
 
 
 @app.command("stage")

@@ -73,6 +73,7 @@ _CREDENTIALS = re.compile(
 )
 # Exit codes of `dinov2-pipeline stage` that are never worth a retry: 2 bad params, 3 failed GX check.
 _DETERMINISTIC_EXIT = {2, 3}
+_TRANSIENT_EXIT = 75  # flows.cli.EXIT_TRANSIENT
 _BACKUP = ".dvc/tmp/params.yaml.before-run"
 _LOCK = ".dvc/tmp/dinov2-pipeline.lock"
 
@@ -299,6 +300,8 @@ def classify_stage_failure(stage: str, exit_code: int, lines: list[str]) -> Exce
     message = f"stage {stage} failed (exit {code if code is not None else exit_code}): {reason}"
     if code in _DETERMINISTIC_EXIT or "data-quality check failed" in reason:
         return StageFailed(message)
+    if code == _TRANSIENT_EXIT:  # the stage itself says a retry may help (e.g. ingest during an outage)
+        return TransientStageError(message)
     errors = "\n".join([ln for ln in lines if ln.startswith(("error:", "ERROR"))] + lines[-5:])
     if _TRANSIENT.search(errors) and not _CREDENTIALS.search(errors):
         return TransientStageError(message)

@@ -375,7 +375,7 @@ def build_demo_data(p: DemoDataParams) -> dict:
     for k in range(p.dead_http_urls):  # port 9 (discard) on loopback is closed: connection refused at once
         crawl.rows.append(CrawlRow(f"http://127.0.0.1:9/crawl/unreachable-{k}.jpg", "broken",
                                    broken_kind="dead_http_url", expected_outcome="quarantined",
-                                   expected_reason="fetch_error"))
+                                   expected_reason="fetch_transient"))
 
     # Shuffle so that duplicates never sit next to their originals; exact duplicates of the same bytes are
     # then resolved by ingest in manifest order, which the ground truth below mirrors.

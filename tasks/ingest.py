@@ -30,6 +30,7 @@ from tasks.log import get_logger, progress_kwargs
 from tasks.params import IngestParams, Params, params_digest
 from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_metrics, write_parquet
+from tasks.sources import Source, SourceRejected, parse_source, shown_cell
 from tasks.storage import (
     CredentialsError,
     Storage,
@@ -43,8 +44,12 @@ log = get_logger("ingest")
 
 # The complete vocabulary of quarantine reasons; the GX suite rejects anything else.
 REASONS = {
-    "fetch_error": "could not fetch the source (missing file, network error, HTTP error)",
+    "empty_url": "the url cell is empty",
+    "bad_url": "malformed url (no host, bad port, control characters, file:// naming a host, too long...)",
+    "unsupported_scheme": "a scheme that is never fetched (only local paths, file://, http(s):// and s3://)",
     "unsafe_path": "local path resolves outside the crawl's root folder",
+    "fetch_error": "the source cannot be fetched (missing file, HTTP 404/403, unknown host, ...)",
+    "fetch_transient": "network/S3 fault that outlasted the retries (timeout, refused, HTTP 429/5xx, throttling)",
     "empty": "zero bytes",
     "too_many_bytes": "file larger than ingest.max_bytes",
     "not_an_image": "bytes are not an image format Pillow recognises (HTML, text...)",
@@ -55,6 +60,7 @@ REASONS = {
     "too_small": "shorter side below ingest.min_side",
     "too_large": "longer side above ingest.max_side",
     "bad_aspect": "aspect ratio above ingest.max_aspect",
+    "internal_error": "an unexpected error while handling the row (a bug: the message names it)",
 }
 
 MANIFEST_COLUMNS = ["sha256", "row", "source", "bytes", "width", "height", "format", "mode", "path", "stored_format"]
@@ -77,6 +83,7 @@ class Outcome:
     stored_format: str = ""
     reason: str = ""
     message: str = ""
+    resumed: bool = False  # bytes came from the resume store of an interrupted run, not the network
 
 
 class Rejected(Exception):
@@ -143,9 +150,12 @@ def decode_and_normalise(data: bytes, p: IngestParams) -> tuple[Image.Image, dic
         except Exception as exc:  # SyntaxError, ValueError, zlib.error... from corrupt streams
             raise Rejected("decode_error", f"{type(exc).__name__}: {exc}") from None
     mode = img.mode
-    orientation = img.getexif().get(0x0112, 1)
-    if orientation not in (1, None):
-        img = ImageOps.exif_transpose(img)
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+        if orientation not in (1, None):
+            img = ImageOps.exif_transpose(img)
+    except Exception as exc:  # corrupt EXIF block
+        raise Rejected("decode_error", f"EXIF: {type(exc).__name__}: {exc}") from None
     w, h = img.size
     if min(w, h) < p.min_side:
         raise Rejected("too_small", f"{w}x{h}: shorter side < min_side {p.min_side}")
@@ -154,7 +164,10 @@ def decode_and_normalise(data: bytes, p: IngestParams) -> tuple[Image.Image, dic
     if max(w, h) / min(w, h) > p.max_aspect:
         raise Rejected("bad_aspect", f"{w}x{h}: aspect {max(w, h) / min(w, h):.1f} > max_aspect {p.max_aspect}")
     passthrough = fmt in ("JPEG", "PNG") and mode in ("RGB", "L") and orientation in (1, None)
-    rgb = img if passthrough else _to_rgb(img)
+    try:
+        rgb = img if passthrough else _to_rgb(img)
+    except Exception as exc:  # a mode Pillow decodes but cannot convert
+        raise Rejected("decode_error", f"to RGB: {type(exc).__name__}: {exc}") from None
     facts = {"width": w, "height": h, "format": fmt, "mode": mode}
     return rgb, facts, (data if passthrough else None)
 
@@ -165,38 +178,51 @@ def stored_relpath(sha: str, fmt: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- fetching
-def resolve_source(url: str, root: Path, allow_outside_root: bool) -> str:
-    """Local paths are relative to the manifest's folder and, unless allowed, must stay inside it."""
-    scheme = scheme_of(url)
-    if scheme not in ("local", "file"):
-        return url
-    raw = url[len("file://"):] if scheme == "file" else url
-    path = Path(raw)
-    full = (path if path.is_absolute() else root / path).resolve()
-    if not allow_outside_root and not full.is_relative_to(root.resolve()):
-        raise Rejected("unsafe_path", f"{url!r} resolves outside the crawl root {root}")
-    return str(full)
+class ResumeStore:
+    """The raw bytes of remote rows already fetched by a run that did not finish (outage, kill, failed check).
+
+    DVC removes a stage's outputs before it reruns, so what an interrupted ingest fetched must live elsewhere:
+    `ingest.resume_dir`, keyed by the row's source text. A rerun reads these instead of the network and fetches
+    only the rest; a run that ends with its outputs written empties it (the next run fetches afresh).
+    """
+
+    def __init__(self, folder: str | None):
+        self.folder = Path(folder) if folder else None
+
+    def _path(self, source: str) -> Path:
+        key = hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+        return self.folder / key[:2] / key  # type: ignore[operator]
+
+    def get(self, source: str) -> bytes | None:
+        if self.folder is None:
+            return None
+        path = self._path(source)
+        return path.read_bytes() if path.is_file() else None
+
+    def put(self, source: str, data: bytes) -> None:
+        if self.folder is not None:
+            atomic_write_bytes(self._path(source), data)
+
+    def count(self) -> int:
+        return sum(1 for f in self.folder.rglob("*") if f.is_file()) if self.folder and self.folder.exists() else 0
+
+    def clear(self) -> None:
+        if self.folder is not None and self.folder.exists():
+            import shutil
+
+            shutil.rmtree(self.folder)
 
 
 class _Ingestor:
-    def __init__(self, p: IngestParams, storage: Storage, root: Path, out: Path):
-        self.p, self.storage, self.root, self.out = p, storage, root, out
+    def __init__(self, p: IngestParams, storage: Storage, root: Path, out: Path, resume: ResumeStore):
+        self.p, self.storage, self.root, self.out, self.resume = p, storage, root, out, resume
 
-    def process(self, row: int, url: str) -> Outcome:
+    def process(self, row: int, cell: object) -> Outcome:
+        """Exactly one outcome for any cell: nothing raised here can stop the stage except missing credentials."""
+        shown = shown_cell(cell)
         try:
-            if not isinstance(url, str) or not url.strip():
-                raise Rejected("fetch_error", "empty url")
-            target = resolve_source(url.strip(), self.root, self.p.allow_outside_root)
-            try:
-                data = self.storage.read_bytes_with_retries(
-                    target, self.p.max_bytes, self.p.http_retries, self.p.retry_backoff_s
-                )
-            except TooLargeError as exc:
-                raise Rejected("too_many_bytes", str(exc)) from None
-            except CredentialsError:
-                raise  # fatal for the stage: every s3 row would fail the same way
-            except StorageError as exc:
-                raise Rejected("fetch_error", str(exc).replace(target, url)) from None
+            source = parse_source(cell, self.root, self.p.allow_outside_root, self.p.max_url_length)
+            data, resumed = self._fetch(source)
             sha = hashlib.sha256(data).hexdigest()
             rgb, facts, passthrough = decode_and_normalise(data, self.p)
             stored_fmt = "JPEG" if passthrough is not None and facts["format"] == "JPEG" else "PNG"
@@ -209,16 +235,50 @@ class _Ingestor:
                     rgb.save(buf, "PNG")
                     payload = buf.getvalue()
                 atomic_write_bytes(dest, payload)
-            return Outcome(row, url, sha256=sha, bytes=len(data), stored_format=stored_fmt, **facts)
-        except Rejected as rej:
-            return Outcome(row, str(url), reason=rej.reason, message=rej.message[:300])
+            return Outcome(row, shown, sha256=sha, bytes=len(data), stored_format=stored_fmt, resumed=resumed,
+                           **facts)
+        except (Rejected, SourceRejected) as rej:
+            return Outcome(row, shown, reason=rej.reason, message=_first_line(rej.message))
+        except CredentialsError:
+            raise  # fatal for the stage: every s3 row would fail the same way
+        except Exception as exc:  # the per-row boundary: the unexpected is recorded, never raised
+            return Outcome(row, shown, reason="internal_error", message=_first_line(f"{type(exc).__name__}: {exc}"))
+
+    def _fetch(self, source: Source) -> tuple[bytes, bool]:
+        if source.remote and (cached := self.resume.get(source.target)) is not None:
+            return cached, True
+        try:
+            data = self.storage.read_bytes_with_retries(
+                source.target, self.p.max_bytes, self.p.http_retries, self.p.retry_backoff_s
+            )
+        except TooLargeError as exc:
+            raise Rejected("too_many_bytes", _safe(str(exc), source)) from None
+        except CredentialsError:
+            raise
+        except StorageError as exc:
+            raise Rejected("fetch_transient" if exc.transient else "fetch_error", _safe(str(exc), source)) from None
+        if source.remote:
+            self.resume.put(source.target, data)
+        return data, False
+
+
+def _first_line(message: str, limit: int = 300) -> str:
+    lines = message.strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
+def _safe(message: str, source: Source) -> str:
+    """A storage message with the row's own text in place of the resolved target, credentials redacted."""
+    return message.replace(source.target, source.shown)
 
 
 def read_crawl_manifest(path: str | Path, url_column: str) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"crawl manifest {path} not found (set ingest.manifest)")
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str, keep_default_na=False)
+    # Blank lines are rows too (skip_blank_lines=False): a crawl row must never vanish before it has an outcome.
+    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
+        path, dtype=str, keep_default_na=False, skip_blank_lines=False)
     if url_column not in frame.columns:
         raise ValueError(f"crawl manifest {path}: no '{url_column}' column (columns: {list(frame.columns)})")
     return frame
@@ -230,8 +290,9 @@ def run_ingest(params: Params) -> IngestResult:
     out = Path(p.out)
     crawl = read_crawl_manifest(p.manifest, p.url_column)
     urls = crawl[p.url_column].tolist()
-    storage = Storage.from_params(params.storage, http_timeout_s=p.http_timeout_s)
-    ingestor = _Ingestor(p, storage, Path(p.manifest).parent, out)
+    storage = Storage.from_params(params.storage, http_timeout_s=p.http_timeout_s, http_deadline_s=p.http_deadline_s)
+    resume = ResumeStore(p.resume_dir)
+    ingestor = _Ingestor(p, storage, Path(p.manifest).parent, out, resume)
     # Outputs are rebuilt from scratch so a rerun is byte-identical and nothing stale survives.
     for name in ("manifest.parquet", "duplicates.parquet", "quarantine.parquet"):
         (out / name).unlink(missing_ok=True)
@@ -244,6 +305,7 @@ def run_ingest(params: Params) -> IngestResult:
         for outcome in tqdm(futures, total=len(urls), desc="ingest", unit="img", **progress_kwargs()):
             outcomes[outcome.row] = outcome
     elapsed = time.perf_counter() - start
+    _fail_on_outage(outcomes, p, resume)
 
     kept, dups, quarantined = [], [], []
     first_row: dict[str, Outcome] = {}
@@ -269,8 +331,10 @@ def run_ingest(params: Params) -> IngestResult:
     write_parquet(out / "duplicates.parquet", duplicates)
     write_parquet(out / "quarantine.parquet", quarantine)
 
+    resume.clear()  # outputs are complete: a later run fetches afresh
     by_reason = quarantine["reason"].value_counts().sort_index().to_dict()
-    by_scheme = pd.Series([scheme_of(u) for u in urls]).value_counts().sort_index().to_dict() if urls else {}
+    schemes = [scheme_of(u) if isinstance(u, str) and u.strip() else "empty" for u in urls]
+    by_scheme = pd.Series(schemes).value_counts().sort_index().to_dict() if urls else {}
     metrics = {
         "input_rows": len(urls),
         "kept": len(manifest),
@@ -279,6 +343,9 @@ def run_ingest(params: Params) -> IngestResult:
         "reconciles": len(urls) == len(manifest) + len(duplicates) + len(quarantine),
         "quarantine_by_reason": {k: int(v) for k, v in by_reason.items()},
         "input_by_scheme": {k: int(v) for k, v in by_scheme.items()},
+        "transient_failures": int(by_reason.get("fetch_transient", 0)),
+        "internal_errors": int(by_reason.get("internal_error", 0)),
+        "resumed_from_interrupted_run": sum(o.resumed for o in outcomes),
         "stored_bytes": int(sum(f.stat().st_size for f in (out / "images").rglob("*") if f.is_file()))
         if (out / "images").exists() else 0,
         "seconds": round(elapsed, 3),
@@ -291,6 +358,21 @@ def run_ingest(params: Params) -> IngestResult:
              len(urls), len(manifest), len(duplicates), len(quarantine), metrics["quarantine_by_reason"],
              metrics["images_per_second"] or 0)
     return IngestResult(manifest, duplicates, quarantine, metrics)
+
+
+def _fail_on_outage(outcomes: list[Outcome], p: IngestParams, resume: ResumeStore) -> None:
+    """An outage must not end in a silently smaller dataset: above `max_transient_fraction` the stage fails with a
+    transient error (the flow retries it) and keeps what it fetched for the rerun."""
+    transient = [o for o in outcomes if o.reason == "fetch_transient"]
+    fraction = len(transient) / max(1, len(outcomes))
+    if fraction <= p.max_transient_fraction:
+        return
+    example = transient[0].message.splitlines()[0][:160] if transient else ""
+    kept = f"; {resume.count()} fetched rows kept in {resume.folder} for the rerun" if resume.folder else ""
+    raise StorageError(
+        f"ingest: {len(transient)} of {len(outcomes)} rows ({fraction:.2%}) hit network/S3 faults that outlasted "
+        f"the retries (above ingest.max_transient_fraction {p.max_transient_fraction:g}), e.g. {example}{kept}; "
+        "rerun when the source is reachable", transient=True)
 
 
 def ingest_checks(manifest: pd.DataFrame, duplicates: pd.DataFrame, quarantine: pd.DataFrame, n_input: int,

@@ -71,9 +71,15 @@ class IngestParams(Section):
     max_aspect: Annotated[float, Field(ge=1.0)] = 6.0
     max_bytes: PosInt = 50_000_000
     allowed_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"])
-    http_timeout_s: PosFloat = 10.0
-    http_retries: NonNegInt = 2
+    http_timeout_s: PosFloat = 10.0  # every connect and every read
+    http_deadline_s: PosFloat = 120.0  # a whole HTTP response
+    http_retries: NonNegInt = 2  # for transient faults only (network, HTTP 429/5xx, S3 throttling)
     retry_backoff_s: Annotated[float, Field(ge=0.0)] = 0.5
+    # Above this fraction of rows with transient faults the stage fails (and is retried) instead of
+    # succeeding with a smaller dataset; what was fetched waits in resume_dir for the rerun.
+    max_transient_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.001
+    resume_dir: str | None = "data/cache/ingest-resume"
+    max_url_length: Annotated[int, Field(ge=16)] = 4096
     allow_outside_root: bool = False  # local paths must stay under the manifest's folder unless this is set
 
     @model_validator(mode="after")

@@ -6,7 +6,11 @@ S3 endpoint/region come from params (`storage`), credentials only from the envir
 
 from __future__ import annotations
 
+import http.client
 import os
+import re
+import socket
+import ssl
 import tempfile
 import time
 import urllib.error
@@ -14,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlsplit, urlunsplit
 
 import fsspec
 
@@ -38,10 +42,70 @@ class CredentialsError(StorageError):
 
 
 def scheme_of(url: str) -> str:
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # e.g. an unbalanced '[' in the host: not a URL we can fetch
+        return "invalid"
     if len(parsed.scheme) <= 1:  # '' or a Windows drive letter
         return "local"
     return parsed.scheme.lower()
+
+
+# Query keys whose values are secrets in signed or tokenised URLs (AWS/GCS/Azure signatures, API keys, tokens).
+_SECRET_KEY = re.compile(r"sig|signature|token|key|credential|secret|passw|auth|session", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """`url` safe for logs, tables, metrics and shards: no userinfo, no signature/token/key query values.
+
+    Crawl rows come from the web and S3 lists may hold pre-signed URLs; a message that names a row must not
+    leak what signs it. Anything that does not parse as a URL is returned unchanged (it carries no query)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if len(parts.scheme) <= 1:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(_SECRET_KEY.search(k) for k, _ in pairs):
+        query = urlencode([(k, "REDACTED" if _SECRET_KEY.search(k) else v) for k, v in pairs])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _basic_auth(url: str) -> tuple[str, None, dict[str, str]]:
+    """(url without userinfo, no body, headers): `user:password@` in a crawl URL becomes HTTP Basic auth
+    (urllib would otherwise take it for part of the host name)."""
+    import base64
+
+    headers = {"User-Agent": "dinov2-pipeline-ingest/0.1"}
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None, headers
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    token = base64.b64encode(unquote(userinfo).encode()).decode()
+    headers["Authorization"] = f"Basic {token}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)), None, headers
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow at most `max_redirections` redirects, and only to http(s): a crawl URL must not be able to
+    bounce the fetcher to ftp:// or file:// (urllib's default allows ftp and 10 hops)."""
+
+    max_redirections = 5
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urlsplit(newurl).scheme.lower()
+        if scheme and scheme not in ("http", "https"):
+            raise StorageError(f"{redact_url(req.full_url)}: redirect to a {scheme}:// URL refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_HTTP_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
+_PERMANENT_DNS = {getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, n)}
 
 
 @dataclass(frozen=True)
@@ -50,11 +114,13 @@ class Storage:
 
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
-    http_timeout_s: float = 10.0
+    http_timeout_s: float = 10.0  # bounds every connect and every read
+    http_deadline_s: float = 120.0  # bounds a whole response (a server dripping a byte per second)
 
     @classmethod
-    def from_params(cls, params: StorageParams, http_timeout_s: float = 10.0) -> Storage:
-        return cls(params.s3_endpoint_url, params.s3_region, http_timeout_s)
+    def from_params(cls, params: StorageParams, http_timeout_s: float = 10.0,
+                    http_deadline_s: float = 120.0) -> Storage:
+        return cls(params.s3_endpoint_url, params.s3_region, http_timeout_s, http_deadline_s)
 
     # -- filesystem construction -------------------------------------------------------------------------
     def _options(self, scheme: str) -> dict[str, Any]:
@@ -101,25 +167,43 @@ class Storage:
             raise translate_error(url, exc) from None
 
     def _read_http(self, url: str, max_bytes: int | None) -> bytes:
-        """Plain GET with a timeout: fsspec's HTTP layer reports refused connections as 'not found',
-        which would hide the transient faults that deserve a retry."""
-        request = urllib.request.Request(url, headers={"User-Agent": "dinov2-pipeline-ingest/0.1"})
+        """GET streamed in chunks: refused past `max_bytes` while reading (never read whole, then checked),
+        every read bounded by the timeout and the whole body by the deadline; redirects bounded, http(s) only.
+        (fsspec's HTTP layer reports refused connections as 'not found', hiding faults that deserve a retry.)"""
+        shown = redact_url(url)
+        request = urllib.request.Request(*_basic_auth(url))
+        deadline = time.monotonic() + self.http_deadline_s
+        chunks: list[bytes] = []
         try:
-            with urllib.request.urlopen(request, timeout=self.http_timeout_s) as resp:
+            with _HTTP_OPENER.open(request, timeout=self.http_timeout_s) as resp:
                 length = resp.headers.get("Content-Length")
                 if max_bytes is not None and length and length.isdigit() and int(length) > max_bytes:
-                    raise TooLargeError(f"{url}: Content-Length {length} above the {max_bytes}-byte limit")
-                data = resp.read() if max_bytes is None else resp.read(max_bytes + 1)
+                    raise TooLargeError(f"{shown}: Content-Length {length} above the {max_bytes}-byte limit")
+                total = 0
+                while chunk := resp.read1(1 << 16):  # read1: returns what arrived, so the deadline is checked
+                    total += len(chunk)
+                    if max_bytes is not None and total > max_bytes:
+                        raise TooLargeError(f"{shown}: larger than the {max_bytes}-byte limit")
+                    if time.monotonic() > deadline:
+                        raise StorageError(f"{shown}: network error (response slower than the "
+                                           f"{self.http_deadline_s:g} s deadline)", transient=True)
+                    chunks.append(chunk)
         except StorageError:
             raise
         except urllib.error.HTTPError as exc:
-            raise StorageError(f"{url}: HTTP {exc.code}", transient=exc.code >= 500 or exc.code == 429) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise StorageError(f"{url}: network error ({reason})", transient=True) from None
-        if max_bytes is not None and len(data) > max_bytes:
-            raise TooLargeError(f"{url}: larger than the {max_bytes}-byte limit")
-        return data
+            raise StorageError(f"{shown}: HTTP {exc.code}", transient=exc.code >= 500 or exc.code == 429) from None
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise StorageError(f"{shown}: TLS certificate rejected ({reason.verify_message})") from None
+            if isinstance(reason, socket.gaierror) and reason.errno in _PERMANENT_DNS:
+                raise StorageError(f"{shown}: unknown host") from None
+            raise StorageError(f"{shown}: network error ({_one_line(reason)})", transient=True) from None
+        except (TimeoutError, ConnectionError, http.client.IncompleteRead, OSError) as exc:
+            raise StorageError(f"{shown}: network error ({type(exc).__name__})", transient=True) from None
+        except (http.client.HTTPException, ValueError) as exc:  # garbage status line, invalid URL for http.client
+            raise StorageError(f"{shown}: bad HTTP exchange ({type(exc).__name__}: {_one_line(exc)})") from None
+        return b"".join(chunks)
 
     def read_bytes_with_retries(self, url: str, max_bytes: int | None, retries: int, backoff_s: float) -> bytes:
         """Bounded retries with exponential back-off, only for faults a retry can fix (network, 5xx)."""
@@ -226,10 +310,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _one_line(exc: object) -> str:
+    text = str(exc)
+    return text.splitlines()[0][:160] if text.strip() else type(exc).__name__
+
+
 def translate_error(url: str, exc: BaseException) -> StorageError:
     """Map fsspec/aiohttp/botocore exceptions to a one-line StorageError that says what to do."""
     name = type(exc).__name__
-    text = str(exc).splitlines()[0] if str(exc) else name
+    text = str(exc).splitlines()[0] if str(exc).strip() else name
+    url = redact_url(url)
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         return CredentialsError(
             f"{url}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
@@ -259,4 +349,11 @@ def translate_error(url: str, exc: BaseException) -> StorageError:
     status = getattr(exc, "status", None)
     if isinstance(status, int):
         return StorageError(f"{url}: HTTP {status}", transient=status >= 500 or status == 429)
+    if any(code in text for code in _S3_TRANSIENT_CODES):  # botocore ClientError after its own retries
+        return StorageError(f"{url}: network error ({name}: {text[:120]})", transient=True)
     return StorageError(f"{url}: {name}: {text[:160]}")
+
+
+# S3 error codes that mean "the service is busy or failing", worth a retry with back-off.
+_S3_TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                       "(503)", "(500)", "(502)", "(504)")

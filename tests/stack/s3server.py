@@ -29,6 +29,9 @@ class CrashableS3:
         self.port = port or _free_port(host)
         self.crash_on_put: int | None = None  # crash when this many object PUTs have arrived
         self.puts = 0
+        self.crash_on_get: int | None = None  # crash when this many GETs of paths containing get_path arrived
+        self.get_path = ""
+        self.gets: list[str] = []  # PATH_INFO of every counted GET (the crashing one included)
         self.crashed = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -49,6 +52,14 @@ class CrashableS3:
                 # Die while this upload's body is still unread: its connection is cut with the others.
                 self.crash()
                 start_response("500 Internal Server Error", [("Content-Length", "0")])
+                return [b""]
+        if environ.get("REQUEST_METHOD") == "GET" and self.get_path and self.get_path in environ.get("PATH_INFO", ""):
+            with self._lock:
+                self.gets.append(environ["PATH_INFO"])
+                hit = self.crash_on_get is not None and len(self.gets) == self.crash_on_get
+            if hit:
+                self.crash()
+                start_response("503 Service Unavailable", [("Content-Length", "0")])
                 return [b""]
         return self._app(environ, start_response)
 
