@@ -9,21 +9,23 @@ import os
 import sys
 from pathlib import Path
 
-STAGE_MODULES = {"pretrain": "tasks.pretrain", "adapt": "tasks.adapt", "distill": "tasks.distill"}
+TRAINING_STAGES = ("pretrain", "adapt", "distill")  # the registry's stages whose module has build_spec()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("stage", choices=sorted(STAGE_MODULES))
+    parser.add_argument("stage", choices=TRAINING_STAGES)
     parser.add_argument("--params", required=True, type=Path)
     args = parser.parse_args(argv)
     from tasks.params import load_params
+    from tasks.stages import STAGES
     from tasks.train_common import die_with_parent, run_worker
 
     die_with_parent()  # a rank must not outlive torchrun
     params = load_params(args.params)
     try:
-        spec = importlib.import_module(STAGE_MODULES[args.stage]).build_spec(params)
+        module = STAGES[args.stage].target.split(":")[0]
+        spec = importlib.import_module(module).build_spec(params)
         run_worker(spec, params)
     except SystemExit:
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,18 @@ def test_flow_runs_dvc_stages_then_skips_them(tmp_path):
     assert _digest(dvc_project / "data") == _digest(flow_project / "data")
     status = _run([str(BIN / "dvc"), "status", "dedup"], dvc_project)
     assert "up to date" in status.stdout
+
+    # Editing code a stage runs only through helpers (the embedder, the hub that builds backbones) makes exactly
+    # that stage stale; before its deps were derived from its imports, both edits left `dvc status` clean.
+    for helper in ("tasks/backbones.py", "dinov2_core/hub.py", "tasks/storage.py"):
+        path = dvc_project / helper
+        original = path.read_text()
+        path.write_text(original + "# edited\n")
+        res = _run([str(BIN / "dvc"), "status", "--json", *chosen], dvc_project)
+        stale = set(json.loads(res.stdout or "{}"))
+        path.write_text(original)
+        expected = {"dedup"} if helper != "tasks/storage.py" else {"demo-data", "ingest", "dedup"}
+        assert stale == expected, (helper, res.stdout[-1000:], res.stderr[-1000:])
 
 
 def test_failing_stage_fails_the_flow_with_one_line(tmp_path):

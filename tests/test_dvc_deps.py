@@ -1,0 +1,111 @@
+"""`dvc repro` is only as reproducible as each stage's deps are complete: every project module a stage's code imports
+(transitively, function-local imports and `-m module` launches included) must be a DVC dependency of that stage,
+or editing it would leave `dvc status` at "up to date" over stale outputs."""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("tasks", "dinov2_core")
+# Modules that cannot change what a stage writes: log formatting only.
+CANNOT_CHANGE_OUTPUTS = {"tasks/log.py"}
+
+
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    if parts[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _package_inits(path: Path) -> set[Path]:
+    """Importing a.b.c runs a/__init__.py and a/b/__init__.py first."""
+    inits, folder = set(), path.parent
+    while folder != ROOT and (folder / "__init__.py").is_file():
+        inits.add(folder / "__init__.py")
+        folder = folder.parent
+    return inits
+
+
+@cache
+def _direct_imports(path: Path) -> frozenset[Path]:
+    tree = ast.parse(path.read_text())
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rsplit(".", 1)[0]
+    else:
+        package = package.removesuffix(".__init__")
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.add(node.value)  # `python -m tasks.train_worker`, importlib.import_module("...")
+    found = set()
+    for name in names:
+        file = _module_file(name)
+        if file is not None:
+            found.add(file)
+            found |= _package_inits(file)
+    return frozenset(found)
+
+
+def imported_files(module: str) -> set[str]:
+    start = _module_file(module)
+    assert start is not None, module
+    seen, todo = set(), [start, *_package_inits(start)]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo.extend(_direct_imports(path) - seen)
+    return {p.relative_to(ROOT).as_posix() for p in seen}
+
+
+def _covered(file: str, deps: list[str]) -> bool:
+    return any(file == d or file.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def _dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_dvc_stage_is_a_registered_stage():
+    assert list(_dvc_stages()) == list(STAGES)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_code_is_covered_by_its_dvc_deps(stage):
+    spec = _dvc_stages()[stage]
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in spec.get("deps", [])]
+    module = STAGES[stage].target.split(":")[0]
+    missing = sorted(f for f in imported_files(module) - CANNOT_CHANGE_OUTPUTS if not _covered(f, deps))
+    assert not missing, f"dvc.yaml stage '{stage}' imports these without depending on them: {missing}"
+
+
+def test_the_scanner_sees_function_local_and_launched_modules():
+    files = imported_files("tasks.pretrain")
+    assert "tasks/train_worker.py" in files  # launched by torchrun as `-m tasks.train_worker`
+    assert "dinov2_core/train/ssl_meta_arch.py" in files  # imported inside a function
+    assert "tasks/eval.py" not in files and "tasks/adapt.py" not in files  # not over-approximated
