@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.params import Params
 from tasks.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +110,34 @@ def test_the_scanner_sees_function_local_and_launched_modules():
     assert "tasks/train_worker.py" in files  # launched by torchrun as `-m tasks.train_worker`
     assert "dinov2_core/train/ssl_meta_arch.py" in files  # imported inside a function
     assert "tasks/eval.py" not in files and "tasks/adapt.py" not in files  # not over-approximated
+
+
+# Params sections that say where reports go or name the profile: they cannot change a stage's outputs.
+NOT_OUTPUT_PARAMS = {"reports", "profile"}
+
+
+def params_read(files: set[str]) -> set[tuple[str, ...]]:
+    """(section,) or (section, key) for every `params.section[.key]` read in the stage layer's code."""
+    found = set()
+    for file in files:
+        if not file.startswith("tasks/"):
+            continue
+        for node in ast.walk(ast.parse((ROOT / file).read_text())):
+            chain = []
+            while isinstance(node, ast.Attribute):
+                chain.append(node.attr)
+                node = node.value
+            key = tuple(reversed(chain))[:2]
+            if isinstance(node, ast.Name) and node.id == "params" and chain and key[0] in Params.model_fields:
+                found.add(key)
+    return found
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_params_a_stage_reads_are_dvc_params_of_it(stage):
+    declared = [p if isinstance(p, str) else next(iter(p)) for p in _dvc_stages()[stage].get("params", [])]
+    module = STAGES[stage].target.split(":")[0]
+    missing = sorted(".".join(key) for key in params_read(imported_files(module))
+                     if key[0] not in NOT_OUTPUT_PARAMS and not any(
+                         d == key[0] or d == ".".join(key) for d in declared))
+    assert not missing, f"dvc.yaml stage '{stage}' reads params it does not declare: {missing}"
