@@ -1,12 +1,14 @@
 """Embeddings of stored images, computed once per (embedder, sha256) and reused by every stage and rerun.
 
 Curation stages ask for the embeddings of a list of image identities; whatever is already in the cache
-(`<cache_dir>/<embedder id>.npz`, outside DVC outputs so a changed threshold does not re-embed) is reused, the
+(`<cache_dir>/<embedder id>.npz`, outside DVC outputs so a changed threshold does not re-embed; the id digests the
+embedder's config, weights and code, so nothing computed by other code is reused) is reused, the
 rest is embedded in batches with a progress bar and appended. Vectors are stored as float32, L2-normalised.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -53,9 +55,27 @@ class EmbeddingStats:
                 **self.extra}
 
 
+_REPO = Path(__file__).resolve().parents[1]
+# The code that turns pixels into vectors: the whole library plus the stage-side embedder wrappers.
+EMBEDDING_CODE = ("dinov2_core", "tasks/backbones.py", "tasks/embeddings.py")
+
+
+@functools.cache
+def source_digest(*paths: str) -> str:
+    """sha256 over the Python sources under `paths` (repo-relative files or folders): a cache keyed by it is never
+    reused after the code that computed it changed, which a key made of params and weights alone would be."""
+    h = hashlib.sha256()
+    for rel in paths:
+        root = _REPO / rel
+        for file in sorted([root] if root.is_file() else root.rglob("*.py")):
+            h.update(file.relative_to(_REPO).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def embedder_cache_id(name: str, config: dict) -> str:
-    """A file-safe id that changes whenever the embedder's name or configuration (e.g. weights hash) does."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """A file-safe id that changes whenever the embedder's name, configuration (e.g. weights hash) or code does."""
+    payload = {**config, "code": source_digest(*EMBEDDING_CODE)}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{name}-{digest}"
 
 

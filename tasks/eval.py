@@ -34,6 +34,7 @@ from dinov2_core.eval import (
     stratified_split,
 )
 from tasks.backbones import load_backbone, read_sidecar
+from tasks.embeddings import source_digest
 from tasks.log import get_logger
 from tasks.params import EvalParams, Params, params_digest
 from tasks.quality import TableCheck, validate_stage
@@ -115,7 +116,8 @@ class Candidate:
 
 def _features(c: Candidate, loader: list, cache_dir: Path | None, dataset_id: str, cfg: EvalTransformConfig,
               keep_patch_grid: bool) -> ExtractedFeatures:
-    key = feature_cache_key(c.identity, dataset_id, cfg, extra={"grid": keep_patch_grid})
+    code = source_digest("dinov2_core", "tasks/eval.py")  # features computed by other code are never reused
+    key = feature_cache_key(c.identity, dataset_id, cfg, extra={"grid": keep_patch_grid, "code": code})
     path = cache_dir / f"{key}.pt" if cache_dir else None
     if path is not None and path.exists():
         return ExtractedFeatures.load(path)

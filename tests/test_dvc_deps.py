@@ -141,3 +141,23 @@ def test_params_a_stage_reads_are_dvc_params_of_it(stage):
                      if key[0] not in NOT_OUTPUT_PARAMS and not any(
                          d == key[0] or d == ".".join(key) for d in declared))
     assert not missing, f"dvc.yaml stage '{stage}' reads params it does not declare: {missing}"
+
+
+def test_caches_outside_dvc_are_keyed_by_the_code_that_filled_them(tmp_path, monkeypatch):
+    """Embedding and feature caches live outside DVC outputs; an edit of the code that computed them must miss."""
+    from tasks import embeddings
+
+    (tmp_path / "dinov2_core" / "curation").mkdir(parents=True)
+    (tmp_path / "tasks").mkdir()
+    descriptor = tmp_path / "dinov2_core" / "curation" / "embed.py"
+    descriptor.write_text("SCALE = 1\n")
+    for name in ("backbones.py", "embeddings.py"):
+        (tmp_path / "tasks" / name).write_text("")
+    monkeypatch.setattr(embeddings, "_REPO", tmp_path)
+    embeddings.source_digest.cache_clear()
+    before = embeddings.embedder_cache_id("copy-detection", {"dim": 64})
+    assert embeddings.embedder_cache_id("copy-detection", {"dim": 64}) == before
+    descriptor.write_text("SCALE = 2\n")
+    embeddings.source_digest.cache_clear()
+    assert embeddings.embedder_cache_id("copy-detection", {"dim": 64}) != before
+    embeddings.source_digest.cache_clear()
