@@ -75,8 +75,23 @@ def stage_cmd(
     if name not in STAGES:
         hint = " (not implemented yet)" if name in PLANNED else ""
         _fail(f"unknown stage '{name}'{hint}; stages: {', '.join(STAGES)}", 2)
-    params = _guarded(load_params, params_file, set_ or [])
+    sets = list(set_ or [])
+    section = name.replace("-", "_")
+    moved = next((v.split("=", 1)[1] for v in sets if v.startswith(f"{section}.out=")), None)
+    if moved and not any(v.startswith("reports=") for v in sets):
+        # An ad-hoc run on other outputs keeps its metrics and validation results beside them: the workspace's
+        # reports/ describe the pipeline's outputs, and one stage run elsewhere must not overwrite them.
+        sets.append(f"reports={_adhoc_reports(moved, name)}")
+    params = _guarded(load_params, params_file, sets)
     _guarded(STAGES[name].load(), params)
+    if moved:
+        typer.echo(f"{name}: outputs in {moved}, reports in {params.reports}", err=True)
+
+
+def _adhoc_reports(out: str, stage: str) -> str:
+    from tasks.storage import scheme_of
+
+    return str(Path(out) / "reports") if scheme_of(out) == "local" else str(Path("reports") / "adhoc" / stage)
 
 
 @app.command("params")

@@ -1,5 +1,8 @@
 """The one CLI entry point."""
 
+import json
+from pathlib import Path
+
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -37,16 +40,21 @@ def test_stage_runs_on_user_data(tmp_path):
     Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "PNG")
     (crawl / "one.png").write_bytes(buf.getvalue())
     pd.DataFrame({"url": ["one.png", "one.png"]}).to_csv(crawl / "crawl.csv", index=False)
+    workspace = Path(__file__).resolve().parents[1] / "reports" / "metrics" / "ingest.json"
+    before = workspace.read_bytes() if workspace.exists() else None
     res = CliRunner().invoke(app, ["stage", "ingest", "--set", f"ingest.manifest={crawl}/crawl.csv",
-                                   "--set", f"ingest.out={tmp_path}/out", "--set", f"reports={tmp_path}/r"])
+                                   "--set", f"ingest.out={tmp_path}/out"])
     assert res.exit_code == 0, res.output
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert len(manifest) == 1 and (manifest["width"] == 64).all()
+    # The ad-hoc run's metrics and validation sit beside its outputs; the pipeline's reports are untouched.
+    metrics = json.loads((tmp_path / "out" / "reports" / "metrics" / "ingest.json").read_text())
+    assert metrics["input_rows"] == 2 and (tmp_path / "out" / "reports" / "validation" / "ingest.json").exists()
+    assert (workspace.read_bytes() if workspace.exists() else None) == before
+    assert f"reports in {tmp_path}/out/reports" in res.stderr
 
 
 def test_cost_of_the_paper_profile_on_the_meta_device():
-    from pathlib import Path
-
     paper = Path(__file__).resolve().parents[1] / "params.paper.yaml"
     res = CliRunner().invoke(app, ["cost", "-p", str(paper)])
     assert res.exit_code == 0, res.output
