@@ -16,13 +16,12 @@ from typing import Annotated
 
 import typer
 
-from tasks.stages import PLANNED, STAGES
+from tasks.stages import STAGES
 
 _STAGE_LIST = "\n".join(f"  {name:<14} {stage.summary}" for name, stage in STAGES.items())
 _HELP = (
     "Meta's DINOv2 recipe as a pipeline: raw crawl -> curated data -> self-supervised ViT -> evaluation.\n\n"
     f"Stages (in DAG order):\n\n\b\n{_STAGE_LIST}"
-    + (f"\n\nPlanned: {', '.join(PLANNED)}" if PLANNED else "")
 )
 
 app = typer.Typer(help=_HELP, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
@@ -73,8 +72,7 @@ def stage_cmd(
     from tasks.params import load_params
 
     if name not in STAGES:
-        hint = " (not implemented yet)" if name in PLANNED else ""
-        _fail(f"unknown stage '{name}'{hint}; stages: {', '.join(STAGES)}", 2)
+        _fail(f"unknown stage '{name}'; stages: {', '.join(STAGES)}", 2)
     sets = list(set_ or [])
     section = name.replace("-", "_")
     moved = next((v.split("=", 1)[1] for v in sets if v.startswith(f"{section}.out=")), None)

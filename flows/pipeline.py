@@ -56,7 +56,7 @@ from flows.remote import (
     resolve_remote,
     write_object,
 )
-from tasks.stages import PLANNED, STAGES
+from tasks.stages import STAGES
 
 # Failure output that marks a fault worth retrying (network, object store throttling); anything else is final.
 _TRANSIENT = re.compile(
@@ -197,18 +197,16 @@ def project_stages(project: Path) -> list[str]:
 def select_stages(requested: list[str] | None, available: list[str]) -> tuple[list[str], list[str]]:
     """Registry stages (DAG order) that were requested and exist in the project's dvc.yaml.
 
-    Returns (selected, ignored): planned-but-not-yet-implemented names are ignored with a warning, so a
-    deployment can already name the whole curation chain; any other unknown name is an error.
+    Returns (selected, ignored): registry stages the project's dvc.yaml lacks are skipped with a warning; a name
+    that is not a registry stage is an error.
     """
     registry = list(STAGES)
     requested = list(requested or [])
-    unknown = sorted(set(requested) - set(registry) - set(PLANNED))
+    unknown = sorted(set(requested) - set(registry))
     if unknown:
         raise StageFailed(f"unknown stage(s) {unknown}; stages: {registry}")
     wanted = [s for s in registry if not requested or s in requested]
-    ignored = [s for s in requested if s not in registry]
-    missing = [s for s in wanted if s not in available]
-    return [s for s in wanted if s in available], ignored + missing
+    return [s for s in wanted if s in available], [s for s in wanted if s not in available]
 
 
 def resolve_run_params(project: Path, profile: str, overrides: list[str]) -> tuple[str | None, Any]:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -220,17 +219,6 @@ def translate_s3_error(exc: BaseException, spec: RemoteSpec, what: str) -> Remot
     return RemoteError(f"{what}: {name}{': ' + code if code else ''} from {where}")
 
 
-def _scrub(text: str, spec: RemoteSpec | None) -> str:
-    """Belt and braces: no secret value ever leaves in a message."""
-    secrets = [os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN")]
-    if spec is not None:
-        secrets += [spec.secret_access_key, spec.session_token]
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
-
-
 def read_object(spec: RemoteSpec, key: str, client=None) -> bytes:
     if not spec.is_s3:
         path = spec.local_path(key)
@@ -259,40 +247,6 @@ def write_object(spec: RemoteSpec, key: str, data: bytes, client=None) -> str:
     except Exception as exc:
         raise translate_s3_error(exc, spec, f"s3://{spec.bucket}/{key}") from None
     return f"s3://{spec.bucket}/{key}"
-
-
-def object_exists(spec: RemoteSpec, key: str, client=None) -> bool:
-    if not spec.is_s3:
-        return spec.local_path(key).is_file()
-    client = client or s3_client(spec)
-    try:
-        client.head_object(Bucket=spec.bucket, Key=key)
-        return True
-    except Exception as exc:
-        err = translate_s3_error(exc, spec, key)
-        if "not found" in str(err):
-            return False
-        raise err from None
-
-
-def list_keys(spec: RemoteSpec, under: str = "", client=None) -> Iterator[tuple[str, int]]:
-    """(key, size) of every object below `under` (relative to the remote's root)."""
-    root = spec.key(under)
-    if not spec.is_s3:
-        base = Path(spec.url)
-        start = base / under if under else base
-        for path in sorted(start.rglob("*")) if start.exists() else []:
-            if path.is_file():
-                yield path.relative_to(base).as_posix(), path.stat().st_size
-        return
-    client = client or s3_client(spec)
-    paginator = client.get_paginator("list_objects_v2")
-    try:
-        for page in paginator.paginate(Bucket=spec.bucket, Prefix=f"{root}/" if root else ""):
-            for item in page.get("Contents", []):
-                yield item["Key"], int(item["Size"])
-    except Exception as exc:
-        raise translate_s3_error(exc, spec, f"listing {spec.url}") from None
 
 
 # ----------------------------------------------------------------------------------------------- dvc.yaml/lock

@@ -37,5 +37,3 @@ STAGES: dict[str, Stage] = {
         Stage("eval", "tasks.eval:run_eval", "k-NN, linear probe, linear segmentation vs random-init and raw pixels"),
     ]
 }
-
-PLANNED: list[str] = []

@@ -23,7 +23,7 @@ from flows.artifacts import (
 )
 from flows.fetch import fetch
 from flows.remote import RemoteError, RemoteSpec, is_verified_object, lock_outputs, translate_s3_error
-from tasks.stages import PLANNED, STAGES
+from tasks.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,12 +34,10 @@ def test_all_registry_stages_in_dag_order_by_default():
     assert selected == list(STAGES) and ignored == []
 
 
-def test_selection_keeps_dag_order_and_tolerates_planned_stages():
+def test_selection_keeps_dag_order():
     registry = list(STAGES)
-    requested = list(reversed(registry[:2])) + PLANNED[:1]
-    selected, ignored = pipeline.select_stages(requested, registry)
-    assert selected == registry[:2]
-    assert ignored == PLANNED[:1]
+    selected, ignored = pipeline.select_stages(list(reversed(registry[:2])), registry)
+    assert selected == registry[:2] and ignored == []
 
 
 def test_stage_missing_from_the_projects_dvc_yaml_is_skipped_not_run():
@@ -290,7 +288,7 @@ def test_prefect_yaml_declares_nightly_weekly_and_on_demand_on_the_process_pool(
     assert deps["weekly-full"]["schedules"][0]["cron"] == "0 4 * * 0"
     assert "schedules" not in deps["on-demand"]
     # the nightly chain names only known (registered or planned) stages, so it never fails on selection
-    assert set(deps["nightly-curation"]["parameters"]["stages"]) <= set(STAGES) | set(PLANNED)
+    assert set(deps["nightly-curation"]["parameters"]["stages"]) <= set(STAGES)
 
 
 def test_gpu_pool_template_passes_the_servers_validation_and_renders_a_gpu_job():

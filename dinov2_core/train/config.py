@@ -159,23 +159,6 @@ class LossConfig:
 
 
 @dataclass
-class CropsConfig:
-    """Multi-crop settings (paper Sec. 3 / App. B: 2 global crops of 224 px and 8 local crops of 98 px)."""
-
-    global_crops_size: int = 224
-    local_crops_size: int = 98
-    local_crops_number: int = 8
-    global_crops_scale: tuple[float, float] = (0.32, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.32)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["global_crops_scale"] = list(self.global_crops_scale)
-        d["local_crops_scale"] = list(self.local_crops_scale)
-        return d
-
-
-@dataclass
 class OptimConfig:
     """Optimisation and schedule settings (official names; lengths in 'epochs' of ``epoch_length`` iterations)."""
 
@@ -210,4 +193,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["HUB_NAMES", "BackboneConfig", "CropsConfig", "HeadConfig", "LossConfig", "OptimConfig", "count_parameters"]
+__all__ = ["HUB_NAMES", "BackboneConfig", "HeadConfig", "LossConfig", "OptimConfig", "count_parameters"]
