@@ -6,6 +6,7 @@ S3 endpoint/region come from params (`storage`), credentials only from the envir
 
 from __future__ import annotations
 
+import errno
 import http.client
 import os
 import re
@@ -349,8 +350,11 @@ def translate_error(url: str, exc: BaseException) -> StorageError:
     status = getattr(exc, "status", None)
     if isinstance(status, int):
         return StorageError(f"{url}: HTTP {status}", transient=status >= 500 or status == 429)
-    if any(code in text for code in _S3_TRANSIENT_CODES):  # botocore ClientError after its own retries
-        return StorageError(f"{url}: network error ({name}: {text[:120]})", transient=True)
+    cause = exc.__cause__  # s3fs raises OSError(EBUSY, ...) from botocore's ClientError (SlowDown, 503...)
+    cause_code = str((getattr(cause, "response", None) or {}).get("Error", {}).get("Code", ""))
+    if (any(code in text for code in _S3_TRANSIENT_CODES) or cause_code in _S3_TRANSIENT_CODES
+            or getattr(exc, "errno", None) in (errno.EBUSY, errno.EAGAIN)):
+        return StorageError(f"{url}: network error ({cause_code or name}: {text[:120]})", transient=True)
     return StorageError(f"{url}: {name}: {text[:160]}")
 
 

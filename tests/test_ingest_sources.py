@@ -381,6 +381,37 @@ def test_s3_outage_mid_ingest_then_rerun(tmp_path, small_params_factory, monkeyp
         s3.stop()
 
 
+def test_s3_throttling_is_retried_not_dropped(tmp_path, small_params_factory, monkeypatch):
+    import boto3
+
+    from tests.stack.s3server import CrashableS3
+
+    s3 = CrashableS3().start()
+    try:
+        for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_ENDPOINT_URL": s3.url, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(var, value)
+        client = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1")
+        client.create_bucket(Bucket="crawl")
+        keys = [f"img/{i}.png" for i in range(3)]
+        for i, key in enumerate(keys):
+            client.put_object(Bucket="crawl", Key=key, Body=_png(400 + i))
+        s3.get_path, s3.throttle_gets = "/img/", 4  # SlowDown on 4 GETs: absorbed by the retries
+        result = run_ingest(_params(tmp_path, small_params_factory, [f"s3://crawl/{k}" for k in keys],
+                                   ["ingest.workers=1"]))
+        assert result.metrics["kept"] == 3 and result.metrics["quarantined"] == 0
+        assert len(s3.gets) >= 3 + 4 and s3.throttle_gets == 0
+
+        s3.gets, s3.throttle_gets = [], 10_000  # throttled for good: a transient outcome, the stage fails
+        with pytest.raises(StorageError) as info:
+            (tmp_path / "again").mkdir()
+            run_ingest(_params(tmp_path / "again", small_params_factory, [f"s3://crawl/{keys[0]}"],
+                               ["ingest.http_retries=0"]))  # s3fs and botocore retry ~20 s on their own
+        assert info.value.transient and "SlowDown" in str(info.value)
+    finally:
+        s3.stop()
+
+
 # ------------------------------------------------------------------------------------------- secrets
 def test_no_secret_reaches_any_output(tmp_path, small_params_factory, server, caplog, capsys):
     secret = "Sup3rS3cretSignature"

@@ -32,6 +32,7 @@ class CrashableS3:
         self.crash_on_get: int | None = None  # crash when this many GETs of paths containing get_path arrived
         self.get_path = ""
         self.gets: list[str] = []  # PATH_INFO of every counted GET (the crashing one included)
+        self.throttle_gets = 0  # answer this many counted GETs with 503 SlowDown, as a throttling S3 does
         self.crashed = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -57,10 +58,18 @@ class CrashableS3:
             with self._lock:
                 self.gets.append(environ["PATH_INFO"])
                 hit = self.crash_on_get is not None and len(self.gets) == self.crash_on_get
+                throttle = self.throttle_gets > 0
+                self.throttle_gets -= int(throttle)
             if hit:
                 self.crash()
                 start_response("503 Service Unavailable", [("Content-Length", "0")])
                 return [b""]
+            if throttle:
+                body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                        b"<Message>Please reduce your request rate.</Message></Error>")
+                start_response("503 Slow Down", [("Content-Type", "application/xml"),
+                                                 ("Content-Length", str(len(body)))])
+                return [body]
         return self._app(environ, start_response)
 
     def start(self) -> CrashableS3:
