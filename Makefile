@@ -37,7 +37,7 @@ sweep: setup   # the pretraining recipe sweep behind params.yaml (needs the shar
 	$(BIN)/python -m benchmarks.recipe_sweep
 
 lint: setup
-	$(BIN)/ruff check dinov2_core tasks flows tests benchmarks
+	$(BIN)/ruff check dinov2_core tasks flows tests benchmarks hubconf.py
 
 clean:
 	rm -rf data reports/metrics reports/validation reports/plots .dvc/cache .dvc/tmp

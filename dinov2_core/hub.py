@@ -217,6 +217,23 @@ HUB_MODELS = {
     )
 }
 
+def load_export(model_json: str | os.PathLike, name: str = "teacher_backbone.pth") -> DinoVisionTransformer:
+    """A backbone exported by the training stages: its ``model.json`` names the hub constructor, its kwargs (depth,
+    width, image size... of a model smaller than the released ones) and the weight files; strict load, eval mode."""
+    import json
+    from pathlib import Path
+
+    info = json.loads(Path(model_json).read_text())
+    constructor = info["hub"]["constructor"].rsplit(".", 1)[-1]
+    if constructor not in HUB_MODELS:
+        raise ValueError(f"{model_json}: unknown hub constructor '{constructor}'")
+    files = info["files"]
+    if name not in files:
+        raise ValueError(f"{model_json}: no '{name}' (exported: {sorted(files)})")
+    weights = Path(model_json).parent / files[name]["path"]
+    return HUB_MODELS[constructor](pretrained=True, weights=str(weights), **info["hub"]["kwargs"]).eval()
+
+
 __all__ = [
     "HUB_MODELS",
     "Weights",
@@ -231,4 +248,5 @@ __all__ = [
     "dinov2_vits14_reg",
     "extract_backbone_state_dict",
     "load_checkpoint",
+    "load_export",
 ]

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dinov2_core.hub import load_export
 from tasks.log import get_logger
 from tasks.params import Params, ParamsError, params_digest
 from tasks.train_common import (
@@ -29,7 +30,6 @@ from tasks.train_common import (
     export_ssl,
     knn_monitor,
     launch_workers,
-    load_exported_backbone,
     optim_config,
     prototype_counts,
     random_backbone,
@@ -139,8 +139,8 @@ def run_adapt(params: Params) -> dict[str, Any]:
     export_dir = Path(a.out) / "export"
     summary = json.loads((export_dir / "summary.json").read_text())
     bb = replace(old_bb, img_size=a.crops.global_crops_size)
-    teacher = load_exported_backbone(export_dir / "model.json", "teacher_backbone.pth")
-    before = load_exported_backbone(Path(a.init).with_name("model.json"), "teacher_backbone.pth") \
+    teacher = load_export(export_dir / "model.json", "teacher_backbone.pth")
+    before = load_export(Path(a.init).with_name("model.json"), "teacher_backbone.pth") \
         if Path(a.init).with_name("model.json").exists() else None
     knn = knn_monitor(a.monitor, {"teacher": teacher, "random_init": random_backbone(bb, params.seed)},
                       a.crops.global_crops_size, bb.patch_size)

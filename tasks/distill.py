@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dinov2_core.hub import load_export
 from tasks.log import get_logger
 from tasks.params import DistillParams, Params, ParamsError, params_digest
 from tasks.train_common import (
@@ -26,7 +27,6 @@ from tasks.train_common import (
     check_crops,
     knn_monitor,
     launch_workers,
-    load_exported_backbone,
     loss_config,
     optim_config,
     prototype_counts,
@@ -159,7 +159,7 @@ def run_distill(params: Params) -> dict[str, Any]:
     summary = json.loads((export_dir / "summary.json").read_text())
     s_bb = backbone_config(d.student, d.crops.global_crops_size)
     models = {"teacher": teacher_backbone(t_state, t_bb),
-              "student_ema": load_exported_backbone(export_dir / "model.json", "student_backbone.pth"),
+              "student_ema": load_export(export_dir / "model.json", "student_backbone.pth"),
               "random_init": random_backbone(s_bb, params.seed)}
     del t_state
     knn = knn_monitor(d.monitor, models, d.crops.global_crops_size, s_bb.patch_size)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dinov2_core.hub import load_export
 from tasks.log import get_logger
 from tasks.params import Params, params_digest
 from tasks.train_common import (
@@ -23,7 +24,6 @@ from tasks.train_common import (
     export_ssl,
     knn_monitor,
     launch_workers,
-    load_exported_backbone,
     loss_config,
     optim_config,
     prototype_counts,
@@ -77,7 +77,7 @@ def run_pretrain(params: Params) -> dict[str, Any]:
     export_dir = Path(p.out) / "export"
     summary = _read_json(export_dir / "summary.json")
     bb = backbone_config(params.model, p.crops.global_crops_size)
-    teacher = load_exported_backbone(export_dir / "model.json", "teacher_backbone.pth")
+    teacher = load_export(export_dir / "model.json", "teacher_backbone.pth")
     baselines = {"random_init": random_backbone(bb, params.seed),  # LayerScale 1.0 (hub default): the fair one
                  "random_init_as_trained": random_backbone(bb, params.seed, layerscale=bb.layerscale)}
     knn = knn_monitor(p.monitor, {"teacher": teacher, **baselines}, p.crops.global_crops_size, bb.patch_size)

@@ -505,16 +505,6 @@ def write_model_json(export_dir: Path, backbone_cfg, files: dict[str, Path], ext
     return info
 
 
-def load_exported_backbone(model_json: Path, name: str):
-    """Rebuild an exported backbone through the hub constructor the export names (strict load)."""
-    from dinov2_core import hub
-
-    info = json.loads(Path(model_json).read_text())
-    ctor = getattr(hub, info["hub"]["constructor"].rsplit(".", 1)[-1])
-    path = Path(model_json).parent / info["files"][name]["path"]
-    return ctor(pretrained=True, weights=str(path), **info["hub"]["kwargs"])
-
-
 # ============================================================================================== reports
 def read_log(run_dir: Path):
     import pandas as pd
@@ -666,13 +656,14 @@ def export_checks(export_dir: Path, names: list[str]):
     import great_expectations.expectations as gxe
     import pandas as pd
 
+    from dinov2_core.hub import load_export
     from tasks.quality import TableCheck
 
     rows = []
     for name in names:
         ok, reason = True, ""
         try:
-            load_exported_backbone(export_dir / "model.json", name)
+            load_export(export_dir / "model.json", name)
         except Exception as exc:  # the check records why
             ok, reason = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         rows.append({"file": name, "loads_strict": ok, "reason": reason})
@@ -780,7 +771,7 @@ def random_backbone(backbone_cfg, seed: int = 0, layerscale: float | None = 1.0)
 
 __all__ = [
     "FAULT_ENV", "TrainLog", "TrainSpec", "TrainingFailed", "backbone_config", "check_batch", "check_crops",
-    "digest", "knn_monitor", "launch_workers", "linear_cka", "load_exported_backbone", "loss_config",
+    "digest", "knn_monitor", "launch_workers", "linear_cka", "loss_config",
     "optim_config", "random_backbone", "run_worker", "sub_state", "write_model_json", "write_training_reports",
 ]
 
