@@ -148,23 +148,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows_wanted = [r for r in SWEEP if r[0] in (args.names or DEFAULT_ROWS)]
     out_path = Path(args.out)
     previous = json.loads(out_path.read_text()) if out_path.exists() and args.names else {"rows": []}
+    order = [name for name, _, _ in SWEEP]
+    rows: list[dict[str, Any]] = []
+
+    def write_report(raw: float) -> dict[str, Any]:
+        """Rewritten after every row, so an interrupted sweep keeps the rows it finished."""
+        kept = [r for r in previous["rows"] if r["name"] not in {r["name"] for r in rows}]
+        merged = sorted(kept + rows, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+        report = {"selection": f"{eval_dir}/train.csv, first {args.n} as reference, next {args.n} as queries "
+                               f"(k-NN, k={base.pretrain.monitor.k})",
+                  "raw_pixels_top1": raw, "params": str(args.params), "rows": merged,
+                  "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2) + "\n")
+        out_path.with_suffix(".md").write_text(to_markdown(report))
+        return report
+
     with tempfile.TemporaryDirectory() as tmp:
         selection = _selection_split(eval_dir, Path(tmp))
         raw = _raw_pixels_top1(selection, args.n, base.pretrain.crops.global_crops_size, base.model.patch_size,
                                base.pretrain.monitor.k)
         print(f"raw pixels on the selection split: k-NN top-1 {raw:.3f}", flush=True)
-        rows = [run_config(name, sets, Path(args.params), selection, Path(tmp) / name, args.every, args.n)
-                for name, _, sets in rows_wanted]
-    kept = [r for r in previous["rows"] if r["name"] not in {r["name"] for r in rows}]
-    order = [name for name, _, _ in SWEEP]
-    merged = sorted(kept + rows, key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
-    report = {"selection": f"{eval_dir}/train.csv, first {args.n} as reference, next {args.n} as queries (k-NN, "
-                           f"k={base.pretrain.monitor.k})",
-              "raw_pixels_top1": raw, "params": str(args.params), "rows": merged,
-              "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(report, indent=2) + "\n")
-    out_path.with_suffix(".md").write_text(to_markdown(report))
+        for name, _, sets in rows_wanted:
+            rows.append(run_config(name, sets, Path(args.params), selection, Path(tmp) / name, args.every, args.n))
+            report = write_report(raw)
     print(to_markdown(report))
     return report
 

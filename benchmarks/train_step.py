@@ -132,7 +132,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         step = _stepper(build(True, False), optim, lambda: next(loader))
         times = time_fn(step, warmup=2, iters=args.iters)
         loader.close()
-        rows.append((f"SSL step + loader ({data.num_workers} workers, real shards)", batch, min(times), flops))
+        rows.append((f"SSL step + loader (batched crops, {data.num_workers} workers)", batch, min(times), flops))
+        # The input path before batch_augment: per-image PIL/v2 multi-crop in 2 DataLoader workers, side by side.
+        per_image = _per_image_loader(spec, params, bb.patch_size, workers=2)
+        step = _stepper(build(True, False), optim, lambda: next(per_image))
+        times = time_fn(step, warmup=2, iters=args.iters)
+        per_image.close()
+        rows.append(("SSL step + loader (per-image crops, 2 workers)", batch, min(times), flops))
 
     d = params.distill
     teacher_bb = replace(bb, img_size=params.adapt.crops.global_crops_size)
@@ -166,6 +172,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "results": results, "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_json(Path(args.out), report)
     return report
+
+
+def _per_image_loader(spec, params, patch_size: int, workers: int):
+    """The stage's loader with the per-image transform (``DataAugmentationDINO``) the batched one replaced."""
+    from dinov2_core.data.augmentations import DataAugmentationDINO
+    from dinov2_core.data.loader import SSLDataLoader, read_shard_index
+    from tasks.train_common import storage_opener
+
+    opener = storage_opener(params)
+    crops = spec.crops
+    transform = DataAugmentationDINO(
+        global_crops_scale=tuple(crops.global_crops_scale), local_crops_scale=tuple(crops.local_crops_scale),
+        local_crops_number=crops.local_crops_number, global_crops_size=crops.global_crops_size,
+        local_crops_size=crops.local_crops_size)
+    return iter(SSLDataLoader(
+        read_shard_index(spec.data.shards, opener=opener), transform, global_batch_size=spec.data.global_batch_size,
+        streams=spec.data.streams, patch_size=patch_size, global_crops_size=crops.global_crops_size, rank=0,
+        world_size=1, seed=spec.data.seed, start_step=0, num_workers=workers, opener=opener,
+        mask_ratio_tuple=tuple(spec.loss.mask_ratio_min_max), mask_probability=spec.loss.mask_sample_probability,
+        pin_memory=False))
 
 
 if __name__ == "__main__":
