@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from dinov2_core.curation.calibration import FASHION_MNIST_ROOT, load_fashion_mnist, natural_tiles
+from benchmarks.copy_detection_corpora import FASHION_MNIST_ROOT, load_fashion_mnist, natural_tiles
 from dinov2_core.curation.components import components_from_knn
 from dinov2_core.curation.embed import copy_detection_descriptor, copy_detection_views
 from dinov2_core.curation.knn import build_index, default_nlist, knn_search

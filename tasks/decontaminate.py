@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
-from dinov2_core.curation import decontaminate, knn_search
+from dinov2_core.curation import PairVerifier, decontaminate, knn_search
 from tasks.backbones import copy_detection_views_embedder, make_embedder, views_array
 from tasks.curation_quality import decontamination_quality, load_truth
 from tasks.dedup import embedding_checks
@@ -62,10 +63,21 @@ def run_decontaminate(params: Params) -> pd.DataFrame:
         eval_views = views_array(flat, embedder.dim)
     embed_seconds = time.perf_counter() - start
 
+    verifier = None
+    if p.verify:  # pool images 0..n-1, then eval images n..n+m-1, with dedup's verification settings
+        n, d = len(pool_keys), params.dedup
+        eval_sizes = []
+        for i in eval_ids:
+            with Image.open(by_id[i]) as im:
+                eval_sizes.append(im.size)
+        sizes = np.vstack([store.manifest.loc[pool_keys, ["width", "height"]].to_numpy(),
+                           np.asarray(eval_sizes, dtype=np.int64).reshape(-1, 2)])
+        verifier = PairVerifier(lambda i: store.load(pool_keys[i]) if i < n else open_rgb(by_id[eval_ids[i - n]]),
+                                min_inliers=d.verify_min_inliers, min_ncc=d.verify_min_ncc, sizes=sizes)
     start = time.perf_counter()
     result = decontaminate(pool_vectors, pool_keys, eval_vectors, eval_ids,
                            components=dedup["component"].to_numpy(), eval_views=eval_views,
-                           threshold=p.threshold, k=p.k)
+                           threshold=p.threshold, k=p.k, verifier=verifier, verify_k=params.dedup.verify_k)
     search_seconds = time.perf_counter() - start
     algo = dict(result.attrs.get("metrics", {}))
     result = result.assign(dedup_kept=dedup["kept"].to_numpy())

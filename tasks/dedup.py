@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dinov2_core.curation import deduplicate, knn_search
+from dinov2_core.curation import PairVerifier, deduplicate, knn_search
 from tasks.backbones import copy_detection_views_embedder, make_embedder, views_array
 from tasks.curation_quality import dedup_quality, load_truth
 from tasks.embeddings import embed_keys, save_embeddings
@@ -72,8 +72,14 @@ def run_dedup(params: Params) -> pd.DataFrame:
         views = views_array(flat, embedder.dim)
     embed_seconds = time.perf_counter() - start
 
+    verifier = None
+    if p.verify:
+        sizes = store.manifest.loc[keys, ["width", "height"]].to_numpy()
+        verifier = PairVerifier(lambda i: store.load(keys[i]), min_inliers=p.verify_min_inliers,
+                                min_ncc=p.verify_min_ncc, sizes=sizes)
     start = time.perf_counter()
     result = deduplicate(vectors, keys, store.resolution(keys), k=p.k, threshold=p.threshold, views=views,
+                         verifier=verifier, verify_k=p.verify_k,
                          exact_threshold=p.exact_search_max, nlist=p.nlist, nprobe=p.nprobe)
     graph_seconds = time.perf_counter() - start
     algo_metrics = dict(result.attrs.get("metrics", {}))
@@ -103,6 +109,9 @@ def run_dedup(params: Params) -> pd.DataFrame:
         "embed_seconds": round(embed_seconds, 3),
         "graph_seconds": round(graph_seconds, 3),
         "knn": {k: v for k, v in algo_metrics.items() if isinstance(v, (int, float, str, bool))},
+        "verification": {k: algo_metrics[k] for k in algo_metrics if k.startswith(("n_candidate", "n_verified",
+                         "n_added", "verify"))} | (
+                         {"images_described": verifier.n_images_described} if verifier else {}),
         "params": params_digest(p),
     }
     truth = load_truth(p.ground_truth, store.manifest)

@@ -414,6 +414,21 @@ def _sha_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _rendered(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A unique synthetic picture (random coloured ellipses and boxes): a stand-in that copies nothing."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", size, tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+        box = (x0, y0, x0 + int(rng.integers(8, w // 2)), y0 + int(rng.integers(8, h // 2)))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    return img
+
+
 def _add_broken_corpus(crawl: _Crawl, photos: dict[str, np.ndarray], rng: np.random.Generator) -> None:
     """One file per way a crawl goes wrong; decodable oddities (CMYK, 16-bit...) must be kept, the rest quarantined."""
     photo = Image.fromarray(photos["skimage.chelsea"]).resize((150, 100))
@@ -440,14 +455,17 @@ def _add_broken_corpus(crawl: _Crawl, photos: dict[str, np.ndarray], rng: np.ran
     add("cmyk_jpeg", encode(photo.convert("CMYK"), "JPEG", quality=90), "jpg")
     ramp = (np.linspace(0, 65535, 64 * 48, dtype=np.float64).reshape(48, 64)).astype(np.uint16)
     add("png_16bit", encode(Image.fromarray(ramp), "PNG"), "png")
-    pal = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    # The decodable oddities are distinct images: made from one photo they would be true copies of each other that
+    # the ground truth calls distinct (a copy detector that finds them would be scored wrong).
+    art = np.random.default_rng(20261201)  # its own stream: the crawl's shuffle (from `rng`) stays as it was
+    pal = _rendered(art, (150, 100)).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
     buf = io.BytesIO()
     pal.save(buf, "GIF", transparency=0)
     add("palette_gif_transparency", buf.getvalue(), "gif")
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 CW to display
     buf = io.BytesIO()
-    photo.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    _rendered(art, (150, 100)).save(buf, "JPEG", quality=90, exif=exif.tobytes())
     add("exif_rotated_jpeg", buf.getvalue(), "jpg")
     add("dotdot_in_name", encode(Image.fromarray(photos["skimage.coffee"]).resize((90, 60)), "PNG"), "png",
         name="..weird..name...png")

@@ -124,6 +124,10 @@ class DedupParams(Section):
     k: PosInt = 64
     threshold: Annotated[float, Field(gt=-1.0, lt=1.0)] = 0.986  # copy-detection descriptor: see params.yaml
     crop_views: bool = True  # also link centre-crop views (our descriptor is not crop invariant, unlike SSCD)
+    verify: bool = True  # verify candidate pairs with local features (SIFT + RANSAC), see params.yaml
+    verify_k: PosInt = 8  # candidate neighbours per image, whatever their similarity
+    verify_min_inliers: PosInt = 4  # RANSAC inliers of a plausible re-upload transform ...
+    verify_min_ncc: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.9  # ... and aligned-pixel correlation: a copy
     exact_search_max: PosInt = 50_000  # exact faiss search up to this many images, IVF above
     nlist: PosInt | None = None
     nprobe: PosInt = 32
@@ -145,6 +149,7 @@ class DecontaminateParams(Section):
     threshold: Annotated[float, Field(gt=-1.0, lt=1.0)] = 0.9625
     k: PosInt = 64
     crop_views: bool = True
+    verify: bool = True  # also remove verified copies below the threshold (dedup's verify_* settings)
     cache_dir: str | None = "data/cache/embeddings"
     ground_truth: str | None = "data/demo/ground_truth.parquet"
 

@@ -54,6 +54,9 @@ def test_dedup_finds_planted_near_duplicates(curated):
     kept = set(dedup.loc[dedup["kept"], "key"])
     assert dedup.loc[~dedup["kept"], "duplicate_of"].isin(kept).all()
     assert metrics["dedup"]["images"] == metrics["dedup"]["kept"] + metrics["dedup"]["removed"]
+    v = metrics["dedup"]["verification"]  # the two-stage graph says how much it verified
+    assert v["verify"] and v["n_candidate_pairs"] >= metrics["dedup"]["images"]
+    assert 0 <= v["n_verified_copies"] <= v["n_verified_pairs"] <= v["n_candidate_pairs"]
 
 
 def test_every_planted_eval_copy_is_removed(curated):
@@ -61,6 +64,8 @@ def test_every_planted_eval_copy_is_removed(curated):
     q = metrics["decontaminate"]["quality"]
     assert q["planted_eval_copies_in_pool"] >= 5
     assert q["planted_eval_copies_removed"] == q["planted_eval_copies_in_pool"]
+    assert q["clean_removed_fraction"] <= 0.06, q  # the price of removing every copy stays small
+    assert metrics["decontaminate"]["knn"]["verify"] is True
     result = pd.read_parquet(root / "decontam" / "decontam.parquet")
     assert result.loc[result["removed"], "matched_eval_id"].notna().all()
 

@@ -1,13 +1,12 @@
 """LVD-142M-style data curation algorithms (paper §3 and App. A): embed -> kNN -> dedup / decontaminate
--> retrieve. Pure functions over arrays, PIL images and DataFrames; storage and orchestration live elsewhere.
+-> retrieve, plus local-feature verification of copy candidates. Pure functions over arrays, PIL images and
+DataFrames that take their thresholds as arguments; storage, orchestration and defaults live elsewhere.
 """
 
 from .components import component_sizes, components_from_knn, connected_components, knn_edges
 from .decontaminate import decontaminate
-from .dedup import deduplicate, pick_representatives, view_edges
+from .dedup import deduplicate, pick_representatives, verified_edges, view_edges
 from .embed import (
-    CD_DECONTAM_THRESHOLD,
-    CD_DEDUP_THRESHOLD,
     CD_DIM,
     BackboneEmbedder,
     CopyDetectionEmbedder,
@@ -18,15 +17,16 @@ from .embed import (
 )
 from .knn import KnnResult, build_index, knn_search
 from .retrieve import cluster_based_retrieval, kmeans, retrieve, sample_based_retrieval
+from .verify import LocalFeatures, PairVerifier, local_features, verify_pair
 
 __all__ = [
-    "CD_DECONTAM_THRESHOLD",
-    "CD_DEDUP_THRESHOLD",
     "CD_DIM",
     "BackboneEmbedder",
     "CopyDetectionEmbedder",
     "EmbedderInfo",
     "KnnResult",
+    "LocalFeatures",
+    "PairVerifier",
     "build_index",
     "cluster_based_retrieval",
     "component_sizes",
@@ -40,8 +40,11 @@ __all__ = [
     "kmeans",
     "knn_edges",
     "knn_search",
+    "local_features",
     "pick_representatives",
     "retrieve",
     "sample_based_retrieval",
+    "verified_edges",
+    "verify_pair",
     "view_edges",
 ]

@@ -4,16 +4,21 @@ Each eval image queries its k=64 nearest pool images; pool images above the thre
 SSCD, lower than the 0.6 used for dedup because leaking a test image into pretraining is worse than
 losing a training image) are direct matches, and -- as in the paper -- the whole dedup component of a
 match is removed, so a copy of a test image cannot survive through a near-duplicate of itself.
+
+With a ``verifier`` (:class:`~dinov2_core.curation.verify.PairVerifier` over pool images ``0..n-1`` followed
+by eval images ``n..n+m-1``), each eval image's ``verify_k`` nearest pool images are also checked with local
+features, and verified copies are direct matches whatever their similarity -- the same two-stage rule as
+dedup, for the same reason: the global descriptor misses cropped and re-encoded copies of photos.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from .embed import CD_DECONTAM_THRESHOLD
 from .knn import DEFAULT_EXACT_THRESHOLD, build_index, knn_search
 
 __all__ = ["DECONTAM_K", "decontaminate"]
@@ -28,8 +33,10 @@ def decontaminate(
     eval_ids: Sequence | None = None,
     *,
     components: np.ndarray | None = None,
+    threshold: float,
     eval_views: np.ndarray | None = None,
-    threshold: float = CD_DECONTAM_THRESHOLD,
+    verifier=None,
+    verify_k: int = 8,
     k: int = DECONTAM_K,
     exact_threshold: int = DEFAULT_EXACT_THRESHOLD,
     nlist: int | None = None,
@@ -61,18 +68,36 @@ def decontaminate(
     best_sim = np.full(n, -np.inf, dtype=np.float32)
     best_eval = np.full(n, -1, dtype=np.int64)
     metrics: dict = {}
+    verify_stats: dict = {}
     if n and len(ev):
         index = build_index(pool, exact_threshold=exact_threshold, nlist=nlist, nprobe=nprobe)
         queries = [ev] if eval_views is None else [ev, *np.asarray(eval_views, dtype=np.float32)]
         if any(q.shape != ev.shape for q in queries):
             raise ValueError(f"eval_views must be [V, {ev.shape[0]}, {ev.shape[1]}]")
         hits = []
-        for q in queries:
+        for qi, q in enumerate(queries):
             knn = knn_search(pool, q, k=min(k, n), index=index, progress=progress)
             metrics = metrics or knn.metrics()  # speed of the main (full-image) search
             rows = np.broadcast_to(np.arange(len(ev))[:, None], knn.ids.shape)
             hit = (knn.sims > np.float32(threshold)) & (knn.ids >= 0)
             hits.append((knn.ids[hit], rows[hit], knn.sims[hit]))
+            if qi == 0 and verifier is not None:
+                cand = (knn.ids[:, :verify_k] >= 0) & ~hit[:, :verify_k]  # pairs the threshold did not take
+                p_c, e_c, s_c = (
+                    knn.ids[:, :verify_k][cand],
+                    rows[:, :verify_k][cand],
+                    knn.sims[:, :verify_k][cand],
+                )
+                start = time.perf_counter()
+                verdict, _ = verifier(p_c, n + e_c)
+                copy = np.asarray(verdict) == 1
+                hits.append((p_c[copy], e_c[copy], s_c[copy]))
+                verify_stats = {
+                    "n_candidate_pairs": int(p_c.size),
+                    "n_verified_pairs": int((verdict != 0).sum()),
+                    "n_added_by_verification": int(copy.sum()),
+                    "verify_s": round(time.perf_counter() - start, 3),
+                }
         p_idx, e_idx, s = (np.concatenate(h) for h in zip(*hits))
         # best eval match per pool image: sort by (pool, -sim, eval) and take the first of each pool id
         order = np.lexsort((e_idx, -s, p_idx))
@@ -118,6 +143,8 @@ def decontaminate(
         "n_eval_views": 0 if eval_views is None else len(eval_views),
         "threshold": float(threshold),
         "k": int(k),
+        "verify": verifier is not None,
+        **verify_stats,
         **metrics,
     }
     return df

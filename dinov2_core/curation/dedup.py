@@ -2,7 +2,13 @@
 
 The paper builds a k-NN graph (k=64) of copy-detection embeddings, keeps edges with cosine similarity
 above a threshold (0.6 for SSCD), and keeps one image per connected component. Our descriptor is not SSCD,
-so the default threshold is the one calibrated in :mod:`dinov2_core.curation.embed`.
+so the threshold is the caller's (the pipeline's params state and justify its default; measured by
+``benchmarks/copy_detection.py``). With a ``verifier`` (:class:`~dinov2_core.curation.verify.PairVerifier`),
+the graph is built in two stages: every image's ``verify_k`` nearest neighbours are candidates whatever
+their similarity (a copy's source ranks high even when the global descriptor moved a lot), and a candidate
+pair becomes an edge when local features verify it. Edges above the descriptor threshold stay edges:
+verification only adds the copies the descriptor misses (local features fail on thumbnails and on plain,
+heavily re-encoded photos, where the descriptor is the better judge).
 
 Representative rule (deterministic, independent of input order): largest resolution (width*height, or any
 "bigger is better" score), then lowest key (e.g. the sha256 of the bytes).
@@ -16,13 +22,57 @@ import numpy as np
 import pandas as pd
 
 from .components import component_sizes, connected_components, knn_edges
-from .embed import CD_DEDUP_THRESHOLD
 from .knn import DEFAULT_EXACT_THRESHOLD, KnnResult, build_index, knn_search
 
-__all__ = ["DEDUP_K", "VIEW_K", "deduplicate", "pick_representatives", "view_edges"]
+__all__ = [
+    "DEDUP_K",
+    "VERIFY_K",
+    "VIEW_K",
+    "deduplicate",
+    "pick_representatives",
+    "verified_edges",
+    "view_edges",
+]
 
 DEDUP_K = 64  # paper App. A: 64 nearest neighbours per image
 VIEW_K = 8  # neighbours per extra view (only near-exact view matches matter)
+VERIFY_K = 8  # candidate neighbours per image for verification (a copy's source ranks <= 3 for 98 % of copies)
+
+
+def _unique_pairs(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, n: int):
+    lo, hi = np.minimum(src, dst), np.maximum(src, dst)
+    key = lo * n + hi
+    order = np.lexsort((-sim, key))
+    key, lo, hi, sim = key[order], lo[order], hi[order], sim[order]
+    first = np.ones(key.size, dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    return lo[first], hi[first], sim[first]
+
+
+def verified_edges(
+    src: np.ndarray, dst: np.ndarray, sim: np.ndarray, threshold: float, verifier, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Candidate pairs that ``verifier`` calls copies (verdict 1) or whose similarity is above ``threshold``
+    (whatever the verdict: local features miss copies of plain photos). Returns edges and counts."""
+    import time
+
+    src, dst, sim = _unique_pairs(src, dst, sim, n)
+    start = time.perf_counter()
+    verdict, _ = verifier(src, dst)
+    seconds = time.perf_counter() - start
+    verdict = np.asarray(verdict)
+    above = sim > np.float32(threshold)
+    keep = (verdict == 1) | above
+    stats = {
+        "n_candidate_pairs": int(src.size),
+        "n_verified_pairs": int((verdict != 0).sum()),
+        "n_verified_copies": int((verdict == 1).sum()),
+        "n_verified_rejected": int((verdict == -1).sum()),
+        "n_verified_rejected_above_threshold": int(((verdict == -1) & above).sum()),  # kept: descriptor wins
+        "n_added_below_threshold": int(((verdict == 1) & ~above).sum()),
+        "verify_s": round(seconds, 3),
+    }
+    return src[keep], dst[keep], sim[keep], stats
 
 
 def view_edges(
@@ -79,10 +129,12 @@ def deduplicate(
     keys: Sequence[str],
     resolution: np.ndarray | None = None,
     *,
+    threshold: float,
     k: int = DEDUP_K,
-    threshold: float = CD_DEDUP_THRESHOLD,
     views: np.ndarray | None = None,
     view_k: int = VIEW_K,
+    verifier=None,
+    verify_k: int = VERIFY_K,
     knn: KnnResult | None = None,
     exact_threshold: int = DEFAULT_EXACT_THRESHOLD,
     nlist: int | None = None,
@@ -98,6 +150,9 @@ def deduplicate(
     ``views`` ([V, N, D], e.g. :func:`~dinov2_core.curation.embed.copy_detection_views`) add edges from a
     view of one image to the full descriptor of another -- our addition to the paper's single-embedding
     graph, because our descriptor (unlike SSCD) is not crop invariant.
+
+    ``verifier`` (e.g. :class:`~dinov2_core.curation.verify.PairVerifier` over the same images, called with
+    index arrays) turns on the two-stage graph described in the module docstring.
     """
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     n = emb.shape[0]
@@ -132,6 +187,12 @@ def deduplicate(
         vs, vd, vsim, view_s = view_edges(emb, views, threshold, k=view_k, index=index)
         n_view_edges = int(vs.size)
         src, dst, sim = np.concatenate([src, vs]), np.concatenate([dst, vd]), np.concatenate([sim, vsim])
+    verify_stats: dict = {}
+    if verifier is not None and knn is not None:
+        cols = min(verify_k + 1, knn.ids.shape[1])  # + 1: the image itself is usually its first neighbour
+        cs, cd, csim = knn_edges(knn.sims[:, :cols], knn.ids[:, :cols], -np.inf)
+        src, dst, sim = np.concatenate([src, cs]), np.concatenate([dst, cd]), np.concatenate([sim, csim])
+        src, dst, sim, verify_stats = verified_edges(src, dst, sim, threshold, verifier, n)
     labels = connected_components(n, src, dst)
     rep = pick_representatives(labels, keys, resolution)
     kept = rep == np.arange(n)
@@ -165,6 +226,8 @@ def deduplicate(
         "view_search_s": round(view_s, 4),
         "threshold": float(threshold),
         "k": int(k),
+        "verify": verifier is not None,
+        **({"verify_k": int(verify_k), **verify_stats} if verifier is not None else {}),
         **(knn.metrics() if knn is not None else {}),
     }
     return df

@@ -12,17 +12,10 @@ upper triangle of ``a a^T / |a|`` (inner product ``(a.b)^2 / (|a||b|)``: sign-fr
 vector: duplicates of each other and of nothing else. 560 dims; ~32k img/s on 28 px, 5-7k img/s on 256 px
 inputs (benchmarks/curation_algos.py, 2 shared CPU cores).
 
-Calibration (``python -m dinov2_core.curation.calibration``; numbers in ``CALIBRATION``)
--------------------------------------------------------------------------------------
-Bench, per seed (3 seeds): 5,000 distinct Fashion-MNIST train items + 580 distinct 96x96 tiles of the
-scikit-image photos + 200 LFW faces, plus 600 near-duplicates (500 / 76 / 24). Re-upload copies apply
-each of {h-flip, colour->grey, resize x0.5..x2, JPEG q30..95} with p=0.5 (at least one). Recall = the copy
-ends in its source's connected component of the k=64 graph; pair precision = share of same-component pairs
-that are true copy pairs. Worst case over seeds, both targets (recall >= 0.95, precision >= 0.99) hold for
-thresholds 0.986..0.989; at the default 0.988: recall 0.955, pair precision 0.993 (<= 4 false pairs).
-Held-out seeds 3-10 at 0.988: recall 0.947-0.963 (2 of 8 below 0.95), pair precision 0.991-0.997. False
-pairs grow with the pool (look-alike "twins" multiply): at 20,780 distinct / 2,100 copies, recall 0.957 and
-pair precision 0.984 (48 distinct items = 0.23 % merged).
+Thresholds are the caller's: the pipeline's params state the defaults, and ``benchmarks/copy_detection.py``
+measures them (Fashion-MNIST/photo re-upload bench, and held-out natural-photo corpora split by source).
+Measured there: at cosine 0.988 on 5,000 Fashion-MNIST items + 780 photo tiles/faces with 600 re-uploads
+(3 seeds) recall 0.955, pair precision 0.993; false pairs grow with the pool (look-alike "twins" multiply).
 
 Limitation, measured: the descriptor is global, so crops that cut into the frame move it more than the gap
 between distinct look-alike Fashion-MNIST items (raw-pixel cosine of distinct "twin" trousers reaches
@@ -37,9 +30,8 @@ copies are also centre-cropped by 2-8 % per axis (what the demo-data stage plant
 from 0.47-0.50 to 0.91-0.93 with pair precision 0.988-0.996 (3 seeds); re-upload-only benches are
 unchanged (views add no false pair there). Shifted (asymmetric) crops stay mostly undetected: 0.45 -> 0.50.
 
-Decontamination (paper: 0.45 vs 0.6 for dedup, i.e. more aggressive): the lowest threshold whose
-false-flag rate on distinct pool images stays <= 1 % -- 0.9625: >= 0.985 of copies of eval images are
-flagged directly (whole components are removed on top), 0.85 % of distinct pool images are flagged.
+Local-feature verification of candidate pairs (:mod:`dinov2_core.curation.verify`) recovers most of the
+copies the global descriptor misses on photos; it cannot help on thumbnails (28 px items).
 """
 
 from __future__ import annotations
@@ -56,9 +48,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 __all__ = [
-    "CALIBRATION",
-    "CD_DECONTAM_THRESHOLD",
-    "CD_DEDUP_THRESHOLD",
     "CD_DIM",
     "CD_FREQS",
     "CD_SIZE",
@@ -78,39 +67,12 @@ CD_FREQS = 8  # keep DCT frequencies u, v < CD_FREQS
 CD_ALPHA = -2.0  # coefficient weight (1 + u^2 + v^2) ** (-alpha / 2)
 _FLAT_RMS = 1.0  # grey levels; below this an image has no structure to describe
 # Centre-crop views (fraction removed per side, x / y) for crop-tolerant matching; on a 28 px item these are
-# exactly the 1 and 2 px crops. Measured gain in dinov2_core.curation.calibration ("centre_crops" bench).
+# exactly the 1 and 2 px crops. Measured gain in benchmarks/copy_detection_corpora.py ("centre_crops" bench).
 CD_VIEW_CROPS = ((0.035, 0.035), (0.035, 0.07), (0.07, 0.035), (0.07, 0.07))
 
 _N_EVEN = CD_FREQS * ((CD_FREQS + 1) // 2) - 1  # even horizontal frequency, DC excluded
 _N_ODD = CD_FREQS * (CD_FREQS // 2)
 CD_DIM = _N_EVEN + _N_ODD * (_N_ODD + 1) // 2 + 1  # + 1 reserved "flat image" dimension
-
-# Thresholds measured by dinov2_core.curation.calibration (paper: 0.6 / 0.45 for SSCD, §3 / App. A).
-CD_DEDUP_THRESHOLD = 0.988
-CD_DECONTAM_THRESHOLD = 0.9625
-CALIBRATION: dict[str, Any] = {
-    "bench_per_seed": {
-        "distinct_fashion_mnist": 5000,
-        "distinct_natural_tiles": 580,
-        "distinct_lfw": 200,
-        "copies": 600,
-    },
-    "seeds": 3,
-    "dedup_threshold": CD_DEDUP_THRESHOLD,
-    "dedup_feasible_interval": (0.986, 0.989),
-    "dedup_worst_recall": 0.955,
-    "dedup_worst_pair_precision": 0.993,
-    "shifted_crop_only_recall": {
-        "max_2pct_per_side": 0.61,
-        "max_5pct_per_side": 0.02,
-        "max_10pct_per_side": 0.0,
-    },
-    "centre_crop_bench_recall": {"plain": (0.47, 0.50), "with_views": (0.91, 0.93)},
-    "centre_crop_bench_pair_precision_with_views": (0.988, 0.996),
-    "decontam_threshold": CD_DECONTAM_THRESHOLD,
-    "decontam_worst_recall": 0.985,
-    "decontam_worst_false_flag_rate": 0.0085,
-}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -269,8 +231,6 @@ class CopyDetectionEmbedder:
                 "alpha": CD_ALPHA,
                 "flip_invariant": True,
                 "view_crops": [list(c) for c in CD_VIEW_CROPS],
-                "dedup_threshold": CD_DEDUP_THRESHOLD,
-                "decontam_threshold": CD_DECONTAM_THRESHOLD,
             },
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dinov2_core.curation.calibration import FASHION_MNIST_ROOT, load_fashion_mnist
+from benchmarks.copy_detection_corpora import FASHION_MNIST_ROOT, load_fashion_mnist
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dinov2_core.curation.calibration import (
+from benchmarks.copy_detection_corpora import (
     choose_threshold,
     eval_match_rates,
     evaluate_thresholds,

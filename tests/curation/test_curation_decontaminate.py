@@ -2,8 +2,11 @@ import numpy as np
 
 from dinov2_core.curation.decontaminate import decontaminate
 from dinov2_core.curation.dedup import deduplicate
+from tasks.params import DecontaminateParams, DedupParams
 
 from ._util import unit
+
+DEDUP_T, DECONTAM_T = DedupParams().threshold, DecontaminateParams().threshold  # the pipeline's defaults
 
 
 def _setup():
@@ -54,7 +57,7 @@ def test_best_eval_match_is_recorded():
 def test_real_descriptor_removes_reuploaded_test_images_from_a_fashion_pool(fashion_train):
     from PIL import Image
 
-    from dinov2_core.curation.calibration import REUPLOAD, load_fashion_mnist, near_duplicate
+    from benchmarks.copy_detection_corpora import REUPLOAD, load_fashion_mnist, near_duplicate
     from dinov2_core.curation.embed import copy_detection_descriptor
 
     test_images, _ = load_fashion_mnist(split="test")
@@ -64,8 +67,8 @@ def test_real_descriptor_removes_reuploaded_test_images_from_a_fashion_pool(fash
     pool = copy_detection_descriptor(pool_imgs)
     eval_emb = copy_detection_descriptor(test_images[:1000])
     keys = [f"p{i}" for i in range(len(pool))]
-    comps = deduplicate(pool, keys).component.to_numpy()
-    df = decontaminate(pool, keys, eval_emb, components=comps)  # calibrated default threshold
+    comps = deduplicate(pool, keys, threshold=DEDUP_T).component.to_numpy()
+    df = decontaminate(pool, keys, eval_emb, components=comps, threshold=DECONTAM_T)
     assert df.removed[3000:].mean() >= 0.95  # leaked test images go (all transforms compounded)
     # clean training images stay (1.8 % flagged: look-alike twins; the rate grows with the eval set size)
     assert df.removed[:3000].mean() <= 0.03
@@ -76,7 +79,7 @@ def test_real_descriptor_removes_reuploaded_test_images_from_a_fashion_pool(fash
 def test_eval_views_catch_crops_of_eval_images(fashion_train):
     from PIL import Image
 
-    from dinov2_core.curation.calibration import load_fashion_mnist, near_duplicate
+    from benchmarks.copy_detection_corpora import load_fashion_mnist, near_duplicate
     from dinov2_core.curation.embed import copy_detection_descriptor, copy_detection_views
 
     test_images, _ = load_fashion_mnist(split="test")
@@ -87,9 +90,42 @@ def test_eval_views_catch_crops_of_eval_images(fashion_train):
     pool = copy_detection_descriptor(pool_imgs)
     keys = [f"p{i}" for i in range(len(pool))]
     ev = copy_detection_descriptor(evals)
-    plain = decontaminate(pool, keys, ev)
-    viewed = decontaminate(pool, keys, ev, eval_views=copy_detection_views(evals))
+    plain = decontaminate(pool, keys, ev, threshold=DECONTAM_T)
+    viewed = decontaminate(pool, keys, ev, threshold=DECONTAM_T, eval_views=copy_detection_views(evals))
     assert plain.removed[1500:].mean() < 0.3
     assert viewed.removed[1500:].mean() >= 0.9
     assert viewed.removed[:1500].mean() <= 0.02
     assert viewed.attrs["metrics"]["n_eval_views"] == 4
+
+
+def test_verified_copies_below_the_threshold_are_removed_with_their_component():
+    pool, keys, eval_emb = _setup()
+    n = len(pool)
+    rng = np.random.default_rng(7)
+    pool[5] = unit(eval_emb[2] + 0.9 * unit(rng.normal(size=pool.shape[1])))  # cos ~0.75: below the threshold
+    assert 0.5 < pool[5] @ eval_emb[2] < 0.9
+    comp = np.arange(n)
+    comp[5] = comp[6] = 5  # pool 5 and 6 are one dedup component
+    seen = []
+
+    def verifier(p_idx, e_idx):  # indices: pool 0..n-1, eval n..n+m-1; pool 5 is a copy of eval 2
+        seen.extend(zip(p_idx.tolist(), e_idx.tolist()))
+        return np.where((p_idx == 5) & (e_idx == n + 2), 1, -1).astype(np.int8), np.zeros(len(p_idx))
+
+    plain = decontaminate(pool, keys, eval_emb, ["e0", "e1", "e2"], components=comp, threshold=0.9)
+    df = decontaminate(
+        pool,
+        keys,
+        eval_emb,
+        ["e0", "e1", "e2"],
+        components=comp,
+        threshold=0.9,
+        verifier=verifier,
+        verify_k=8,
+    )
+    assert plain.removed.sum() == 1
+    assert df.removed.sum() == 3 and df.removed[[0, 5, 6]].all()
+    assert df.reason[5] == "direct" and df.reason[6] == "component" and df.matched_eval_id[6] == "e2"
+    assert all(e >= n for _, e in seen) and (0, n + 1) not in seen  # threshold matches are not re-verified
+    m = df.attrs["metrics"]
+    assert m["verify"] and m["n_added_by_verification"] == 1 and m["n_candidate_pairs"] == 3 * 8 - 1

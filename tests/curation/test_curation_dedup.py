@@ -75,9 +75,9 @@ def test_no_duplicates_keeps_everything_and_validates_keys():
     df = deduplicate(x, [str(i) for i in range(50)], threshold=0.9)
     assert df.kept.all() and df.duplicate_of.isna().all()
     with pytest.raises(ValueError):
-        deduplicate(x, ["same"] * 50)
-    assert len(deduplicate(np.zeros((0, 4), np.float32), [])) == 0
-    single = deduplicate(x[:1], ["only"])
+        deduplicate(x, ["same"] * 50, threshold=0.9)
+    assert len(deduplicate(np.zeros((0, 4), np.float32), [], threshold=0.9)) == 0
+    single = deduplicate(x[:1], ["only"], threshold=0.9)
     assert single.kept.tolist() == [True]
 
 
@@ -100,4 +100,4 @@ def test_view_edges_link_an_image_to_the_one_its_view_matches():
     assert viewed.component[5] == viewed.component[9] and viewed.kept.sum() == 29
     assert viewed.attrs["metrics"]["n_view_edges"] == 1 and viewed.attrs["metrics"]["n_views"] == 2
     with pytest.raises(ValueError):
-        deduplicate(x, [f"k{i}" for i in range(30)], views=views[:, :10])
+        deduplicate(x, [f"k{i}" for i in range(30)], threshold=0.9, views=views[:, :10])

@@ -5,14 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov2_core.curation.calibration import (
+from benchmarks.copy_detection_corpora import (
     REUPLOAD,
     build_copy_detection_bench,
     evaluate_thresholds,
     near_duplicate,
 )
 from dinov2_core.curation.embed import (
-    CD_DEDUP_THRESHOLD,
     CD_DIM,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -22,6 +21,9 @@ from dinov2_core.curation.embed import (
     copy_detection_views,
     describe_embedder,
 )
+from tasks.params import DedupParams
+
+CD_DEDUP_THRESHOLD = DedupParams().threshold  # the pipeline's default (one place states it)
 
 
 # ---------------------------------------------------------------- copy-detection descriptor, unit level
@@ -98,7 +100,7 @@ def test_each_reupload_transform_alone_is_detected(fashion_train):
 
 
 def test_natural_photo_copies_survive_colour_to_grey_and_jpeg():
-    from dinov2_core.curation.calibration import natural_tiles
+    from benchmarks.copy_detection_corpora import natural_tiles
 
     tiles = natural_tiles()[:60]
     rng = np.random.default_rng(0)
@@ -142,8 +144,8 @@ def test_centre_cropped_copies_are_found_only_with_views(fashion_train):
     imgs = originals + copies
     emb = copy_detection_descriptor(imgs)
     keys = [f"{i:04d}" for i in range(len(imgs))]
-    plain = deduplicate(emb, keys)
-    viewed = deduplicate(emb, keys, views=copy_detection_views(imgs))
+    plain = deduplicate(emb, keys, threshold=CD_DEDUP_THRESHOLD)
+    viewed = deduplicate(emb, keys, threshold=CD_DEDUP_THRESHOLD, views=copy_detection_views(imgs))
 
     def recall(df):
         c = df.component.to_numpy()
@@ -217,7 +219,7 @@ def test_backbone_embedder_rejects_modules_without_forward_features():
 def test_describe_embedder_records():
     info = describe_embedder(CopyDetectionEmbedder())
     assert info.name == "copy_detection_dct_v1" and info.dim == CD_DIM
-    assert info.params["dedup_threshold"] == CD_DEDUP_THRESHOLD
+    assert "dedup_threshold" not in info.params  # thresholds are the caller's, not the embedder's
     assert describe_embedder(copy_detection_descriptor) == info
     emb = BackboneEmbedder(StandInViT(dim=12), image_size=28, progress=False)
     d = emb.describe().to_dict()
