@@ -22,7 +22,7 @@ from typing import Any
 
 from dinov2_core.hub import load_export
 from tasks.log import get_logger
-from tasks.params import Params, ParamsError, params_digest
+from tasks.params import Params, ParamsError, params_record
 from tasks.train_common import (
     TrainSpec,
     check_batch,
@@ -155,7 +155,7 @@ def run_adapt(params: Params) -> dict[str, Any]:
         "images_seen": total * a.data.global_batch_size,
         "world_size": params.launch.nproc_per_node * params.launch.nnodes,
         "wall_seconds": round(time.perf_counter() - started, 2),
-        "params": {"adapt": params_digest(a)},
+        "params": {"adapt": params_record(a)},
     }
     metrics = write_training_reports("adapt", params, run_dir, total, export_dir, ["teacher_backbone.pth", "full.pth"],
                                      metrics, n_prototypes=prototypes, embed_dim=teacher.embed_dim)

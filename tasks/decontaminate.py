@@ -21,7 +21,7 @@ from tasks.dedup import embedding_checks
 from tasks.embeddings import embed_keys, load_embeddings
 from tasks.image_store import ImageStore, load_indexed_images, open_rgb
 from tasks.log import get_logger
-from tasks.params import Params, params_digest
+from tasks.params import Params, params_record
 from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_metrics, write_parquet
 from tasks.storage import Storage
@@ -107,7 +107,7 @@ def run_decontaminate(params: Params) -> pd.DataFrame:
         "embed_seconds": round(embed_seconds, 3),
         "search_seconds": round(search_seconds, 3),
         "knn": {k: v for k, v in algo.items() if isinstance(v, (int, float, str, bool))},
-        "params": params_digest(p),
+        "params": params_record(p),
     }
     truth = load_truth(p.ground_truth, store.manifest)
     if truth is not None:

@@ -19,7 +19,7 @@ from tasks.curation_quality import dedup_quality, load_truth
 from tasks.embeddings import embed_keys, save_embeddings
 from tasks.image_store import ImageStore
 from tasks.log import get_logger
-from tasks.params import Params, params_digest
+from tasks.params import Params, params_record
 from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_metrics, write_parquet
 from tasks.storage import Storage
@@ -112,7 +112,7 @@ def run_dedup(params: Params) -> pd.DataFrame:
         "verification": {k: algo_metrics[k] for k in algo_metrics if k.startswith(("n_candidate", "n_verified",
                          "n_added", "verify"))} | (
                          {"images_described": verifier.n_images_described} if verifier else {}),
-        "params": params_digest(p),
+        "params": params_record(p),
     }
     truth = load_truth(p.ground_truth, store.manifest)
     if truth is not None:

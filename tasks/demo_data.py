@@ -25,7 +25,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from tasks.log import get_logger
-from tasks.params import DemoDataParams, Params, params_digest
+from tasks.params import DemoDataParams, Params, params_record
 from tasks.reports import write_metrics, write_parquet
 
 log = get_logger("demo_data")
@@ -480,5 +480,5 @@ def _add_broken_corpus(crawl: _Crawl, photos: dict[str, np.ndarray], rng: np.ran
 def run_demo_data(params: Params) -> dict:
     """Stage entry point: build the data and record what was built in `reports/metrics/demo-data.json`."""
     summary = build_demo_data(params.demo_data)
-    write_metrics(params.reports, "demo-data", {**summary, "params": params_digest(params.demo_data)})
+    write_metrics(params.reports, "demo-data", {**summary, "params": params_record(params.demo_data)})
     return summary

@@ -19,7 +19,7 @@ from typing import Any
 
 from dinov2_core.hub import load_export
 from tasks.log import get_logger
-from tasks.params import DistillParams, Params, ParamsError, params_digest
+from tasks.params import DistillParams, Params, ParamsError, params_record
 from tasks.train_common import (
     TrainSpec,
     backbone_config,
@@ -171,7 +171,7 @@ def run_distill(params: Params) -> dict[str, Any]:
         "images_seen": total * d.data.global_batch_size,
         "world_size": params.launch.nproc_per_node * params.launch.nnodes,
         "wall_seconds": round(time.perf_counter() - started, 2),
-        "params": {"distill": params_digest(d)},
+        "params": {"distill": params_record(d)},
     }
     metrics = write_training_reports("distill", params, run_dir, total, export_dir,
                                      ["student_backbone.pth", "full.pth"], metrics,

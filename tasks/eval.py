@@ -36,7 +36,7 @@ from dinov2_core.eval import (
 from tasks.backbones import load_backbone, read_sidecar
 from tasks.embeddings import source_digest
 from tasks.log import get_logger
-from tasks.params import EvalParams, Params, params_digest
+from tasks.params import EvalParams, Params, params_record
 from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_json, write_metrics, write_plot_csv
 from tasks.storage import Storage, atomic_write_bytes
@@ -247,7 +247,7 @@ def run_eval(params: Params) -> dict:
     summary_png(results, figures / "summary.png")
     summary_md = summary_table(results, warnings)
     atomic_write_bytes(reports / "eval_summary.md", summary_md.encode())
-    payload = {"results": results, "warnings": warnings, "params": params_digest(p)}
+    payload = {"results": results, "warnings": warnings, "params": params_record(p)}
     write_metrics(reports, "eval", payload)
     write_json(Path(p.out) / "eval.json", payload)
     print(summary_md)

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from tasks.log import get_logger, progress_kwargs
-from tasks.params import IngestParams, Params, params_digest
+from tasks.params import IngestParams, Params, params_record
 from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_metrics, write_parquet
 from tasks.sources import Source, SourceRejected, parse_source, shown_cell
@@ -351,7 +351,7 @@ def run_ingest(params: Params) -> IngestResult:
         "seconds": round(elapsed, 3),
         "images_per_second": round(len(urls) / elapsed, 1) if elapsed > 0 else None,
         "workers": p.workers,
-        "params": params_digest(p),
+        "params": params_record(p),
     }
     write_metrics(params.reports, "ingest", metrics)
     log.info("ingest: %d rows -> %d kept, %d exact duplicates, %d quarantined %s (%.0f img/s)",

@@ -521,6 +521,6 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raise ParamsError(_format_error(str(path), err)) from None
 
 
-def params_digest(section: BaseModel) -> dict[str, Any]:
+def params_record(section: BaseModel) -> dict[str, Any]:
     """Plain-JSON view of a section, for metrics files that say what a stage ran with."""
     return section.model_dump(mode="json")

@@ -15,7 +15,7 @@ from typing import Any
 
 from dinov2_core.hub import load_export
 from tasks.log import get_logger
-from tasks.params import Params, params_digest
+from tasks.params import Params, params_record
 from tasks.train_common import (
     TrainSpec,
     backbone_config,
@@ -88,7 +88,7 @@ def run_pretrain(params: Params) -> dict[str, Any]:
         "shard_images": int(index["count"].sum()),
         "world_size": params.launch.nproc_per_node * params.launch.nnodes,
         "wall_seconds": round(time.perf_counter() - started, 2),
-        "params": {"model": params_digest(params.model), "pretrain": params_digest(p)},
+        "params": {"model": params_record(params.model), "pretrain": params_record(p)},
     }
     metrics = write_training_reports("pretrain", params, run_dir, p.optim.epochs * p.optim.epoch_length, export_dir,
                                      ["teacher_backbone.pth", "full.pth"], metrics,

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from dinov2_core.data.shards import iter_shard_samples
 from tasks.log import get_logger, progress_kwargs
-from tasks.params import Params, params_digest
+from tasks.params import Params, params_record
 from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_json, write_metrics
 from tasks.storage import Storage, join_url, scheme_of
@@ -162,7 +162,7 @@ def run_shards(params: Params) -> dict:
         "readback_seconds": round(read_seconds, 3),
         "readback_samples_per_s": round(len(readback) / read_seconds, 1) if read_seconds > 0 else None,
         "destination": "s3" if scheme_of(p.out) == "s3" else "local",
-        "params": params_digest(p),
+        "params": params_record(p),
     }
     write_metrics(params.reports, "shards", metrics)
     log.info("shards: %d samples in %d shards (%.1f MB) -> %s", metrics["samples"], metrics["shards"],
