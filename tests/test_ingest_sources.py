@@ -347,69 +347,66 @@ def test_transient_failures_below_the_gate_end_as_fetch_transient(tmp_path, smal
     assert result.metrics["transient_failures"] == 1
 
 
-def test_s3_outage_mid_ingest_then_rerun(tmp_path, small_params_factory, monkeypatch):
+@pytest.fixture
+def crawl_bucket(monkeypatch):
+    """An S3-compatible server that can crash or throttle, a bucket 'crawl' and the env to reach it."""
     import boto3
 
     from tests.stack.s3server import CrashableS3
 
     s3 = CrashableS3().start()
-    try:
-        for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_ENDPOINT_URL": s3.url, "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(var, value)
-        client = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1")
-        client.create_bucket(Bucket="crawl")
-        keys = [f"img/{i}.png" for i in range(6)]
+    for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_ENDPOINT_URL": s3.url, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(var, value)
+    client = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1")
+    client.create_bucket(Bucket="crawl")
+    s3.get_path = "/img/"
+
+    def put(n: int, seed: int) -> list[str]:
+        keys = [f"img/{i}.png" for i in range(n)]
         for i, key in enumerate(keys):
-            client.put_object(Bucket="crawl", Key=key, Body=_png(300 + i))
-        s3.get_path, s3.crash_on_get = "/img/", 4  # botocore's own retries make each refused row take ~3 s
-        params = _params(tmp_path, small_params_factory, [f"s3://crawl/{k}" for k in keys],
-                         ["ingest.workers=1", "ingest.http_retries=0"])
-        with pytest.raises(StorageError) as info:
-            run_ingest(params)
-        assert info.value.transient and "rerun when the source is reachable" in str(info.value)
-        first = {p.split("/img/")[1] for p in s3.gets}
+            client.put_object(Bucket="crawl", Key=key, Body=_png(seed + i))
+        return keys
 
-        s3.gets, s3.crash_on_get = [], None
-        s3.start()
-        result = run_ingest(params)
-        assert result.metrics["kept"] == 6 and result.metrics["quarantined"] == 0
-        second = {p.split("/img/")[1] for p in s3.gets}
-        assert result.metrics["resumed_from_interrupted_run"] == 6 - len(second) >= 3
-        assert len(first & second) <= 1  # only the object cut mid-request is fetched twice
-    finally:
-        s3.stop()
+    yield s3, put
+    s3.stop()
 
 
-def test_s3_throttling_is_retried_not_dropped(tmp_path, small_params_factory, monkeypatch):
-    import boto3
+def test_s3_outage_mid_ingest_then_rerun(tmp_path, small_params_factory, crawl_bucket):
+    s3, put = crawl_bucket
+    keys = put(6, 300)
+    s3.crash_on_get = 4  # botocore's own retries make each refused row take ~3 s
+    params = _params(tmp_path, small_params_factory, [f"s3://crawl/{k}" for k in keys],
+                     ["ingest.workers=1", "ingest.http_retries=0"])
+    with pytest.raises(StorageError) as info:
+        run_ingest(params)
+    assert info.value.transient and "rerun when the source is reachable" in str(info.value)
+    first = {p.split("/img/")[1] for p in s3.gets}
 
-    from tests.stack.s3server import CrashableS3
+    s3.gets, s3.crash_on_get = [], None
+    s3.start()
+    result = run_ingest(params)
+    assert result.metrics["kept"] == 6 and result.metrics["quarantined"] == 0
+    second = {p.split("/img/")[1] for p in s3.gets}
+    assert result.metrics["resumed_from_interrupted_run"] == 6 - len(second) >= 3
+    assert len(first & second) <= 1  # only the object cut mid-request is fetched twice
 
-    s3 = CrashableS3().start()
-    try:
-        for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_ENDPOINT_URL": s3.url, "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(var, value)
-        client = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1")
-        client.create_bucket(Bucket="crawl")
-        keys = [f"img/{i}.png" for i in range(3)]
-        for i, key in enumerate(keys):
-            client.put_object(Bucket="crawl", Key=key, Body=_png(400 + i))
-        s3.get_path, s3.throttle_gets = "/img/", 4  # SlowDown on 4 GETs: absorbed by the retries
-        result = run_ingest(_params(tmp_path, small_params_factory, [f"s3://crawl/{k}" for k in keys],
-                                   ["ingest.workers=1"]))
-        assert result.metrics["kept"] == 3 and result.metrics["quarantined"] == 0
-        assert len(s3.gets) >= 3 + 4 and s3.throttle_gets == 0
 
-        s3.gets, s3.throttle_gets = [], 10_000  # throttled for good: a transient outcome, the stage fails
-        with pytest.raises(StorageError) as info:
-            (tmp_path / "again").mkdir()
-            run_ingest(_params(tmp_path / "again", small_params_factory, [f"s3://crawl/{keys[0]}"],
-                               ["ingest.http_retries=0"]))  # s3fs and botocore retry ~20 s on their own
-        assert info.value.transient and "SlowDown" in str(info.value)
-    finally:
-        s3.stop()
+def test_s3_throttling_is_retried_not_dropped(tmp_path, small_params_factory, crawl_bucket):
+    s3, put = crawl_bucket
+    keys = put(3, 400)
+    s3.throttle_gets = 4  # SlowDown on 4 GETs: absorbed by the retries
+    result = run_ingest(_params(tmp_path, small_params_factory, [f"s3://crawl/{k}" for k in keys],
+                               ["ingest.workers=1"]))
+    assert result.metrics["kept"] == 3 and result.metrics["quarantined"] == 0
+    assert len(s3.gets) >= 3 + 4 and s3.throttle_gets == 0
+
+    s3.gets, s3.throttle_gets = [], 10_000  # throttled for good: a transient outcome, the stage fails
+    (tmp_path / "again").mkdir()
+    with pytest.raises(StorageError) as info:
+        run_ingest(_params(tmp_path / "again", small_params_factory, [f"s3://crawl/{keys[0]}"],
+                           ["ingest.http_retries=0"]))  # s3fs and botocore retry ~20 s on their own
+    assert info.value.transient and "SlowDown" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------- secrets
