@@ -2,8 +2,10 @@
 
 A step is what the pretrain stage runs per iteration: teacher forward on the global crops (+ heads, Sinkhorn-Knopp),
 student forward + backward on all crops (+ heads), DINO/iBOT/KoLeo, gradient clipping, AdamW, EMA. Rows:
-  * the stage's configuration (FSDP2 on a 1-process gloo group, one pass per crop size on CPU);
-  * the same without FSDP, and with the packed multi-crop stream (the GPU path) instead of per-size passes;
+  * FSDP2 on a 1-process gloo group, one pass per crop size on CPU (what the stage ran before it skipped FSDP2
+    for one process);
+  * the stage's configuration (no FSDP with one process), and with the packed multi-crop stream (the GPU path)
+    instead of per-size passes;
   * the stage's configuration fed by the real loader (WebDataset shards of Fashion-MNIST, decoding and multi-crop in
     DataLoader workers), i.e. the end-to-end images/s of training here;
   * a distillation step (params.distill student, a teacher of the pretrain architecture at the adapt resolution).
@@ -107,14 +109,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.manual_seed(0)
         meta = SSLMetaArch(bb, loss, n_local_crops=p.crops.local_crops_number)
         if shard:
-            fsdp.shard_meta_arch(meta, info)
+            fsdp.shard_meta_arch(meta, info, shard_single_process=True)
         meta.set_pack_sequences(pack)
         return meta
 
     fixed = _synthetic_batch(batch, p.crops, bb.patch_size, loss.mask_sample_probability)
     flops = None
-    for name, shard, pack in (("SSL step, FSDP2 1 proc, per-size (the stage)", True, False),
-                              ("SSL step, no FSDP, per-size", False, False),
+    for name, shard, pack in (("SSL step, FSDP2 1 proc, per-size", True, False),
+                              ("SSL step, no FSDP, per-size (the stage, 1 process)", False, False),
                               ("SSL step, no FSDP, packed stream", False, True)):
         step = _stepper(build(shard, pack), optim, lambda: fixed)
         if flops is None:
@@ -129,13 +131,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          crops=p.crops, loss=loss, optim=optim, checkpoint_every=0, checkpoint_keep=1,
                          digest_payload={})
         loader = iter(make_loader(spec, params, bb.patch_size, 0, 1, 0, pin_memory=False))
-        step = _stepper(build(True, False), optim, lambda: next(loader))
+        step = _stepper(build(False, False), optim, lambda: next(loader))
         times = time_fn(step, warmup=2, iters=args.iters)
         loader.close()
         rows.append((f"SSL step + loader (batched crops, {data.num_workers} workers)", batch, min(times), flops))
         # The input path before batch_augment: per-image PIL/v2 multi-crop in 2 DataLoader workers, side by side.
         per_image = _per_image_loader(spec, params, bb.patch_size, workers=2)
-        step = _stepper(build(True, False), optim, lambda: next(per_image))
+        step = _stepper(build(False, False), optim, lambda: next(per_image))
         times = time_fn(step, warmup=2, iters=args.iters)
         per_image.close()
         rows.append(("SSL step + loader (per-image crops, 2 workers)", batch, min(times), flops))
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dmeta = DistillMetaArch(student_bb, teacher_bb, replace(loss_config(d.loss), dino_head=loss.dino_head,
                                                             ibot_head=loss.ibot_head),
                             n_local_crops=d.crops.local_crops_number)
-    fsdp.shard_meta_arch(dmeta, info)
+    fsdp.shard_meta_arch(dmeta, info)  # one process: plain modules, as the stage runs them
     dmeta.set_pack_sequences(False)
     dbatch = _synthetic_batch(d.data.global_batch_size, d.crops, student_bb.patch_size, 0.0)
     step = _stepper(dmeta, optim_config(d.optim), lambda: dbatch)

@@ -352,6 +352,7 @@ class LaunchParams(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     omp_threads: NonNegInt = 0  # per process; 0: cores / processes
     pack_sequences: Literal["auto", "on", "off"] = "auto"  # auto: packed multi-crop stream on GPU only
+    fsdp: Literal["auto", "on"] = "auto"  # auto: FSDP2 only with several processes; on: also with one
     timeout_s: PosFloat = 1800.0
 
     @model_validator(mode="after")

@@ -369,7 +369,8 @@ def run_worker(spec: TrainSpec, params: Params) -> dict[str, Any]:
         pack = params.launch.pack_sequences
         meta.set_pack_sequences(info.device.type == "cuda" if pack == "auto" else pack == "on")
         meta.to(info.device)
-        meta.compute_dtype = fsdp.shard_meta_arch(meta, info, params.launch.precision)
+        meta.compute_dtype = fsdp.shard_meta_arch(meta, info, params.launch.precision,
+                                                  shard_single_process=params.launch.fsdp == "on")
         optimizer = build_optimizer(meta, spec.optim)
         schedules = build_schedules(spec.optim, spec.data.global_batch_size)
         ckpt.clean_partial()

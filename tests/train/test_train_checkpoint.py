@@ -31,7 +31,7 @@ def one_process_group():
 def sharded_meta(info, seed=0):
     torch.manual_seed(seed)
     meta = SSLMetaArch(BB, loss_cfg(centering="centering"), n_local_crops=2)
-    fsdp.shard_meta_arch(meta, info)
+    fsdp.shard_meta_arch(meta, info, shard_single_process=True)
     opt = build_optimizer(meta, OptimConfig(epochs=1, epoch_length=1, warmup_epochs=0))
     for g in opt.param_groups:
         g["lr"] = 1e-3
