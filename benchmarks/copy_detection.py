@@ -41,7 +41,7 @@ def _dedup(bench, emb, views, p: DedupParams, verify: bool) -> dict:
         lambda i: bench.images[i], min_inliers=p.verify_min_inliers, min_ncc=p.verify_min_ncc
     )
     start = time.perf_counter()
-    df = deduplicate(
+    df, m = deduplicate(
         emb,
         [str(i) for i in range(len(bench))],
         threshold=p.threshold,
@@ -51,7 +51,6 @@ def _dedup(bench, emb, views, p: DedupParams, verify: bool) -> dict:
         verify_k=p.verify_k,
     )
     seconds = time.perf_counter() - start
-    m = df.attrs["metrics"]
     return {
         **{
             k: round(v, 4) if isinstance(v, float) else v
@@ -109,16 +108,20 @@ def decontamination(bench, p: DecontaminateParams, d: DedupParams, seed: int) ->
     keys = [str(i) for i in range(len(pool_imgs))]
     both = pool_imgs + evals  # the verifier's index space: pool images, then eval images
     verifier = PairVerifier(lambda i: both[i], min_inliers=d.verify_min_inliers, min_ncc=d.verify_min_ncc)
-    comps = deduplicate(
-        pool,
-        keys,
-        threshold=d.threshold,
-        k=d.k,
-        verifier=verifier if d.verify else None,
-        verify_k=d.verify_k,
-        views=copy_detection_views(pool_imgs) if d.crop_views else None,
-    )["component"].to_numpy()
-    df = decontaminate(
+    comps = (
+        deduplicate(
+            pool,
+            keys,
+            threshold=d.threshold,
+            k=d.k,
+            verifier=verifier if d.verify else None,
+            verify_k=d.verify_k,
+            views=copy_detection_views(pool_imgs) if d.crop_views else None,
+        )
+        .frame["component"]
+        .to_numpy()
+    )
+    df, decontam_metrics = decontaminate(
         pool,
         keys,
         copy_detection_descriptor(evals),
@@ -139,7 +142,7 @@ def decontamination(bench, p: DecontaminateParams, d: DedupParams, seed: int) ->
         "recall": round(float(removed[is_planted].mean()), 4),
         "clean_removed": int(removed[~is_planted].sum()),
         "clean_removed_fraction": round(float(removed[~is_planted].mean()), 4),
-        "removed_by_verification": int(df.attrs["metrics"].get("n_added_by_verification", 0)),
+        "removed_by_verification": int(decontam_metrics.get("n_added_by_verification", 0)),
         "seconds": round(seconds, 2),
     }
 

@@ -75,11 +75,11 @@ def run_decontaminate(params: Params) -> pd.DataFrame:
         verifier = PairVerifier(lambda i: store.load(pool_keys[i]) if i < n else open_rgb(by_id[eval_ids[i - n]]),
                                 min_inliers=d.verify_min_inliers, min_ncc=d.verify_min_ncc, sizes=sizes)
     start = time.perf_counter()
-    result = decontaminate(pool_vectors, pool_keys, eval_vectors, eval_ids,
-                           components=dedup["component"].to_numpy(), eval_views=eval_views,
-                           threshold=p.threshold, k=p.k, verifier=verifier, verify_k=params.dedup.verify_k)
+    result, algo = decontaminate(pool_vectors, pool_keys, eval_vectors, eval_ids,
+                                 components=dedup["component"].to_numpy(), eval_views=eval_views,
+                                 threshold=p.threshold, k=p.k, verifier=verifier,
+                                 verify_k=params.dedup.verify_k)
     search_seconds = time.perf_counter() - start
-    algo = dict(result.attrs.get("metrics", {}))
     result = result.assign(dedup_kept=dedup["kept"].to_numpy())
     result["kept"] = result["dedup_kept"] & ~result["removed"]
     result = result[COLUMNS].reset_index(drop=True)

@@ -78,11 +78,10 @@ def run_dedup(params: Params) -> pd.DataFrame:
         verifier = PairVerifier(lambda i: store.load(keys[i]), min_inliers=p.verify_min_inliers,
                                 min_ncc=p.verify_min_ncc, sizes=sizes)
     start = time.perf_counter()
-    result = deduplicate(vectors, keys, store.resolution(keys), k=p.k, threshold=p.threshold, views=views,
-                         verifier=verifier, verify_k=p.verify_k,
-                         exact_threshold=p.exact_search_max, nlist=p.nlist, nprobe=p.nprobe)
+    result, algo_metrics = deduplicate(vectors, keys, store.resolution(keys), k=p.k, threshold=p.threshold,
+                                       views=views, verifier=verifier, verify_k=p.verify_k,
+                                       exact_threshold=p.exact_search_max, nlist=p.nlist, nprobe=p.nprobe)
     graph_seconds = time.perf_counter() - start
-    algo_metrics = dict(result.attrs.get("metrics", {}))
     result = result[DEDUP_COLUMNS].reset_index(drop=True)
 
     kept_idx = np.flatnonzero(result["kept"].to_numpy())

@@ -69,13 +69,12 @@ def run_retrieve(params: Params) -> pd.DataFrame:
     mode = choose_mode(p.mode, len(seed_ids), p.large_seed_set)
     start = time.perf_counter()
     if mode == "sample":
-        result = sample_based_retrieval(pool_vectors, pool_keys, seed_vectors, seed_ids, k=p.k)
+        result, algo = sample_based_retrieval(pool_vectors, pool_keys, seed_vectors, seed_ids, k=p.k)
     else:
-        result = cluster_based_retrieval(pool_vectors, pool_keys, seed_vectors, seed_ids,
-                                         n_clusters=min(p.n_clusters, len(pool_keys)),
-                                         per_cluster=p.per_cluster, seed=p.seed)
+        result, algo = cluster_based_retrieval(pool_vectors, pool_keys, seed_vectors, seed_ids,
+                                               n_clusters=min(p.n_clusters, len(pool_keys)),
+                                               per_cluster=p.per_cluster, seed=p.seed)
     retrieve_seconds = time.perf_counter() - start
-    algo = dict(result.attrs.get("metrics", {}))
     curated = result.rename(columns={"key": "sha256"})[COLUMNS].sort_values("sha256").reset_index(drop=True)
 
     validate_stage("retrieve", _checks(curated, pool_keys), params.reports)

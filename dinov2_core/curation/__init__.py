@@ -16,6 +16,7 @@ from .embed import (
     describe_embedder,
 )
 from .knn import KnnResult, build_index, knn_search
+from .result import CurationResult
 from .retrieve import cluster_based_retrieval, kmeans, retrieve, sample_based_retrieval
 from .verify import LocalFeatures, PairVerifier, local_features, verify_pair
 
@@ -23,6 +24,7 @@ __all__ = [
     "CD_DIM",
     "BackboneEmbedder",
     "CopyDetectionEmbedder",
+    "CurationResult",
     "EmbedderInfo",
     "KnnResult",
     "LocalFeatures",

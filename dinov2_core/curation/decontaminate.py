@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .knn import DEFAULT_EXACT_THRESHOLD, build_index, knn_search
+from .result import CurationResult
 
 __all__ = ["DECONTAM_K", "decontaminate"]
 
@@ -42,8 +43,9 @@ def decontaminate(
     nlist: int | None = None,
     nprobe: int = 32,
     progress: bool = False,
-) -> pd.DataFrame:
-    """One row per pool image: key, component, removed, reason, matched_eval_id, similarity.
+) -> CurationResult:
+    """One row per pool image: key, component, removed, reason, matched_eval_id, similarity; returned as
+    ``CurationResult(frame, metrics)`` with counts, the threshold and the kNN search speed in ``metrics``.
 
     ``components`` (e.g. ``dedup_df["component"]``, aligned with the pool) extends every direct match to
     its component; without it each image is its own component. ``reason`` is "direct" (similarity to an
@@ -67,7 +69,7 @@ def decontaminate(
 
     best_sim = np.full(n, -np.inf, dtype=np.float32)
     best_eval = np.full(n, -1, dtype=np.int64)
-    metrics: dict = {}
+    knn_metrics: dict = {}
     verify_stats: dict = {}
     if n and len(ev):
         index = build_index(pool, exact_threshold=exact_threshold, nlist=nlist, nprobe=nprobe)
@@ -77,7 +79,7 @@ def decontaminate(
         hits = []
         for qi, q in enumerate(queries):
             knn = knn_search(pool, q, k=min(k, n), index=index, progress=progress)
-            metrics = metrics or knn.metrics()  # speed of the main (full-image) search
+            knn_metrics = knn_metrics or knn.metrics()  # speed of the main (full-image) search
             rows = np.broadcast_to(np.arange(len(ev))[:, None], knn.ids.shape)
             hit = (knn.sims > np.float32(threshold)) & (knn.ids >= 0)
             hits.append((knn.ids[hit], rows[hit], knn.sims[hit]))
@@ -134,7 +136,7 @@ def decontaminate(
             "similarity": sim_out,
         }
     )
-    df.attrs["metrics"] = {
+    metrics = {
         "n_pool": int(n),
         "n_eval": len(ev),
         "n_direct": int(direct.sum()),
@@ -145,6 +147,6 @@ def decontaminate(
         "k": int(k),
         "verify": verifier is not None,
         **verify_stats,
-        **metrics,
+        **knn_metrics,
     }
-    return df
+    return CurationResult(df, metrics)

@@ -23,6 +23,7 @@ import pandas as pd
 
 from .components import component_sizes, connected_components, knn_edges
 from .knn import DEFAULT_EXACT_THRESHOLD, KnnResult, build_index, knn_search
+from .result import CurationResult
 
 __all__ = [
     "DEDUP_K",
@@ -140,12 +141,13 @@ def deduplicate(
     nlist: int | None = None,
     nprobe: int = 32,
     progress: bool = False,
-) -> pd.DataFrame:
+) -> CurationResult:
     """One row per image: key, component, component_size, kept, duplicate_of, similarity.
 
     ``similarity`` is the cosine to the kept representative for removed images, and the strongest graph
-    edge (> threshold) for kept ones (NaN for singletons). ``df.attrs["metrics"]`` has counts and kNN speed.
-    A precomputed self-search ``knn`` (from :func:`knn_search`) can be passed to reuse the graph.
+    edge (> threshold) for kept ones (NaN for singletons). Returns ``CurationResult(frame, metrics)``;
+    ``metrics`` has counts and kNN speed. A precomputed self-search ``knn`` (from :func:`knn_search`) can
+    be passed to reuse the graph.
 
     ``views`` ([V, N, D], e.g. :func:`~dinov2_core.curation.embed.copy_detection_views`) add edges from a
     view of one image to the full descriptor of another -- our addition to the paper's single-embedding
@@ -170,8 +172,7 @@ def deduplicate(
                 "similarity": [],
             }
         )
-        df.attrs["metrics"] = {"n_images": 0, "n_components": 0, "n_removed": 0}
-        return df
+        return CurationResult(df, {"n_images": 0, "n_components": 0, "n_removed": 0})
     index = None
     if (knn is None or views is not None) and n > 1:
         index = build_index(emb, exact_threshold=exact_threshold, nlist=nlist, nprobe=nprobe)
@@ -214,7 +215,7 @@ def deduplicate(
             "similarity": similarity,
         }
     )
-    df.attrs["metrics"] = {
+    metrics = {
         "n_images": int(n),
         "n_components": int(labels.max() + 1),
         "n_removed": int((~kept).sum()),
@@ -230,4 +231,4 @@ def deduplicate(
         **({"verify_k": int(verify_k), **verify_stats} if verifier is not None else {}),
         **(knn.metrics() if knn is not None else {}),
     }
-    return df
+    return CurationResult(df, metrics)

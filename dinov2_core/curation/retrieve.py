@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .knn import DEFAULT_EXACT_THRESHOLD, knn_search
+from .result import CurationResult
 
 __all__ = [
     "LARGE_SEED_SET",
@@ -66,15 +67,16 @@ def sample_based_retrieval(
     nlist: int | None = None,
     nprobe: int = 32,
     progress: bool = False,
-) -> pd.DataFrame:
+) -> CurationResult:
     """k nearest pool images of every seed, each pool image once (kept with its most similar seed;
-    ties -> lowest seed index). Rows ordered by pool index. ``cluster`` is -1 (not used)."""
+    ties -> lowest seed index). Rows ordered by pool index. ``cluster`` is -1 (not used). Returns
+    ``CurationResult(frame, metrics)`` (metrics empty when the pool or the seed set is empty)."""
     pool = _unit(pool_embeddings, "pool_embeddings")
     seeds = _unit(seed_embeddings, "seed_embeddings")
     keys = _ids(pool_keys, len(pool), "pool_keys")
     sids = _ids(seed_ids, len(seeds), "seed_ids")
     if len(pool) == 0 or len(seeds) == 0:
-        return pd.DataFrame(columns=_COLUMNS)
+        return CurationResult(pd.DataFrame(columns=_COLUMNS), {})
     knn = knn_search(
         pool,
         seeds,
@@ -103,7 +105,7 @@ def sample_based_retrieval(
             "method": "sample",
         }
     )
-    df.attrs["metrics"] = {
+    metrics = {
         "method": "sample",
         "k": int(k),
         "n_seeds": len(seeds),
@@ -111,7 +113,7 @@ def sample_based_retrieval(
         "n_raw_hits": int(pid.size),
         **knn.metrics(),
     }
-    return df
+    return CurationResult(df, metrics)
 
 
 def kmeans(
@@ -154,20 +156,21 @@ def cluster_based_retrieval(
     niter: int = 20,
     centroids: np.ndarray | None = None,
     pool_labels: np.ndarray | None = None,
-) -> pd.DataFrame:
+) -> CurationResult:
     """Up to ``per_cluster`` pool images from every k-means cluster that holds a seed image.
 
     Seeds are assigned to their nearest centroid. Sampling is without replacement, deterministic given
     ``seed`` (each cluster uses its own generator seeded by (seed, cluster)). ``seed_neighbour`` is the
     most similar seed among those assigned to the cluster. Precomputed ``centroids`` / ``pool_labels``
-    (from :func:`kmeans`) can be passed to reuse one clustering for several seed sets.
+    (from :func:`kmeans`) can be passed to reuse one clustering for several seed sets. Returns
+    ``CurationResult(frame, metrics)`` (metrics empty when the pool or the seed set is empty).
     """
     pool = _unit(pool_embeddings, "pool_embeddings")
     seeds = _unit(seed_embeddings, "seed_embeddings")
     keys = _ids(pool_keys, len(pool), "pool_keys")
     sids = _ids(seed_ids, len(seeds), "seed_ids")
     if len(pool) == 0 or len(seeds) == 0:
-        return pd.DataFrame(columns=_COLUMNS)
+        return CurationResult(pd.DataFrame(columns=_COLUMNS), {})
     if centroids is None:
         centroids, pool_labels = kmeans(pool, n_clusters, niter=niter, seed=seed)
     elif pool_labels is None:
@@ -199,7 +202,7 @@ def cluster_based_retrieval(
         )
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=_COLUMNS)
     sizes = np.bincount(pool_labels, minlength=len(centroids))
-    df.attrs["metrics"] = {
+    metrics = {
         "method": "cluster",
         "n_clusters": len(centroids),
         "n_seeds": len(seeds),
@@ -209,7 +212,7 @@ def cluster_based_retrieval(
         "empty_clusters": int((sizes == 0).sum()),
         "seed": int(seed),
     }
-    return df
+    return CurationResult(df, metrics)
 
 
 def retrieve(
@@ -224,9 +227,10 @@ def retrieve(
     per_cluster: int = PER_CLUSTER_CAP,
     seed: int = 0,
     **knn_kwargs,
-) -> pd.DataFrame:
+) -> CurationResult:
     """Paper's chooser: sample-based retrieval for seed sets of at least ``large_seed_set`` images,
-    cluster-based otherwise (``n_clusters`` defaults to ~sqrt(pool size))."""
+    cluster-based otherwise (``n_clusters`` defaults to ~sqrt(pool size)). Returns the chosen method's
+    :class:`CurationResult`."""
     n_seeds = len(seed_embeddings)
     if n_seeds >= large_seed_set:
         return sample_based_retrieval(

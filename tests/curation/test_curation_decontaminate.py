@@ -26,22 +26,21 @@ def _setup():
 def test_whole_component_of_a_match_is_removed():
     pool, keys, eval_emb = _setup()
     assert pool[0] @ eval_emb[1] > 0.9 and pool[2] @ eval_emb[1] < 0.9
-    dedup = deduplicate(pool, keys, threshold=0.8)
+    dedup = deduplicate(pool, keys, threshold=0.8).frame
     comp = dedup.component.to_numpy()
     assert comp[0] == comp[1] == comp[2]
-    df = decontaminate(pool, keys, eval_emb, ["e0", "e1", "e2"], components=comp, threshold=0.9)
+    df, m = decontaminate(pool, keys, eval_emb, ["e0", "e1", "e2"], components=comp, threshold=0.9)
     assert df.removed.tolist()[:3] == [True, True, True] and not df.removed[3:].any()
     assert df.reason.tolist()[:4] == ["direct", "component", "component", None]
     assert df.matched_eval_id[:3].tolist() == ["e1"] * 3
     assert df.similarity[1] == df.similarity[0]  # inherits the component's best match
     assert df.matched_eval_id[3] is None and np.isnan(df.similarity[3])
-    m = df.attrs["metrics"]
     assert (m["n_direct"], m["n_removed"], m["n_eval_matched"]) == (1, 3, 1)
 
 
 def test_without_components_only_direct_matches_go():
     pool, keys, eval_emb = _setup()
-    df = decontaminate(pool, keys, eval_emb, threshold=0.9)
+    df = decontaminate(pool, keys, eval_emb, threshold=0.9).frame
     assert df.removed.sum() == 1 and df.removed[0]
     assert df.matched_eval_id[0] == 1  # eval ids default to positions
 
@@ -49,7 +48,7 @@ def test_without_components_only_direct_matches_go():
 def test_best_eval_match_is_recorded():
     pool, keys, eval_emb = _setup()
     eval2 = np.vstack([eval_emb, unit(pool[0] + 0.01 * eval_emb[1])])  # e3 even closer to pool 0
-    df = decontaminate(pool, keys, eval2, ["e0", "e1", "e2", "e3"], threshold=0.9)
+    df = decontaminate(pool, keys, eval2, ["e0", "e1", "e2", "e3"], threshold=0.9).frame
     assert df.matched_eval_id[0] == "e3"
     assert df.similarity[0] > 0.99
 
@@ -67,8 +66,8 @@ def test_real_descriptor_removes_reuploaded_test_images_from_a_fashion_pool(fash
     pool = copy_detection_descriptor(pool_imgs)
     eval_emb = copy_detection_descriptor(test_images[:1000])
     keys = [f"p{i}" for i in range(len(pool))]
-    comps = deduplicate(pool, keys, threshold=DEDUP_T).component.to_numpy()
-    df = decontaminate(pool, keys, eval_emb, components=comps, threshold=DECONTAM_T)
+    comps = deduplicate(pool, keys, threshold=DEDUP_T).frame.component.to_numpy()
+    df = decontaminate(pool, keys, eval_emb, components=comps, threshold=DECONTAM_T).frame
     assert df.removed[3000:].mean() >= 0.95  # leaked test images go (all transforms compounded)
     # clean training images stay (1.8 % flagged: look-alike twins; the rate grows with the eval set size)
     assert df.removed[:3000].mean() <= 0.03
@@ -90,12 +89,14 @@ def test_eval_views_catch_crops_of_eval_images(fashion_train):
     pool = copy_detection_descriptor(pool_imgs)
     keys = [f"p{i}" for i in range(len(pool))]
     ev = copy_detection_descriptor(evals)
-    plain = decontaminate(pool, keys, ev, threshold=DECONTAM_T)
-    viewed = decontaminate(pool, keys, ev, threshold=DECONTAM_T, eval_views=copy_detection_views(evals))
+    plain = decontaminate(pool, keys, ev, threshold=DECONTAM_T).frame
+    viewed, metrics = decontaminate(
+        pool, keys, ev, threshold=DECONTAM_T, eval_views=copy_detection_views(evals)
+    )
     assert plain.removed[1500:].mean() < 0.3
     assert viewed.removed[1500:].mean() >= 0.9
     assert viewed.removed[:1500].mean() <= 0.02
-    assert viewed.attrs["metrics"]["n_eval_views"] == 4
+    assert metrics["n_eval_views"] == 4
 
 
 def test_verified_copies_below_the_threshold_are_removed_with_their_component():
@@ -112,8 +113,8 @@ def test_verified_copies_below_the_threshold_are_removed_with_their_component():
         seen.extend(zip(p_idx.tolist(), e_idx.tolist()))
         return np.where((p_idx == 5) & (e_idx == n + 2), 1, -1).astype(np.int8), np.zeros(len(p_idx))
 
-    plain = decontaminate(pool, keys, eval_emb, ["e0", "e1", "e2"], components=comp, threshold=0.9)
-    df = decontaminate(
+    plain = decontaminate(pool, keys, eval_emb, ["e0", "e1", "e2"], components=comp, threshold=0.9).frame
+    df, m = decontaminate(
         pool,
         keys,
         eval_emb,
@@ -127,5 +128,4 @@ def test_verified_copies_below_the_threshold_are_removed_with_their_component():
     assert df.removed.sum() == 3 and df.removed[[0, 5, 6]].all()
     assert df.reason[5] == "direct" and df.reason[6] == "component" and df.matched_eval_id[6] == "e2"
     assert all(e >= n for _, e in seen) and (0, n + 1) not in seen  # threshold matches are not re-verified
-    m = df.attrs["metrics"]
     assert m["verify"] and m["n_added_by_verification"] == 1 and m["n_candidate_pairs"] == 3 * 8 - 1

@@ -30,7 +30,7 @@ def test_keeps_largest_resolution_then_lowest_key():
     ]  # group 2: "h" and "i" tie on resolution -> "h"
     res = np.array([10, 10, 10, 10, 10, 99, 50, 40, 50])
     res[3] = 500  # "f"
-    df = deduplicate(x, keys, res, k=4, threshold=0.9)
+    df, metrics = deduplicate(x, keys, res, k=4, threshold=0.9)
     kept = set(df.loc[df.kept, "key"])
     assert kept == {"a", "f", "h"}
     by_key = df.set_index("key")
@@ -38,7 +38,7 @@ def test_keeps_largest_resolution_then_lowest_key():
     assert by_key.loc["i", "duplicate_of"] == "h"
     assert by_key.loc["a", "duplicate_of"] is None
     assert (df.component_size == 3).all()
-    assert df.attrs["metrics"]["n_removed"] == 6
+    assert metrics["n_removed"] == 6
 
 
 def test_result_independent_of_input_order():
@@ -46,9 +46,9 @@ def test_result_independent_of_input_order():
     x = _groups(rng, 20, 4)
     keys = np.array([f"{i:04x}" for i in rng.permutation(80)])
     res = rng.integers(1, 4, size=80) * 100
-    a = deduplicate(x, keys, res, k=8, threshold=0.9).set_index("key")
+    a = deduplicate(x, keys, res, k=8, threshold=0.9).frame.set_index("key")
     perm = rng.permutation(80)
-    b = deduplicate(x[perm], keys[perm], res[perm], k=8, threshold=0.9).set_index("key")
+    b = deduplicate(x[perm], keys[perm], res[perm], k=8, threshold=0.9).frame.set_index("key")
     b = b.loc[a.index]
     assert (a.kept == b.kept).all()
     assert (a.duplicate_of.fillna("") == b.duplicate_of.fillna("")).all()
@@ -57,14 +57,14 @@ def test_result_independent_of_input_order():
 
 def test_similarity_column_and_threshold():
     x = unit(np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]))  # cos(0,1)=0.8, cos(1,2)=0.6, cos(0,2)=0
-    df = deduplicate(x, ["k0", "k1", "k2"], k=2, threshold=0.7)
+    df = deduplicate(x, ["k0", "k1", "k2"], k=2, threshold=0.7).frame
     assert df.component.tolist() == [0, 0, 1]
     assert df.kept.tolist() == [True, False, True]
     assert df.similarity[1] == pytest.approx(0.8, abs=1e-6)  # removed: cosine to its representative
     assert df.similarity[0] == pytest.approx(0.8, abs=1e-6)  # kept: strongest edge
     assert np.isnan(df.similarity[2])  # singleton
     # chains: at 0.5 all three are linked; k2 is removed although cos(k2, rep k0) = 0
-    df = deduplicate(x, ["k0", "k1", "k2"], k=2, threshold=0.5)
+    df = deduplicate(x, ["k0", "k1", "k2"], k=2, threshold=0.5).frame
     assert df.kept.tolist() == [True, False, False]
     assert df.similarity[2] == pytest.approx(0.0, abs=1e-6)
 
@@ -72,12 +72,12 @@ def test_similarity_column_and_threshold():
 def test_no_duplicates_keeps_everything_and_validates_keys():
     rng = np.random.default_rng(2)
     x = unit(rng.normal(size=(50, 64)))
-    df = deduplicate(x, [str(i) for i in range(50)], threshold=0.9)
+    df = deduplicate(x, [str(i) for i in range(50)], threshold=0.9).frame
     assert df.kept.all() and df.duplicate_of.isna().all()
     with pytest.raises(ValueError):
         deduplicate(x, ["same"] * 50, threshold=0.9)
-    assert len(deduplicate(np.zeros((0, 4), np.float32), [], threshold=0.9)) == 0
-    single = deduplicate(x[:1], ["only"], threshold=0.9)
+    assert len(deduplicate(np.zeros((0, 4), np.float32), [], threshold=0.9).frame) == 0
+    single = deduplicate(x[:1], ["only"], threshold=0.9).frame
     assert single.kept.tolist() == [True]
 
 
@@ -94,10 +94,10 @@ def test_view_edges_link_an_image_to_the_one_its_view_matches():
     views = np.zeros((2, 30, 16), np.float32)
     views[1, 5] = x[9]  # a view of image 5 is image 9 (9 is a crop of 5)
     views[0, 7] = x[7]  # a view matching its own image is not an edge
-    plain = deduplicate(x, [f"k{i}" for i in range(30)], threshold=0.9)
-    viewed = deduplicate(x, [f"k{i}" for i in range(30)], threshold=0.9, views=views)
+    plain = deduplicate(x, [f"k{i}" for i in range(30)], threshold=0.9).frame
+    viewed, metrics = deduplicate(x, [f"k{i}" for i in range(30)], threshold=0.9, views=views)
     assert plain.kept.all()
     assert viewed.component[5] == viewed.component[9] and viewed.kept.sum() == 29
-    assert viewed.attrs["metrics"]["n_view_edges"] == 1 and viewed.attrs["metrics"]["n_views"] == 2
+    assert metrics["n_view_edges"] == 1 and metrics["n_views"] == 2
     with pytest.raises(ValueError):
         deduplicate(x, [f"k{i}" for i in range(30)], threshold=0.9, views=views[:, :10])

@@ -21,7 +21,7 @@ def test_sample_based_returns_k_nearest_per_seed_deduplicated(pool):
     x, keys = pool
     seeds = np.vstack([x[10], x[10] * 0.999 + x[11] * 0.001, x[2000]])
     seeds = unit(seeds)
-    df = sample_based_retrieval(x, keys, seeds, ["s0", "s1", "s2"], k=4)
+    df, metrics = sample_based_retrieval(x, keys, seeds, ["s0", "s1", "s2"], k=4)
     sims = seeds @ x.T
     expected = set()
     for row in sims:
@@ -33,12 +33,12 @@ def test_sample_based_returns_k_nearest_per_seed_deduplicated(pool):
         i = int(r.key[3:])
         assert r.similarity == pytest.approx(sims[:, i].max(), abs=1e-5)
         assert r.seed_neighbour == ["s0", "s1", "s2"][int(np.argmax(sims[:, i]))]
-    assert df.attrs["metrics"]["n_raw_hits"] == 12 and len(df) < 12  # s0 and s1 overlap
+    assert metrics["n_raw_hits"] == 12 and len(df) < 12  # s0 and s1 overlap
 
 
 def test_sample_based_min_similarity(pool):
     x, keys = pool
-    df = sample_based_retrieval(x, keys, x[:5], k=50, min_similarity=0.9)
+    df = sample_based_retrieval(x, keys, x[:5], k=50, min_similarity=0.9).frame
     assert (df.similarity > 0.9).all()
 
 
@@ -49,7 +49,7 @@ def test_cluster_based_samples_only_seed_clusters_with_cap(pool):
     seed_clusters = set(labels[[5, 6, 7]].tolist())
     df = cluster_based_retrieval(
         x, keys, seeds, n_clusters=12, per_cluster=40, seed=0, centroids=centroids, pool_labels=labels
-    )
+    ).frame
     assert set(df.cluster) == seed_clusters
     assert df.groupby("cluster").size().max() <= 40
     assert df.key.is_unique and (df.method == "cluster").all()
@@ -58,31 +58,32 @@ def test_cluster_based_samples_only_seed_clusters_with_cap(pool):
     # no cap -> the whole clusters
     full = cluster_based_retrieval(
         x, keys, seeds, n_clusters=12, per_cluster=10**6, centroids=centroids, pool_labels=labels
-    )
+    ).frame
     assert len(full) == np.isin(labels, list(seed_clusters)).sum()
 
 
 def test_cluster_based_is_deterministic_given_seed(pool):
     x, keys = pool
-    a = cluster_based_retrieval(x, keys, x[[1, 2000]], n_clusters=12, per_cluster=25, seed=7)
-    b = cluster_based_retrieval(x, keys, x[[1, 2000]], n_clusters=12, per_cluster=25, seed=7)
-    c = cluster_based_retrieval(x, keys, x[[1, 2000]], n_clusters=12, per_cluster=25, seed=8)
+    a = cluster_based_retrieval(x, keys, x[[1, 2000]], n_clusters=12, per_cluster=25, seed=7).frame
+    b = cluster_based_retrieval(x, keys, x[[1, 2000]], n_clusters=12, per_cluster=25, seed=7).frame
+    c = cluster_based_retrieval(x, keys, x[[1, 2000]], n_clusters=12, per_cluster=25, seed=8).frame
     assert a.equals(b)
     assert set(a.key) != set(c.key)
 
 
 def test_chooser_switches_on_seed_set_size(pool):
     x, keys = pool
-    small = retrieve(x, keys, x[:5], large_seed_set=100, n_clusters=12, per_cluster=10)
-    large = retrieve(x, keys, x[:200], large_seed_set=100, k=4)
+    small = retrieve(x, keys, x[:5], large_seed_set=100, n_clusters=12, per_cluster=10).frame
+    large = retrieve(x, keys, x[:200], large_seed_set=100, k=4).frame
     assert (small.method == "cluster").all() and (large.method == "sample").all()
     assert len(large) <= 800
 
 
 def test_empty_inputs_give_empty_frames(pool):
     x, keys = pool
-    assert len(sample_based_retrieval(x, keys, np.zeros((0, 32), np.float32))) == 0
-    assert list(cluster_based_retrieval(x, keys, np.zeros((0, 32), np.float32), n_clusters=4).columns) == [
+    assert len(sample_based_retrieval(x, keys, np.zeros((0, 32), np.float32)).frame) == 0
+    empty = cluster_based_retrieval(x, keys, np.zeros((0, 32), np.float32), n_clusters=4)
+    assert list(empty.frame.columns) == [
         "key",
         "seed_neighbour",
         "similarity",

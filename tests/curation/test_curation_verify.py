@@ -81,11 +81,10 @@ def test_dedup_with_verifier_merges_a_copy_the_descriptor_missed():
         copy = ((s == 0) & (d == 1)) | ((s == 1) & (d == 0))
         return np.where(copy, 1, -1).astype(np.int8), np.zeros(len(s))
 
-    plain = deduplicate(x, keys, threshold=0.95)
-    verified = deduplicate(x, keys, threshold=0.95, verifier=verifier, verify_k=4)
+    plain = deduplicate(x, keys, threshold=0.95).frame
+    verified, m = deduplicate(x, keys, threshold=0.95, verifier=verifier, verify_k=4)
     assert plain.kept.all()
     assert verified.component[0] == verified.component[1] and verified.kept.sum() == 19
-    m = verified.attrs["metrics"]
     assert m["verify"] and m["n_candidate_pairs"] >= 20 and m["n_verified_copies"] == 1
 
 
@@ -125,13 +124,13 @@ def test_held_out_photos_with_default_params():
     p = DedupParams()
     emb, views = copy_detection_descriptor(bench.images), copy_detection_views(bench.images)
     keys = [str(i) for i in range(len(bench))]
-    plain = deduplicate(emb, keys, threshold=p.threshold, views=views)
+    plain = deduplicate(emb, keys, threshold=p.threshold, views=views).frame
     verifier = PairVerifier(
         lambda i: bench.images[i], min_inliers=p.verify_min_inliers, min_ncc=p.verify_min_ncc
     )
     verified = deduplicate(
         emb, keys, threshold=p.threshold, views=views, verifier=verifier, verify_k=p.verify_k
-    )
+    ).frame
     before = pairwise_scores(plain["component"].to_numpy(), bench.source)
     after = pairwise_scores(verified["component"].to_numpy(), bench.source)
     assert after["recall"] >= 0.9 and after["precision"] >= 0.99, after
