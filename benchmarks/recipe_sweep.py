@@ -1,6 +1,6 @@
 """The pre-training recipe sweep behind the default profile: ``python -m benchmarks.recipe_sweep [NAME ...]``.
 
-Each row is the pretrain stage's own worker code (``tasks.train_common.run_worker``: FSDP2 on one process, the real
+Each row is the pretrain stage's own worker code (``tasks.train_launch.run_worker``: FSDP2 on one process, the real
 shard loader, the same schedules) run with a few ``--set``-style overrides on top of a params file, on the shards
 that `dvc repro shards` wrote. Only the paper's knobs change (temperatures, LayerScale init, prototypes, crops,
 lr, batch, iterations); the method stays DINO + iBOT + KoLeo with Sinkhorn-Knopp.
@@ -71,10 +71,9 @@ def _selection_split(eval_dir: Path, tmp: Path) -> Path:
 
 def _raw_pixels_top1(selection: Path, n: int, img_size: int, patch_size: int, k: int) -> float:
     from dinov2_core.eval import RawPixelBackbone, knn_classify
-    from tasks.params import KnnMonitorParams
-    from tasks.train_common import knn_probe
+    from dinov2_core.eval.monitor import MonitorConfig, knn_probe
 
-    probe = knn_probe(KnnMonitorParams(eval_dir=str(selection), n_train=n, n_test=n, k=k), img_size, patch_size)
+    probe = knn_probe(MonitorConfig(eval_dir=str(selection), n_train=n, n_test=n, k=k), img_size, patch_size)
     pixels = RawPixelBackbone(patch_size=patch_size, cls_size=32)
     feats = lambda x: pixels.forward_features(x)["x_norm_clstoken"]
     res = knn_classify(feats(probe.train_images), probe.train_labels, feats(probe.test_images), probe.test_labels,
@@ -88,7 +87,7 @@ def run_config(name: str, overrides: list[str], params_file: Path, selection: Pa
 
     from tasks.params import load_params
     from tasks.pretrain import build_spec
-    from tasks.train_common import run_worker
+    from tasks.train_launch import run_worker
 
     sets = [*overrides, f"pretrain.out={out}", f"pretrain.monitor.eval_dir={selection}",
             f"pretrain.monitor.every={every}", f"pretrain.monitor.n_train={n}", f"pretrain.monitor.n_test={n}",

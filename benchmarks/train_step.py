@@ -92,9 +92,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from dinov2_core.train import fsdp
     from dinov2_core.train.distill_meta_arch import DistillMetaArch
+    from dinov2_core.train.engine import TrainSpec, make_loader
     from dinov2_core.train.ssl_meta_arch import SSLMetaArch
     from tasks.params import load_params
-    from tasks.train_common import TrainSpec, backbone_config, loss_config, make_loader, optim_config
+    from tasks.train_launch import (
+        backbone_config,
+        crops_config,
+        data_config,
+        loss_config,
+        optim_config,
+        storage_opener,
+    )
 
     params = load_params(args.params)
     p = params.pretrain
@@ -126,11 +134,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         index = _shards(Path(tmp))
-        data = p.data.model_copy(update={"shards": str(index)})
+        data = data_config(p.data.model_copy(update={"shards": str(index)}))
         spec = TrainSpec(stage="bench", out=Path(tmp), build=None, init_fresh=None, export=None, data=data,
-                         crops=p.crops, loss=loss, optim=optim, checkpoint_every=0, checkpoint_keep=1,
+                         crops=crops_config(p.crops), loss=loss, optim=optim, checkpoint_every=0, checkpoint_keep=1,
                          digest_payload={})
-        loader = iter(make_loader(spec, params, bb.patch_size, 0, 1, 0, pin_memory=False))
+        loader = iter(make_loader(spec, bb.patch_size, 0, 1, 0, pin_memory=False, opener=storage_opener(params)))
         step = _stepper(build(False, False), optim, lambda: next(loader))
         times = time_fn(step, warmup=2, iters=args.iters)
         loader.close()
@@ -180,7 +188,7 @@ def _per_image_loader(spec, params, patch_size: int, workers: int):
     """The stage's loader with the per-image transform (``DataAugmentationDINO``) the batched one replaced."""
     from dinov2_core.data.augmentations import DataAugmentationDINO
     from dinov2_core.data.loader import SSLDataLoader, read_shard_index
-    from tasks.train_common import storage_opener
+    from tasks.train_launch import storage_opener
 
     opener = storage_opener(params)
     crops = spec.crops

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -264,29 +265,32 @@ class Output:
         return bool(self.md5 and self.md5.endswith(".dir"))
 
 
-def _declared_cache_flags(dvc_yaml: dict) -> dict[tuple[str, str], bool]:
-    flags: dict[tuple[str, str], bool] = {}
+def _declared_cache_flags(dvc_yaml: dict) -> list[tuple[str, re.Pattern[str], bool]]:
+    """(stage, path pattern, cached) of every declared output; a `${...}` part of a path (interpolated from
+    params.yaml) matches any text, so the lock's resolved paths find their flags whatever the params were."""
+    flags: list[tuple[str, re.Pattern[str], bool]] = []
     for stage, body in (dvc_yaml.get("stages") or {}).items():
         for kind in ("outs", "metrics", "plots"):
             for item in body.get(kind) or []:
-                if isinstance(item, str):
-                    flags[(stage, item)] = True
-                elif isinstance(item, dict):
-                    for path, opts in item.items():
-                        flags[(stage, path)] = bool((opts or {}).get("cache", True))
+                entries = {item: None} if isinstance(item, str) else item if isinstance(item, dict) else {}
+                for path, opts in entries.items():
+                    parts = re.split(r"\$\{[^}]+\}", str(path))
+                    pattern = re.compile(".+".join(re.escape(part) for part in parts) + r"\Z")
+                    flags.append((stage, pattern, bool((opts or {}).get("cache", True))))
     return flags
 
 
 def lock_outputs(lock_text: str, dvc_yaml_text: str | None = None) -> dict[str, list[Output]]:
     """Stage -> its outputs with hashes, from a dvc.lock (and dvc.yaml for the `cache:` flags)."""
     lock = yaml.safe_load(lock_text) or {}
-    flags = _declared_cache_flags(yaml.safe_load(dvc_yaml_text) or {}) if dvc_yaml_text else {}
+    flags = _declared_cache_flags(yaml.safe_load(dvc_yaml_text) or {}) if dvc_yaml_text else []
     result: dict[str, list[Output]] = {}
     for stage, body in (lock.get("stages") or {}).items():
         outs = []
         for out in body.get("outs") or []:
             path = out["path"]
-            cached = flags.get((stage, path), not path.startswith("reports/metrics/"))
+            declared = [cached for s, pattern, cached in flags if s == stage and pattern.match(path)]
+            cached = declared[0] if declared else not path.startswith("reports/metrics/")
             outs.append(Output(stage, path, out.get("md5"), out.get("size"), out.get("nfiles"), cached))
         result[stage] = outs
     return result

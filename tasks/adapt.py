@@ -20,24 +20,26 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dinov2_core.eval.monitor import knn_monitor, random_backbone
 from dinov2_core.hub import load_export
+from dinov2_core.train.engine import TrainSpec
+from dinov2_core.train.export import export_ssl, sha256_file
+from dinov2_core.train.resolution import adapted_state
 from tasks.log import get_logger
 from tasks.params import Params, ParamsError, params_record
-from tasks.train_common import (
-    TrainSpec,
+from tasks.train_launch import (
+    STAGE_CODE,
     check_batch,
     check_crops,
-    export_ssl,
-    knn_monitor,
+    crops_config,
+    data_config,
     launch_workers,
+    monitor_config,
     optim_config,
-    prototype_counts,
-    random_backbone,
     read_shard_index_table,
-    sha256_file,
     shard_index_checks,
-    write_training_reports,
 )
+from tasks.train_reports import prototype_counts, write_training_reports
 
 log = get_logger("adapt")
 
@@ -51,31 +53,6 @@ def load_full_checkpoint(path: str) -> dict[str, Any]:
     if not {"student", "teacher", "config"} <= set(ckpt):
         raise ValueError(f"{path}: not a full training checkpoint (needs student, teacher and config entries)")
     return ckpt
-
-
-def interpolate_pos_embed(backbone_state: dict[str, Any], old_cfg, new_size: int) -> dict[str, Any]:
-    """``backbone_state`` with ``pos_embed`` resized for ``new_size`` px by the old model's own interpolation."""
-    import torch
-
-    with torch.device("meta"):
-        old = old_cfg.build(with_drop_path=False)
-    old.pos_embed = torch.nn.Parameter(backbone_state["pos_embed"].detach().clone(), requires_grad=False)
-    grid = new_size // old_cfg.patch_size
-    dummy = torch.zeros(1, 1 + grid * grid, old.embed_dim)
-    with torch.no_grad():
-        table = old.interpolate_pos_encoding(dummy, new_size, new_size)
-    out = dict(backbone_state)
-    out["pos_embed"] = table.detach().clone().contiguous()
-    return out
-
-
-def adapted_state(module_state: dict[str, Any], old_cfg, new_size: int) -> dict[str, Any]:
-    """A student/teacher state (``backbone.*`` + heads) with the backbone's positional table resized."""
-    backbone = {k[len("backbone."):]: v for k, v in module_state.items() if k.startswith("backbone.")}
-    backbone = interpolate_pos_embed(backbone, old_cfg, new_size)
-    out = {k: v for k, v in module_state.items() if not k.startswith("backbone.")}
-    out.update({f"backbone.{k}": v for k, v in backbone.items()})
-    return out
 
 
 def build_spec(params: Params) -> TrainSpec:
@@ -104,9 +81,10 @@ def build_spec(params: Params) -> TrainSpec:
         out=Path(a.out),
         build=lambda: SSLMetaArch(bb, loss, n_local_crops=a.crops.local_crops_number),
         init_fresh=init_fresh,
-        export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, a.crops, optim, "adapt"),
-        data=a.data, crops=a.crops, loss=loss, optim=optim,
-        monitor=a.monitor,
+        export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, crops_config(a.crops), optim, "adapt"),
+        data=data_config(a.data), crops=crops_config(a.crops), loss=loss, optim=optim,
+        code_files=STAGE_CODE,
+        monitor=monitor_config(a.monitor),
         checkpoint_every=a.checkpoint.every, checkpoint_keep=a.checkpoint.keep,
         checkpoint_dir=a.checkpoint.dir,
         digest_payload={"adapt": a.model_dump(mode="json", exclude={"checkpoint", "monitor", "out"}),
@@ -142,10 +120,10 @@ def run_adapt(params: Params) -> dict[str, Any]:
     teacher = load_export(export_dir / "model.json", "teacher_backbone.pth")
     before = load_export(Path(a.init).with_name("model.json"), "teacher_backbone.pth") \
         if Path(a.init).with_name("model.json").exists() else None
-    knn = knn_monitor(a.monitor, {"teacher": teacher, "random_init": random_backbone(bb, params.seed)},
+    knn = knn_monitor(monitor_config(a.monitor), {"teacher": teacher, "random_init": random_backbone(bb, params.seed)},
                       a.crops.global_crops_size, bb.patch_size)
     if before is not None:  # and at the pre-training resolution: did the adaptation keep the low-res features?
-        low = knn_monitor(a.monitor, {"teacher": teacher, "pretrain_teacher": before}, old_bb.img_size, bb.patch_size)
+        low = knn_monitor(monitor_config(a.monitor), {"teacher": teacher, "pretrain_teacher": before}, old_bb.img_size, bb.patch_size)
         knn["at_pretrain_size"] = low
     total = a.optim.epochs * a.optim.epoch_length
     metrics = {

@@ -17,26 +17,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dinov2_core.eval.monitor import knn_monitor, random_backbone
 from dinov2_core.hub import load_export
+from dinov2_core.train.engine import TrainSpec
+from dinov2_core.train.export import sub_state, write_model_json
 from tasks.log import get_logger
 from tasks.params import DistillParams, Params, ParamsError, params_record
-from tasks.train_common import (
-    TrainSpec,
+from tasks.train_launch import (
+    STAGE_CODE,
     backbone_config,
     check_batch,
     check_crops,
-    knn_monitor,
+    crops_config,
+    data_config,
     launch_workers,
     loss_config,
+    monitor_config,
     optim_config,
-    prototype_counts,
-    random_backbone,
     read_shard_index_table,
     shard_index_checks,
-    sub_state,
-    write_model_json,
-    write_training_reports,
 )
+from tasks.train_reports import prototype_counts, write_training_reports
 
 log = get_logger("distill")
 
@@ -125,8 +126,9 @@ def build_spec(params: Params) -> TrainSpec:
                                       teacher_state=t_state, head_seed=params.seed),
         init_fresh=lambda meta: None,
         export=export,
-        data=d.data, crops=d.crops, loss=loss, optim=optim,
-        monitor=d.monitor,
+        data=data_config(d.data), crops=crops_config(d.crops), loss=loss, optim=optim,
+        code_files=STAGE_CODE,
+        monitor=monitor_config(d.monitor),
         monitor_part="student_ema",
         checkpoint_every=d.checkpoint.every, checkpoint_keep=d.checkpoint.keep,
         checkpoint_dir=d.checkpoint.dir,
@@ -162,7 +164,7 @@ def run_distill(params: Params) -> dict[str, Any]:
               "student_ema": load_export(export_dir / "model.json", "student_backbone.pth"),
               "random_init": random_backbone(s_bb, params.seed)}
     del t_state
-    knn = knn_monitor(d.monitor, models, d.crops.global_crops_size, s_bb.patch_size)
+    knn = knn_monitor(monitor_config(d.monitor), models, d.crops.global_crops_size, s_bb.patch_size)
     total = d.optim.epochs * d.optim.epoch_length
     metrics = {
         "summary": summary,

@@ -13,25 +13,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dinov2_core.eval.monitor import knn_monitor, random_backbone
 from dinov2_core.hub import load_export
+from dinov2_core.train.engine import TrainSpec
+from dinov2_core.train.export import export_ssl
 from tasks.log import get_logger
 from tasks.params import Params, params_record
-from tasks.train_common import (
-    TrainSpec,
+from tasks.train_launch import (
+    STAGE_CODE,
     backbone_config,
     check_batch,
     check_crops,
-    export_ssl,
-    knn_monitor,
+    crops_config,
+    data_config,
     launch_workers,
     loss_config,
+    monitor_config,
     optim_config,
-    prototype_counts,
-    random_backbone,
     read_shard_index_table,
     shard_index_checks,
-    write_training_reports,
 )
+from tasks.train_reports import prototype_counts, write_training_reports
 
 log = get_logger("pretrain")
 
@@ -50,9 +52,10 @@ def build_spec(params: Params) -> TrainSpec:
         out=Path(p.out),
         build=lambda: SSLMetaArch(bb, loss, n_local_crops=p.crops.local_crops_number),
         init_fresh=lambda meta: None,
-        export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, p.crops, optim, "pretrain"),
-        data=p.data, crops=p.crops, loss=loss, optim=optim,
-        monitor=p.monitor,
+        export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, crops_config(p.crops), optim, "pretrain"),
+        data=data_config(p.data), crops=crops_config(p.crops), loss=loss, optim=optim,
+        code_files=STAGE_CODE,
+        monitor=monitor_config(p.monitor),
         checkpoint_every=p.checkpoint.every, checkpoint_keep=p.checkpoint.keep,
         checkpoint_dir=p.checkpoint.dir,
         digest_payload={"model": params.model.model_dump(mode="json"), "pretrain": p.model_dump(
@@ -80,7 +83,7 @@ def run_pretrain(params: Params) -> dict[str, Any]:
     teacher = load_export(export_dir / "model.json", "teacher_backbone.pth")
     baselines = {"random_init": random_backbone(bb, params.seed),  # LayerScale 1.0 (hub default): the fair one
                  "random_init_as_trained": random_backbone(bb, params.seed, layerscale=bb.layerscale)}
-    knn = knn_monitor(p.monitor, {"teacher": teacher, **baselines}, p.crops.global_crops_size, bb.patch_size)
+    knn = knn_monitor(monitor_config(p.monitor), {"teacher": teacher, **baselines}, p.crops.global_crops_size, bb.patch_size)
     metrics = {
         "summary": summary,
         "knn": knn,

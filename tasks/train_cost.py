@@ -140,7 +140,7 @@ def _activation_bytes_per_value(params: Params) -> int:
 
 
 def train_cost(params: Params, gpu_tflops: float = A100_BF16_TFLOPS, mfu: float = DEFAULT_MFU) -> dict[str, Any]:
-    from tasks.train_common import backbone_config, loss_config
+    from tasks.train_launch import backbone_config, loss_config
 
     p, a, d = params.pretrain, params.adapt, params.distill
     pre_bb = backbone_config(params.model, p.crops.global_crops_size)

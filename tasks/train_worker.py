@@ -1,5 +1,5 @@
 """The torchrun entry point of the training stages: `python -m torch.distributed.run ... -m tasks.train_worker
-STAGE --params FILE` (the stages start it; see tasks/train_common.py). One process per rank."""
+STAGE --params FILE` (the stages start it; see tasks/train_launch.py). One process per rank."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tasks.params import load_params
     from tasks.stages import STAGES
-    from tasks.train_common import die_with_parent, run_worker
+    from tasks.train_launch import die_with_parent, run_worker
 
     die_with_parent()  # a rank must not outlive torchrun
     params = load_params(args.params)

@@ -161,3 +161,40 @@ def test_caches_outside_dvc_are_keyed_by_the_code_that_filled_them(tmp_path, mon
     embeddings.source_digest.cache_clear()
     assert embeddings.embedder_cache_id("copy-detection", {"dim": 64}) != before
     embeddings.source_digest.cache_clear()
+
+
+CODE_DEPS = ("tasks/", "dinov2_core/")
+# Outputs DVC cannot follow to where params put them: shards.out may be an s3:// prefix (not a DVC output).
+LITERAL_PATHS = {("shards", "data/shards")}
+
+
+def _paths(body: dict, kind: str) -> list[str]:
+    return [p for item in body.get(kind) or [] for p in ([item] if isinstance(item, str) else item)]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_data_paths_in_dvc_yaml_come_from_params(stage):
+    """A profile or override that moves an input or output must move it for DVC too, so every data path of a stage
+    is interpolated from params.yaml (`${section.key}`), never restated literally."""
+    body = _dvc_stages()[stage]
+    literal = [p for kind in ("deps", "outs", "metrics", "plots") for p in _paths(body, kind)
+               if "${" not in p and not p.startswith(CODE_DEPS) and (stage, p) not in LITERAL_PATHS]
+    assert not literal, f"{stage}: literal data paths in dvc.yaml: {literal}"
+
+
+def test_dvc_resolves_moved_outputs_from_params(tmp_path):
+    """Real DVC, with params.yaml moving ingest's output (and dedup's input) and the reports folder: the resolved
+    stages write and read the new paths and the DAG still links ingest -> dedup."""
+    from dvc.repo import Repo
+
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    tree = yaml.safe_load((ROOT / "params.yaml").read_text())
+    tree["ingest"]["out"] = tree["dedup"]["images"] = "elsewhere/ingest"
+    tree["reports"] = "elsewhere/reports"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+    Repo.init(str(tmp_path), no_scm=True)
+    repo = Repo(str(tmp_path))
+    stages = {s.name: s for s in repo.index.stages}
+    assert [o.def_path for o in stages["ingest"].outs] == ["elsewhere/ingest", "elsewhere/reports/metrics/ingest.json"]
+    assert "elsewhere/ingest" in [d.def_path for d in stages["dedup"].deps]
+    assert ("dedup", "ingest") in {(a.name, b.name) for a, b in repo.index.graph.edges()}

@@ -194,6 +194,19 @@ def test_outputs_table_links_pushed_objects_to_s3():
     assert "not cached" in md
 
 
+def test_cache_flags_follow_interpolated_paths():
+    """dvc.yaml paths come from params.yaml (`${reports}/...`): the lock's resolved paths, wherever a profile put
+    them, still get their declared `cache:` flag."""
+    outs = lock_outputs(yaml.safe_dump({"stages": {"pretrain": {"outs": [
+        {"path": "runs/a/export", "md5": "ab" * 16 + ".dir"},
+        {"path": "out/reports/plots/pretrain.csv", "md5": "cd" * 16},
+        {"path": "out/reports/figures/pretrain_loss.png", "md5": "ef" * 16}]}}}),
+        yaml.safe_dump({"stages": {"pretrain": {"outs": ["${pretrain.out}/export"], "plots": [
+            {"${reports}/plots/pretrain.csv": {"cache": False, "x": "step"}},
+            {"${reports}/figures/pretrain_loss.png": {"cache": False}}]}}}))
+    assert [o.cached for o in outs["pretrain"]] == [True, False, False]
+
+
 # ------------------------------------------------------------------------------------------- fetch
 def _put(remote: Path, data: bytes, suffix: str = "") -> str:
     md5 = hashlib.md5(data).hexdigest()

@@ -39,7 +39,7 @@ def test_bad_training_values_are_one_line_errors(override, key):
 
 
 def test_stage_level_checks(tmp_path):
-    from tasks.train_common import check_batch, check_crops
+    from tasks.train_launch import check_batch, check_crops
 
     p = load_params(ROOT / "params.yaml", ["pretrain.crops.global_crops_size=50", "launch.nproc_per_node=3"])
     with pytest.raises(ParamsError, match="pretrain.crops.global_crops_size: 50 is not a multiple"):
@@ -91,7 +91,7 @@ def test_hub_spec_rebuilds_the_paper_model_on_the_meta_device():
     import torch
 
     from dinov2_core import hub
-    from tasks.train_common import backbone_config
+    from tasks.train_launch import backbone_config
 
     paper = load_params(ROOT / "params.paper.yaml")
     cfg = backbone_config(paper.model, 518)

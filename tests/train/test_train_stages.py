@@ -50,8 +50,8 @@ def labelled_eval(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------- fast: adapt switch
 def test_positional_table_is_interpolated_so_the_switch_is_seamless():
     from dinov2_core.train.config import BackboneConfig
+    from dinov2_core.train.resolution import adapted_state
     from dinov2_core.train.ssl_meta_arch import SSLMetaArch
-    from tasks.adapt import adapted_state
 
     from .test_train_meta_arch import BB, loss_cfg
 
@@ -244,8 +244,9 @@ def test_unreachable_checkpoint_store_is_one_line_before_any_worker_starts(train
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(train_params, fmnist_shards, tmp_path,
                                                                          monkeypatch):
+    from dinov2_core.train.engine import FAULT_ENV
     from tasks.pretrain import run_pretrain
-    from tasks.train_common import FAULT_ENV, TrainingFailed
+    from tasks.train_launch import TrainingFailed
 
     monkeypatch.setenv(FAULT_ENV, "5")
     p = train_params("pretrain", fmnist_shards, steps=8, every=2)
