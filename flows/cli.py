@@ -2,7 +2,8 @@
 
 `stage NAME` runs one stage's plain function (what DVC stage `cmd`s call), `run` runs the Prefect flow that
 chains the DVC stages, `params` validates a params/profile file, `fetch` gets any stage's artifact for a git
-revision or flow run from the DVC remote, `stack` starts/stops the local Prefect + S3 stack, `deploy`
+revision or flow run from the DVC remote, `export` converts a trained backbone for transformers, timm or ONNX,
+`stack` starts/stops the local Prefect + S3 stack, `deploy`
 registers the deployments. Errors users can act on are printed as one
 line (set DINOV2_DEBUG=1 for the traceback).
 """
@@ -232,6 +233,32 @@ def stack_status() -> None:
     from flows.stack import main as stack_main
 
     raise typer.Exit(stack_main(["status"]))
+
+
+@app.command("export")
+def export_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder to write the converted model into.")],
+    to: Annotated[str, typer.Option("--to", help="hf (transformers Dinov2Model / Dinov2WithRegistersModel), "
+                                    "timm (vit_*_patch14_dinov2), or onnx.")] = "hf",
+    model_json: Annotated[Path, typer.Option(help="model.json of a training export.")] = Path(
+        "data/distill/export/model.json"),
+    name: Annotated[str | None, typer.Option(help="Weight file in that export (default: its backbone).")] = None,
+) -> None:
+    """Convert an exported backbone for another library, load it back there and check its features match ours
+    (max abs difference <= 1e-4 at the model's resolution)."""
+    import json
+
+    from dinov2_core.hub import load_export
+    from dinov2_core.interop import FORMATS, export
+
+    if to not in FORMATS:
+        _fail(f"--to {to}: one of {', '.join(FORMATS)}", 2)
+    if not model_json.exists():
+        _fail(f"{model_json}: no such export (run the training stages, or pass --model-json)", 2)
+    files = json.loads(model_json.read_text()).get("files", {})
+    name = name or next((f for f in files if f.endswith("_backbone.pth")), None)
+    result = _guarded(lambda: export(load_export(model_json, name), to, out))
+    typer.echo(f"{to}: {result['path']} (features match ours: max abs diff {result['max_abs_diff']:.1e})")
 
 
 @app.command("deploy")

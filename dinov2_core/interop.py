@@ -1,0 +1,296 @@
+"""Backbones for the libraries people already use: Hugging Face ``transformers`` (``Dinov2Model`` /
+``Dinov2WithRegistersModel``), timm (``vit_*_patch14_dinov2`` / ``..._reg4_dinov2``) and ONNX.
+
+The conversions are state-dict maps from the official layout this package shares with Meta's code; the target
+libraries are optional and imported only by the function that needs them. Every export is checked by loading it
+in the real library and comparing its features with ours on the same input (``verify``), at the model's own
+resolution: at other sizes each library interpolates positional embeddings its own way (the official code adds an
+0.1 offset to the scale factor, transformers and timm resize to the exact grid).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .models import DinoVisionTransformer
+
+FORMATS = ("hf", "timm", "onnx")
+_BLOCK = re.compile(r"^blocks\.(?:\d+\.)?(\d+)\.(.+)$")  # plain or chunked (blocks.<chunk>.<index>.) keys
+# timm's names of the official sizes (embed_dim -> name stem)
+_TIMM_SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
+
+
+# --------------------------------------------------------------------------------------------- description
+def describe(model: DinoVisionTransformer) -> dict[str, Any]:
+    """The architecture facts a foreign config needs, read off the model itself."""
+    block = _flat_blocks(model)[0]
+    swiglu = hasattr(block.mlp, "w12")
+    hidden = block.mlp.w3.in_features if swiglu else block.mlp.fc1.out_features
+    return {
+        "embed_dim": model.embed_dim,
+        "depth": model.n_blocks,
+        "num_heads": model.num_heads,
+        "patch_size": model.patch_size,
+        "img_size": int(model.patch_embed.img_size[0]),
+        "num_register_tokens": int(model.num_register_tokens),
+        "swiglu": swiglu,
+        "mlp_hidden": int(hidden),
+        "layerscale": hasattr(block.ls1, "gamma"),
+        "qkv_bias": block.attn.qkv.bias is not None,
+    }
+
+
+def _flat_blocks(model: DinoVisionTransformer) -> list[nn.Module]:
+    if getattr(model, "chunked_blocks", False):
+        return [b for chunk in model.blocks for b in chunk if not isinstance(b, nn.Identity)]
+    return list(model.blocks)
+
+
+def _split_blocks(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[int, dict[str, Tensor]]]:
+    """(non-block entries, {block index: {name inside the block: tensor}})."""
+    rest, blocks = {}, {}
+    for key, value in state.items():
+        m = _BLOCK.match(key)
+        if m:
+            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = value
+        else:
+            rest[key] = value
+    return rest, blocks
+
+
+# --------------------------------------------------------------------------------------------- transformers
+def hf_config(model: DinoVisionTransformer):
+    """``Dinov2Config`` (or ``Dinov2WithRegistersConfig``) of the same architecture."""
+    from transformers import Dinov2Config, Dinov2WithRegistersConfig
+
+    d = describe(model)
+    ratio = d["mlp_hidden"] / d["embed_dim"]
+    if not d["swiglu"] and not ratio.is_integer():
+        raise ValueError(f"hf export: an MLP width of {d['mlp_hidden']} is not an integer multiple of "
+                         f"{d['embed_dim']}, which Dinov2Config.mlp_ratio requires")
+    common = {"hidden_size": d["embed_dim"], "num_hidden_layers": d["depth"], "num_attention_heads": d["num_heads"],
+              "image_size": d["img_size"], "patch_size": d["patch_size"], "use_swiglu_ffn": d["swiglu"],
+              "mlp_ratio": 4 if d["swiglu"] else int(ratio), "qkv_bias": d["qkv_bias"],
+              "layerscale_value": 1.0, "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
+    if d["num_register_tokens"]:
+        return Dinov2WithRegistersConfig(num_register_tokens=d["num_register_tokens"], **common)
+    return Dinov2Config(**common)
+
+
+def to_hf_state_dict(state: dict[str, Tensor], layerscale: bool = True) -> dict[str, Tensor]:
+    """Official backbone keys -> ``Dinov2Model`` / ``Dinov2WithRegistersModel`` keys (transformers >= 5: separate
+    q/k/v/o projections). Without LayerScale the HF layer's scale is set to ones (it always has one)."""
+    rest, blocks = _split_blocks(state)
+    out = {
+        "embeddings.cls_token": rest["cls_token"],
+        "embeddings.mask_token": rest["mask_token"].reshape(1, -1),
+        "embeddings.position_embeddings": rest["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": rest["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": rest["patch_embed.proj.bias"],
+        "layernorm.weight": rest["norm.weight"],
+        "layernorm.bias": rest["norm.bias"],
+    }
+    if "register_tokens" in rest:
+        out["embeddings.register_tokens"] = rest["register_tokens"]
+    for i, b in sorted(blocks.items()):
+        p = f"encoder.layer.{i}."
+        for n in ("norm1", "norm2"):
+            out[p + f"{n}.weight"], out[p + f"{n}.bias"] = b[f"{n}.weight"], b[f"{n}.bias"]
+        for name, w in zip(("q_proj", "k_proj", "v_proj"), b["attn.qkv.weight"].chunk(3, dim=0)):
+            out[p + f"attention.{name}.weight"] = w
+        if "attn.qkv.bias" in b:
+            for name, v in zip(("q_proj", "k_proj", "v_proj"), b["attn.qkv.bias"].chunk(3, dim=0)):
+                out[p + f"attention.{name}.bias"] = v
+        out[p + "attention.o_proj.weight"], out[p + "attention.o_proj.bias"] = b["attn.proj.weight"], b["attn.proj.bias"]
+        for t in ("weight", "bias"):
+            if f"mlp.w12.{t}" in b:  # SwiGLU: silu(gate) * value, gate first in the fused projection
+                out[p + f"mlp.gate_proj.{t}"], out[p + f"mlp.up_proj.{t}"] = b[f"mlp.w12.{t}"].chunk(2, dim=0)
+                out[p + f"mlp.down_proj.{t}"] = b[f"mlp.w3.{t}"]
+            elif f"mlp.fc1.{t}" in b:
+                out[p + f"mlp.fc1.{t}"], out[p + f"mlp.fc2.{t}"] = b[f"mlp.fc1.{t}"], b[f"mlp.fc2.{t}"]
+        dim = b["norm1.weight"].shape[0]
+        for ls in ("1", "2"):
+            gamma = b.get(f"ls{ls}.gamma") if layerscale else None
+            out[p + f"layer_scale{ls}.lambda1"] = gamma if gamma is not None else torch.ones(dim)
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def export_hf(model: DinoVisionTransformer, out_dir: str | Path) -> Path:
+    """``save_pretrained`` folder (config.json + model.safetensors) that ``AutoModel.from_pretrained`` loads."""
+    from transformers import Dinov2Model, Dinov2WithRegistersModel
+
+    config = hf_config(model)
+    cls = Dinov2WithRegistersModel if model.num_register_tokens else Dinov2Model
+    hf = cls(config).eval()
+    hf.load_state_dict(to_hf_state_dict(model.state_dict(), layerscale=describe(model)["layerscale"]), strict=True)
+    out_dir = Path(out_dir)
+    hf.save_pretrained(out_dir)
+    return out_dir
+
+
+def hf_features(out_dir: str | Path) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """(CLS, patch tokens) of the saved HF model, both after the final LayerNorm, as ours."""
+    from transformers import AutoModel
+
+    hf = AutoModel.from_pretrained(str(out_dir)).eval()
+    n_reg = getattr(hf.config, "num_register_tokens", 0)
+
+    def run(x: Tensor) -> tuple[Tensor, Tensor]:
+        h = hf(pixel_values=x).last_hidden_state
+        return h[:, 0], h[:, 1 + n_reg:]
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------- timm
+def timm_name(model: DinoVisionTransformer) -> str:
+    """The timm architecture to build (its size stem only names the default widths; ours are passed as kwargs)."""
+    d = describe(model)
+    size = _TIMM_SIZES.get(d["embed_dim"], "small")
+    return f"vit_{size}_patch14_reg4_dinov2" if d["num_register_tokens"] else f"vit_{size}_patch14_dinov2"
+
+
+def timm_kwargs(model: DinoVisionTransformer) -> dict[str, Any]:
+    d = describe(model)
+    if d["swiglu"]:
+        raise ValueError("timm export: SwiGLU (ViT-g) backbones are not supported yet; use --to hf or onnx")
+    # LayerScale always on: timm drops a None init_values and would build it anyway; without it ours gets ones
+    kw = {"img_size": d["img_size"], "patch_size": d["patch_size"], "embed_dim": d["embed_dim"], "depth": d["depth"],
+          "num_heads": d["num_heads"], "mlp_ratio": d["mlp_hidden"] / d["embed_dim"], "qkv_bias": d["qkv_bias"],
+          "init_values": 1.0, "num_classes": 0}
+    if d["num_register_tokens"]:
+        kw.update(reg_tokens=d["num_register_tokens"], no_embed_class=True)
+    return kw
+
+
+def to_timm_state_dict(state: dict[str, Tensor], num_register_tokens: int = 0) -> dict[str, Tensor]:
+    """Official keys -> timm ``VisionTransformer`` keys. timm's register models add positions to the patches only
+    (``no_embed_class``), so the CLS token absorbs its own positional embedding; the iBOT mask token is dropped."""
+    out = {k: v for k, v in state.items() if k not in ("mask_token", "register_tokens")}
+    if num_register_tokens:
+        out["reg_token"] = state["register_tokens"]
+        out["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
+        out["pos_embed"] = state["pos_embed"][:, 1:]
+    flat = {}
+    for k, v in out.items():
+        m = _BLOCK.match(k)
+        flat[f"blocks.{m.group(1)}.{m.group(2)}" if m else k] = v.detach().clone().contiguous()
+    for key in [k for k in flat if k.endswith(".norm1.weight")]:  # no LayerScale: timm's is set to identity
+        for ls in ("ls1", "ls2"):
+            flat.setdefault(key.replace("norm1.weight", f"{ls}.gamma"), torch.ones_like(flat[key]))
+    return flat
+
+
+def export_timm(model: DinoVisionTransformer, out_dir: str | Path) -> Path:
+    """``model.safetensors`` + ``config.json`` ({"architecture", "kwargs"}) for ``timm.create_model``."""
+    import timm
+    from safetensors.torch import save_file
+
+    name, kwargs = timm_name(model), timm_kwargs(model)
+    state = to_timm_state_dict(model.state_dict(), model.num_register_tokens)
+    timm.create_model(name, pretrained=False, **kwargs).load_state_dict(state, strict=True)  # fails here, not later
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_dir / "model.safetensors"))
+    (out_dir / "config.json").write_text(json.dumps({"architecture": name, "kwargs": kwargs}, indent=2) + "\n")
+    return out_dir
+
+
+def timm_features(out_dir: str | Path) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    import timm
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    m = timm.create_model(cfg["architecture"], pretrained=False, **cfg["kwargs"]).eval()
+    m.load_state_dict(load_file(str(out_dir / "model.safetensors")), strict=True)
+
+    def run(x: Tensor) -> tuple[Tensor, Tensor]:
+        h = m.forward_features(x)
+        return h[:, 0], h[:, m.num_prefix_tokens:]
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------- ONNX
+class _Features(nn.Module):
+    def __init__(self, model: DinoVisionTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.model.forward_features(x)
+        return f["x_norm_clstoken"], f["x_norm_patchtokens"]
+
+
+def export_onnx(model: DinoVisionTransformer, out_dir: str | Path, opset: int = 18) -> Path:
+    """``model.onnx``: input ``pixel_values`` [batch, 3, H, W] at the model's size (dynamic batch), outputs ``cls``
+    [batch, D] and ``patch_tokens`` [batch, N, D], after the final LayerNorm."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = int(model.patch_embed.img_size[0])
+    wrapper = _Features(model.eval())
+    was = getattr(model, "attn_backend", None)
+    if was is not None:
+        model.attn_backend = "eager"  # plain matmul/softmax ops: every ONNX runtime has them
+    try:
+        torch.onnx.export(wrapper, (torch.zeros(2, 3, size, size),), str(out_dir / "model.onnx"),
+                          input_names=["pixel_values"], output_names=["cls", "patch_tokens"],
+                          dynamic_axes={"pixel_values": {0: "batch"}, "cls": {0: "batch"},
+                                        "patch_tokens": {0: "batch"}},
+                          opset_version=opset, dynamo=False)
+    finally:
+        if was is not None:
+            model.attn_backend = was
+    return out_dir
+
+
+def onnx_features(out_dir: str | Path) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(Path(out_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def run(x: Tensor) -> tuple[Tensor, Tensor]:
+        cls, patches = session.run(None, {"pixel_values": x.numpy()})
+        return torch.from_numpy(cls), torch.from_numpy(patches)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------- all formats
+EXPORTERS = {"hf": (export_hf, hf_features), "timm": (export_timm, timm_features),
+             "onnx": (export_onnx, onnx_features)}
+
+
+@torch.no_grad()
+def verify(model: DinoVisionTransformer, fmt: str, out_dir: str | Path, n: int = 4, seed: int = 0) -> float:
+    """Max abs difference between our (CLS, patch tokens) and the exported model's, loaded in its own library, on
+    ``n`` random images at the model's resolution."""
+    size = int(model.patch_embed.img_size[0])
+    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    f = model.eval().forward_features(x)
+    cls, patches = EXPORTERS[fmt][1](out_dir)(x)
+    return max(float((cls - f["x_norm_clstoken"]).abs().max()), float((patches - f["x_norm_patchtokens"]).abs().max()))
+
+
+def export(model: DinoVisionTransformer, fmt: str, out_dir: str | Path, tolerance: float = 1e-4) -> dict[str, Any]:
+    """Write ``model`` in ``fmt`` (hf / timm / onnx) to ``out_dir``, load it back in that library and check its
+    features match ours within ``tolerance``; returns {"format", "path", "max_abs_diff"}."""
+    if fmt not in EXPORTERS:
+        raise ValueError(f"unknown export format '{fmt}'; one of {', '.join(FORMATS)}")
+    path = EXPORTERS[fmt][0](model, out_dir)
+    diff = verify(model, fmt, path)
+    if not diff <= tolerance:
+        raise RuntimeError(f"{fmt} export at {path}: features differ from ours by {diff:.2e} (> {tolerance:g})")
+    return {"format": fmt, "path": str(path), "max_abs_diff": diff}
+
+
+__all__ = ["FORMATS", "describe", "export", "export_hf", "export_onnx", "export_timm", "hf_config", "timm_kwargs",
+           "timm_name", "to_hf_state_dict", "to_timm_state_dict", "verify"]
