@@ -27,6 +27,30 @@ def test_a_profile_extends_another_and_states_only_what_differs(tmp_path):
         load_params(tmp_path / "loop.yaml")
 
 
+def _restated(base, over, path=""):
+    """Leaves of ``over`` whose value equals ``base``'s (lists and inline mappings compared key by key)."""
+    for key, value in over.items():
+        where = f"{path}.{key}" if path else key
+        if key == "extends" or key not in base:
+            continue
+        if isinstance(value, dict) and isinstance(base[key], dict):
+            yield from _restated(base[key], value, where)
+        elif value == base[key]:
+            yield where
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in ROOT.glob("params.*.yaml")))
+def test_every_profile_is_an_overlay_that_states_only_what_differs(profile):
+    """A value lives in one place: each profile extends params.yaml and restates none of its values."""
+    import yaml
+
+    over = yaml.safe_load((ROOT / profile).read_text())
+    assert over.get("extends") == "params.yaml", f"{profile} must start with 'extends: params.yaml'"
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert list(_restated(base, over)) == [], f"{profile} restates values of params.yaml"
+    load_params(ROOT / profile)  # and it validates
+
+
 def test_unknown_key_names_the_key(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("ingest:\n  wrokers: 4\n")
