@@ -7,6 +7,7 @@ so dedup precision/recall, decontamination recall and the retrieved in-domain sh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -69,19 +70,34 @@ def dedup_quality(dedup: pd.DataFrame, truth: pd.DataFrame) -> dict:
     }
 
 
-def decontamination_quality(result: pd.DataFrame, truth: pd.DataFrame) -> dict:
-    """Every planted copy of an evaluation image must be gone; clean images removed are the price paid."""
+# Grey pixels at 32 px correlating this much with the matched eval image: the same picture. Distinct Fashion-MNIST
+# test items rarely get there (0.7 % of 150 items had another of 600 at >= 0.98; 14.7 % at >= 0.95).
+PIXEL_COPY_NCC = 0.98
+
+
+def decontamination_quality(result: pd.DataFrame, truth: pd.DataFrame,
+                            pixel_ncc: Callable[[str, str], float] | None = None) -> dict:
+    """Every planted copy of an evaluation image must be gone; clean images removed are the price paid. With
+    ``pixel_ncc(pool key, eval id)``, the clean images removed are split into those whose pixels nearly equal their
+    matched eval image (a dataset's own train/test near-duplicates: removing them is decontamination too) and the
+    rest (distinct images lost)."""
     r = result.set_index("key")
     kinds = truth["kind"].reindex(r.index)
     copies = r[kinds == "eval_copy"]
     clean = r[kinds != "eval_copy"]
-    return {
+    out = {
         "planted_eval_copies_in_pool": len(copies),
         "planted_eval_copies_removed": int(copies["removed"].sum()),
         "recall": round(float(copies["removed"].mean()), 4) if len(copies) else None,
         "clean_images_removed": int(clean["removed"].sum()),
         "clean_removed_fraction": round(float(clean["removed"].mean()), 4) if len(clean) else None,
     }
+    if pixel_ncc is not None and len(clean):
+        removed = clean[clean["removed"]]
+        near = sum(int(pixel_ncc(k, e) >= PIXEL_COPY_NCC) for k, e in removed["matched_eval_id"].items())
+        out["clean_removed_pixel_near_copies"] = near
+        out["clean_removed_distinct_fraction"] = round((len(removed) - near) / len(clean), 4)
+    return out
 
 
 def retrieval_quality(pool_keys: list[str], curated_keys: list[str], truth: pd.DataFrame) -> dict:

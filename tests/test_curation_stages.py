@@ -65,6 +65,9 @@ def test_every_planted_eval_copy_is_removed(curated):
     assert q["planted_eval_copies_in_pool"] >= 5
     assert q["planted_eval_copies_removed"] == q["planted_eval_copies_in_pool"]
     assert q["clean_removed_fraction"] <= 0.06, q  # the price of removing every copy stays small
+    # the clean images removed split into pixel near-copies of their eval match and distinct ones, which add up
+    near, distinct = q["clean_removed_pixel_near_copies"], q["clean_removed_distinct_fraction"]
+    assert 0 <= near <= q["clean_images_removed"] and distinct <= q["clean_removed_fraction"]
     assert metrics["decontaminate"]["knn"]["verify"] is True
     result = pd.read_parquet(root / "decontam" / "decontam.parquet")
     assert result.loc[result["removed"], "matched_eval_id"].notna().all()
