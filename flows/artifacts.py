@@ -98,6 +98,19 @@ def metrics_markdown(stage: str, path: Path) -> str | None:
     return f"### {stage}: metrics\n\n| metric | value |\n|---|---|\n" + "\n".join(rows + nested)
 
 
+def summary_markdown(stage: str, reports: Path) -> str | None:
+    """A stage's own human summary (``<reports>/<stage>_summary.md``, e.g. the eval table with its baselines and
+    warnings) plus the figures it drew (``<reports>/figures/<stage>_*.png``, ``<reports>/figures/<stage>/``), listed
+    with their paths: the UI shows what a run concluded, not only its numbers."""
+    path = reports / f"{stage}_summary.md"
+    text = path.read_text().strip() if path.is_file() else ""
+    figures = sorted((reports / "figures").glob(f"{stage}_*.png")) + sorted((reports / "figures" / stage).glob("*.png"))
+    if figures:
+        text += ("\n\n" if text else "") + f"#### {stage}: figures\n\n" + "\n".join(
+            f"- `{p.relative_to(reports.parent) if p.is_relative_to(reports.parent) else p}`" for p in figures)
+    return text or None
+
+
 def headline_metrics(path: Path, limit: int = 4) -> str:
     """A few scalar metrics for the one-line-per-stage summary."""
     if not path.exists():

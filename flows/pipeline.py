@@ -42,6 +42,7 @@ from flows.artifacts import (
     metrics_markdown,
     outputs_markdown,
     publish,
+    summary_markdown,
     validation_files,
     validation_markdown,
     validation_summary,
@@ -344,6 +345,9 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
     markdown = metrics_markdown(stage, metrics_path)
     if markdown:
         publish("metrics", f"{stage}-metrics", markdown, f"{stage}: metrics{note}")
+    summary = summary_markdown(stage, reports)
+    if summary:
+        publish("summary", f"{stage}-summary", summary, f"{stage}: summary and figures{note}")
     warnings = metric_warnings(metrics_path)
     for w in warnings:
         logger.warning(w)

@@ -18,6 +18,7 @@ from flows.artifacts import (
     artifact_key,
     metrics_markdown,
     outputs_markdown,
+    summary_markdown,
     validation_files,
     validation_markdown,
 )
@@ -179,6 +180,19 @@ def test_metrics_table_and_artifact_keys(tmp_path):
     md = metrics_markdown("ingest", path)
     assert "| kept | 3 |" in md and "| rate | 0.1235 |" in md and "params" not in md
     assert artifact_key("Demo_Data", "metrics") == "demo-data-metrics"
+
+
+def test_stage_summary_artifact_has_the_summary_and_lists_the_figures(tmp_path):
+    reports = tmp_path / "reports"
+    (reports / "figures" / "eval").mkdir(parents=True)
+    (reports / "eval_summary.md").write_text("## Evaluation\n\n| backbone | k-NN |\n|---|---|\n| teacher | 0.68 |\n")
+    (reports / "figures" / "eval" / "pca_teacher.png").write_bytes(b"png")
+    (reports / "figures" / "pretrain_loss.png").write_bytes(b"png")
+    md = summary_markdown("eval", reports)
+    assert "| teacher | 0.68 |" in md and "reports/figures/eval/pca_teacher.png" in md
+    assert "pretrain_loss" not in md  # another stage's figure
+    assert "reports/figures/pretrain_loss.png" in summary_markdown("pretrain", reports)
+    assert summary_markdown("ingest", reports) is None
 
 
 def test_outputs_table_links_pushed_objects_to_s3():
