@@ -265,10 +265,12 @@ class Output:
         return bool(self.md5 and self.md5.endswith(".dir"))
 
 
-def _declared_cache_flags(dvc_yaml: dict) -> list[tuple[str, re.Pattern[str], bool]]:
-    """(stage, path pattern, cached) of every declared output; a `${...}` part of a path (interpolated from
-    params.yaml) matches any text, so the lock's resolved paths find their flags whatever the params were."""
-    flags: list[tuple[str, re.Pattern[str], bool]] = []
+def _declared_cache_flags(dvc_yaml: dict) -> list[tuple[str, re.Pattern[str], bool, int]]:
+    """(stage, path pattern, cached, literal length) of every declared output; a `${...}` part of a path
+    (interpolated from params.yaml) matches any text, so the lock's resolved paths find their flags whatever the
+    params were. A path matching several patterns takes the most literal one (`${reports}/metrics/x.json` over
+    `${x.out}`)."""
+    flags: list[tuple[str, re.Pattern[str], bool, int]] = []
     for stage, body in (dvc_yaml.get("stages") or {}).items():
         for kind in ("outs", "metrics", "plots"):
             for item in body.get(kind) or []:
@@ -276,7 +278,7 @@ def _declared_cache_flags(dvc_yaml: dict) -> list[tuple[str, re.Pattern[str], bo
                 for path, opts in entries.items():
                     parts = re.split(r"\$\{[^}]+\}", str(path))
                     pattern = re.compile(".+".join(re.escape(part) for part in parts) + r"\Z")
-                    flags.append((stage, pattern, bool((opts or {}).get("cache", True))))
+                    flags.append((stage, pattern, bool((opts or {}).get("cache", True)), sum(map(len, parts))))
     return flags
 
 
@@ -289,8 +291,9 @@ def lock_outputs(lock_text: str, dvc_yaml_text: str | None = None) -> dict[str, 
         outs = []
         for out in body.get("outs") or []:
             path = out["path"]
-            declared = [cached for s, pattern, cached in flags if s == stage and pattern.match(path)]
-            cached = declared[0] if declared else not path.startswith("reports/metrics/")
+            declared = sorted(((-literal, i, cached) for i, (s, pattern, cached, literal) in enumerate(flags)
+                               if s == stage and pattern.match(path)))
+            cached = declared[0][2] if declared else not path.startswith("reports/metrics/")
             outs.append(Output(stage, path, out.get("md5"), out.get("size"), out.get("nfiles"), cached))
         result[stage] = outs
     return result

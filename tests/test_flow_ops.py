@@ -214,11 +214,16 @@ def test_cache_flags_follow_interpolated_paths():
     outs = lock_outputs(yaml.safe_dump({"stages": {"pretrain": {"outs": [
         {"path": "runs/a/export", "md5": "ab" * 16 + ".dir"},
         {"path": "out/reports/plots/pretrain.csv", "md5": "cd" * 16},
-        {"path": "out/reports/figures/pretrain_loss.png", "md5": "ef" * 16}]}}}),
+        {"path": "out/reports/figures/pretrain_loss.png", "md5": "ef" * 16}]},
+        "ingest": {"outs": [{"path": "data/x", "md5": "ab" * 16 + ".dir"},
+                            {"path": "reports/metrics/ingest.json", "md5": "cd" * 16}]}}}),
         yaml.safe_dump({"stages": {"pretrain": {"outs": ["${pretrain.out}/export"], "plots": [
             {"${reports}/plots/pretrain.csv": {"cache": False, "x": "step"}},
-            {"${reports}/figures/pretrain_loss.png": {"cache": False}}]}}}))
+            {"${reports}/figures/pretrain_loss.png": {"cache": False}}]},
+            # a bare `${ingest.out}` matches any path: the metrics file must still get its own, more literal flag
+            "ingest": {"outs": ["${ingest.out}"], "metrics": [{"${reports}/metrics/ingest.json": {"cache": False}}]}}}))
     assert [o.cached for o in outs["pretrain"]] == [True, False, False]
+    assert [o.cached for o in outs["ingest"]] == [True, False]
 
 
 # ------------------------------------------------------------------------------------------- fetch
