@@ -219,6 +219,11 @@ def resolve_run_params(project: Path, profile: str, overrides: list[str]) -> tup
         params = load_params(profile_path, overrides)
     except ParamsError as exc:
         raise StageFailed(f"params: {exc}") from None
+    outside = outputs_outside_project(project, params.model_dump(mode="json"))
+    if outside:
+        raise StageFailed(f"params: {', '.join(outside)}: outside the project, and DVC tracks outputs only inside it "
+                          f"({project}); use a path under it, or `dinov2-pipeline stage NAME --set ...` for a one-off "
+                          f"run elsewhere")
     if profile_path.resolve() == (project / "params.yaml").resolve() and not overrides:
         return None, params
     tree = read_params_tree(profile_path)  # an overlay profile is written out whole: DVC sees every value
@@ -233,6 +238,26 @@ def resolve_run_params(project: Path, profile: str, overrides: list[str]) -> tup
               f"{' + ' + ', '.join(overrides) if overrides else ''}.\n"
               f"# The original params.yaml is restored when the run ends (backup: {_BACKUP}).\n")
     return header + yaml.safe_dump(tree, sort_keys=False), params
+
+
+def outputs_outside_project(project: Path, tree: dict) -> list[str]:
+    """`key=value` of every param that dvc.yaml interpolates into an output path and that points outside the
+    project (an absolute path elsewhere or a URL): DVC cannot track it, and would refuse the stage half-way."""
+    stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    bad = set()
+    for body in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for item in body.get(kind) or []:
+                for path in [item] if isinstance(item, str) else item:
+                    for key in re.findall(r"\$\{([\w.]+)\}", str(path)):
+                        value: Any = tree
+                        for part in key.split("."):
+                            value = value.get(part) if isinstance(value, dict) else None
+                        if isinstance(value, str) and ("://" in value or (
+                                Path(value).is_absolute() and not Path(value).resolve().is_relative_to(
+                                    project.resolve()))):
+                            bad.add(f"{key}={value}")
+    return sorted(bad)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,9 @@ import pandas as pd
 from tasks.reports import write_json
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# Test-only fault injection, for checks of what the flow does when data breaks a contract: "<stage>.<table>"
+# corrupts that table's first row (booleans flipped, numbers -1, text garbled) before the real validation runs.
+FAULT_ENV = "DINOV2_FAULT_GX"
 
 
 class DataQualityError(RuntimeError):
@@ -48,6 +51,22 @@ def _describe(result: Any) -> str:
     return f"{cfg.type}({args}): {what}"
 
 
+def _injected_fault(frame: pd.DataFrame) -> pd.DataFrame:
+    if not len(frame):
+        return frame
+    frame = frame.copy()
+    for col in frame.columns:
+        values = frame[col].astype(object).tolist()
+        if pd.api.types.is_bool_dtype(frame[col]):
+            values[0] = not values[0]
+        elif pd.api.types.is_numeric_dtype(frame[col]):
+            values[0] = -1
+        else:
+            values[0] = "corrupt"
+        frame[col] = pd.Series(values, index=frame.index, dtype=frame[col].dtype if values[0] != "corrupt" else object)
+    return frame
+
+
 def validate_stage(stage: str, checks: list[TableCheck], reports_dir: str | Path) -> dict[str, Any]:
     """Run every table's suite; write the JSON report; raise DataQualityError on the first failure."""
     import great_expectations as gx
@@ -59,10 +78,9 @@ def validate_stage(stage: str, checks: list[TableCheck], reports_dir: str | Path
     report: dict[str, Any] = {"stage": stage, "success": True, "tables": {}}
     failures: list[str] = []
     for check in checks:
+        frame = _injected_fault(check.frame) if os.environ.get(FAULT_ENV) == f"{stage}.{check.name}" else check.frame
         asset = source.add_dataframe_asset(check.name)
-        batch = asset.add_batch_definition_whole_dataframe("all").get_batch(
-            batch_parameters={"dataframe": check.frame}
-        )
+        batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
         suite = gx.ExpectationSuite(name=f"{stage}.{check.name}")
         for expectation in check.expectations:
             suite.add_expectation(expectation)

@@ -182,6 +182,18 @@ def test_metrics_table_and_artifact_keys(tmp_path):
     assert artifact_key("Demo_Data", "metrics") == "demo-data-metrics"
 
 
+def test_an_output_moved_outside_the_project_is_refused_in_one_line():
+    """DVC tracks outputs inside the project only; the flow says so before any stage starts."""
+    from flows.pipeline import StageFailed, resolve_run_params
+
+    with pytest.raises(StageFailed, match=r"ingest.out=/elsewhere/ingest: outside the project"):
+        resolve_run_params(ROOT, "params.yaml", ["ingest.out=/elsewhere/ingest"])
+    text, params = resolve_run_params(ROOT, "params.yaml", ["ingest.out=data/ingest-b", "dedup.images=data/ingest-b"])
+    assert params.ingest.out == "data/ingest-b" and "data/ingest-b" in text
+    # shards may live in S3: dvc.yaml does not interpolate shards.out, so the flow lets it through
+    resolve_run_params(ROOT, "params.yaml", ["shards.out=s3://bucket/shards"])
+
+
 def test_stage_summary_artifact_has_the_summary_and_lists_the_figures(tmp_path):
     reports = tmp_path / "reports"
     (reports / "figures" / "eval").mkdir(parents=True)

@@ -34,10 +34,13 @@ def prefect(stack, *args: str, timeout: float = 300, cwd: Path = ROOT) -> subpro
                           text=True, timeout=timeout, check=False)
 
 
-def start_deployment_run(stack, name: str, params: dict) -> subprocess.Popen:
-    """`prefect deployment run NAME --params JSON --watch` in the background."""
+def start_deployment_run(stack, name: str, params: dict, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`prefect deployment run NAME --params JSON --watch` in the background (``env``: the flow run's extra
+    environment, as the `env` job variable of the process pool)."""
     cmd = [str(BIN / "prefect"), "deployment", "run", name, "--params", json.dumps(params), "--watch",
            "--watch-interval", "1", "--watch-timeout", "600"]
+    if env:
+        cmd += ["--job-variable", f"env={json.dumps(env)}"]
     return subprocess.Popen(cmd, cwd=ROOT, env=stack_env(stack), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -49,9 +52,10 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, UUID
     return proc.returncode, out, UUID(m.group(1))
 
 
-def run_deployment(stack, name: str, params: dict, timeout: float = 600) -> tuple[int, str, UUID, float]:
+def run_deployment(stack, name: str, params: dict, timeout: float = 600,
+                   env: dict[str, str] | None = None) -> tuple[int, str, UUID, float]:
     start = time.perf_counter()
-    code, out, run_id = finish(start_deployment_run(stack, name, params), timeout)
+    code, out, run_id = finish(start_deployment_run(stack, name, params, env), timeout)
     return code, out, run_id, round(time.perf_counter() - start, 1)
 
 

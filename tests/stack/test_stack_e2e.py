@@ -394,16 +394,16 @@ def test_bad_credentials_fail_with_one_clear_line_and_no_secret(stack, project, 
 
 
 def test_gx_failure_stops_the_run_with_the_expectation_name_in_its_state_message(stack, project, first_run, tmp_path):
-    """A real data fault: the image store ingest writes into is corrupt (an entry that should be an image file
-    is a directory), so ingest's `stored_files` expectation fails. The run fails at once (no retry), the state
-    message names the expectation, and the project's params.yaml is left as it was."""
+    """A data fault at a stage boundary: ingest's output breaks its `stored_files` expectation (a stored image
+    missing; injected into the validated table, since DVC empties a stage's outputs before it runs, so a corrupt
+    store cannot survive into a run). The run fails at once (no retry), the state message names the expectation,
+    and the project's params.yaml is left as it was even though the run had overrides."""
+    from tasks.quality import FAULT_ENV
+
     params_before = (project / "params.yaml").read_bytes()
-    image = next((project / "data" / "ingest" / "images").rglob("*.*"))
-    store = tmp_path / "store"
-    (store / image.relative_to(project / "data" / "ingest")).mkdir(parents=True)
     code, _, run_id, _ = run_deployment(stack, "dinov2-pipeline/on-demand", {
         "project_dir": str(project), "stages": E2E_STAGES, "credentials_block": BLOCK,
-        "overrides": [f"ingest.out={store}"]})
+        "overrides": ["ingest.workers=2"]}, env={FAULT_ENV: "ingest.stored_files"})
     assert code != 0
     run = flow_run(stack, run_id)
     assert run.state.is_failed()
