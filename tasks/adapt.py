@@ -20,13 +20,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dinov2_core.eval.monitor import knn_monitor, random_backbone
 from dinov2_core.hub import load_export
+from dinov2_core.train.config import BackboneConfig, LossConfig
 from dinov2_core.train.engine import TrainSpec
 from dinov2_core.train.export import export_ssl, sha256_file
 from dinov2_core.train.resolution import adapted_state
+from dinov2_core.train.ssl_meta_arch import SSLMetaArch
 from tasks.log import get_logger
 from tasks.params import Params, ParamsError, params_record
+from tasks.quality import validate_stage
 from tasks.train_launch import (
     STAGE_CODE,
     check_batch,
@@ -45,8 +50,6 @@ log = get_logger("adapt")
 
 
 def load_full_checkpoint(path: str) -> dict[str, Any]:
-    import torch
-
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: the full checkpoint to start from is missing (run the previous stage)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -56,11 +59,6 @@ def load_full_checkpoint(path: str) -> dict[str, Any]:
 
 
 def build_spec(params: Params) -> TrainSpec:
-    import torch
-
-    from dinov2_core.train.config import BackboneConfig, LossConfig
-    from dinov2_core.train.ssl_meta_arch import SSLMetaArch
-
     a = params.adapt
     ckpt = load_full_checkpoint(a.init)
     old_bb = BackboneConfig.from_dict(ckpt["config"]["backbone"])
@@ -96,9 +94,6 @@ def build_spec(params: Params) -> TrainSpec:
 
 
 def run_adapt(params: Params) -> dict[str, Any]:
-    from dinov2_core.train.config import BackboneConfig
-    from tasks.quality import validate_stage
-
     started = time.perf_counter()
     a = params.adapt
     ckpt = load_full_checkpoint(a.init)

@@ -10,6 +10,7 @@ patch of the two global crops, and an EMA of the student that is exported as the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -18,11 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from dinov2_core.eval.monitor import knn_monitor, random_backbone
-from dinov2_core.hub import load_export
+from dinov2_core.hub import extract_backbone_state_dict, load_checkpoint, load_export
+from dinov2_core.train.checkpoint import atomic_save
+from dinov2_core.train.config import BackboneConfig, LossConfig
+from dinov2_core.train.distill_meta_arch import DistillMetaArch
 from dinov2_core.train.engine import TrainSpec
 from dinov2_core.train.export import sub_state, write_model_json
 from tasks.log import get_logger
 from tasks.params import DistillParams, Params, ParamsError, params_record
+from tasks.quality import validate_stage
+from tasks.storage import Storage, scheme_of
 from tasks.train_launch import (
     STAGE_CODE,
     backbone_config,
@@ -44,12 +50,6 @@ log = get_logger("distill")
 
 def load_teacher(d: DistillParams, params: Params) -> tuple[dict[str, Any], Any, Any | None, str]:
     """(teacher state: ``backbone.*`` [+ heads], its BackboneConfig, its LossConfig or None, content sha256)."""
-    import hashlib
-
-    from dinov2_core.hub import extract_backbone_state_dict, load_checkpoint
-    from dinov2_core.train.config import BackboneConfig, LossConfig
-    from tasks.storage import Storage, scheme_of
-
     opener = None if scheme_of(d.teacher) == "local" else Storage.from_params(params.storage).open_read
     if opener is None and not Path(d.teacher).exists():
         raise FileNotFoundError(f"{d.teacher}: teacher checkpoint not found (run adapt, or set distill.teacher)")
@@ -91,9 +91,6 @@ def teacher_backbone(state: dict[str, Any], bb):
 
 
 def build_spec(params: Params) -> TrainSpec:
-    from dinov2_core.train.checkpoint import atomic_save
-    from dinov2_core.train.distill_meta_arch import DistillMetaArch
-
     d = params.distill
     t_state, t_bb, t_loss, t_sha = load_teacher(d, params)
     s_bb = backbone_config(d.student, d.crops.global_crops_size)
@@ -143,8 +140,6 @@ def build_spec(params: Params) -> TrainSpec:
 
 
 def run_distill(params: Params) -> dict[str, Any]:
-    from tasks.quality import validate_stage
-
     started = time.perf_counter()
     d = params.distill
     check_crops("distill", d.crops, d.student.patch_size)

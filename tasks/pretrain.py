@@ -9,6 +9,7 @@ exact call in `model.json`) plus a full checkpoint with heads (`full.pth`) for t
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ from dinov2_core.eval.monitor import knn_monitor, random_backbone
 from dinov2_core.hub import load_export
 from dinov2_core.train.engine import TrainSpec
 from dinov2_core.train.export import export_ssl
+from dinov2_core.train.ssl_meta_arch import SSLMetaArch
 from tasks.log import get_logger
 from tasks.params import Params, params_record
+from tasks.quality import validate_stage
 from tasks.train_launch import (
     STAGE_CODE,
     backbone_config,
@@ -40,8 +43,6 @@ log = get_logger("pretrain")
 
 def build_spec(params: Params) -> TrainSpec:
     """Worker-side description of the run (every torchrun process builds the same one)."""
-    from dinov2_core.train.ssl_meta_arch import SSLMetaArch
-
     p = params.pretrain
     bb = backbone_config(params.model, p.crops.global_crops_size)
     loss = loss_config(p.loss)
@@ -67,8 +68,6 @@ def build_spec(params: Params) -> TrainSpec:
 
 def run_pretrain(params: Params) -> dict[str, Any]:
     """Check the shards, train through torchrun, report losses / schedules / throughput and a k-NN check."""
-    from tasks.quality import validate_stage
-
     started = time.perf_counter()
     p = params.pretrain
     check_crops("pretrain", p.crops, params.model.patch_size)
@@ -104,6 +103,4 @@ def run_pretrain(params: Params) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text())

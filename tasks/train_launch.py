@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from dinov2_core.eval.monitor import MonitorConfig
@@ -33,6 +34,7 @@ from tasks.params import (
     ParamsError,
     TrainDataParams,
 )
+from tasks.quality import TableCheck
 from tasks.storage import Storage
 
 log = get_logger("train")
@@ -196,8 +198,6 @@ def run_worker(spec: TrainSpec, params: Params) -> dict[str, Any]:
 # ============================================================================================== inputs
 def read_shard_index_table(index_url: str, params: Params):
     """The shard index as a table (name, count, bytes), read through the project's storage."""
-    import pandas as pd
-
     storage = Storage.from_params(params.storage)
     if not storage.exists(index_url):
         raise FileNotFoundError(f"shard index {index_url} not found (run the shards stage or set *.data.shards)")
@@ -210,8 +210,6 @@ def read_shard_index_table(index_url: str, params: Params):
 def shard_index_checks(frame, global_batch_size: int):
     """GX suite of what a training stage receives: well-formed shard names, non-empty shards, enough images."""
     import great_expectations.expectations as gxe
-
-    from tasks.quality import TableCheck
 
     return [TableCheck("shard_index", frame, [
         gxe.ExpectTableRowCountToBeBetween(min_value=1),

@@ -8,16 +8,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from dinov2_core.hub import load_export
+from dinov2_core.train.diagnostics import learning_warnings
 from dinov2_core.train.engine import KnnLog, TrainLog
 from tasks.log import get_logger
 from tasks.params import Params
+from tasks.quality import TableCheck, validate_stage
+from tasks.reports import write_metrics, write_plot_csv
 
 log = get_logger("train")
 
 
 def read_log(run_dir: Path):
-    import pandas as pd
-
     path = run_dir / "log.csv"
     return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=list(TrainLog.COLUMNS))
 
@@ -57,8 +61,6 @@ def loss_curve_png(frame, path: Path, title: str) -> Path:
 
 
 def read_knn_log(run_dir: Path):
-    import pandas as pd
-
     path = run_dir / "knn.csv"
     return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=list(KnnLog.COLUMNS))
 
@@ -123,8 +125,6 @@ def learning_curve_png(frame, knn, path: Path, title: str, n_prototypes: dict[st
 def learning_summary(stage: str, frame, knn, n_prototypes: dict[str, int], embed_dim: int,
                      tail: int = 20) -> dict[str, Any]:
     """End-of-run diagnostics for the metrics file: means over the last iterations, the k-NN curve, warnings."""
-    from dinov2_core.train.diagnostics import learning_warnings
-
     end = frame.tail(min(tail, len(frame))) if len(frame) else frame
     mean = lambda c: float(end[c].mean()) if c in end and len(end) and end[c].notna().any() else None
     out: dict[str, Any] = {f"{c}_end_mean": mean(c) for c in
@@ -145,8 +145,6 @@ def log_checks(frame, total_steps: int):
     """GX suite of the training log: one row per iteration, finite losses, schedules in range."""
     import great_expectations.expectations as gxe
 
-    from tasks.quality import TableCheck
-
     finite = frame.copy()
     for col in ("loss_total", "loss_dino", "loss_ibot", "loss_koleo"):
         finite[col + "_finite"] = [math.isfinite(float(v)) for v in frame[col]] if len(frame) else []
@@ -163,10 +161,6 @@ def log_checks(frame, total_steps: int):
 
 def export_checks(export_dir: Path, names: list[str]):
     import great_expectations.expectations as gxe
-    import pandas as pd
-
-    from dinov2_core.hub import load_export
-    from tasks.quality import TableCheck
 
     rows = []
     for name in names:
@@ -205,9 +199,6 @@ def write_training_reports(stage: str, params: Params, run_dir: Path, total_step
                            embed_dim: int) -> dict[str, Any]:
     """Per-step CSV, k-NN-during-training CSV, loss and learning figures, GX checks, metrics with warnings.
     ``n_prototypes`` ({"dino": K, "ibot": K'}) and ``embed_dim`` (student) set the ln K / 1/sqrt(D) references."""
-    from tasks.quality import validate_stage
-    from tasks.reports import write_metrics, write_plot_csv
-
     frame, knn = read_log(run_dir), read_knn_log(run_dir)
     write_plot_csv(params.reports, stage, frame)
     write_plot_csv(params.reports, f"{stage}_knn", knn)
