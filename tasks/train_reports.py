@@ -21,6 +21,18 @@ from tasks.reports import write_metrics, write_plot_csv
 log = get_logger("train")
 
 
+def _save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` atomically (a reader never sees half a PNG) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def read_log(run_dir: Path):
     path = run_dir / "log.csv"
     return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=list(TrainLog.COLUMNS))
@@ -52,12 +64,7 @@ def loss_curve_png(frame, path: Path, title: str) -> Path:
     axes[1].legend(fontsize=8)
     axes[2].set(xlabel="iteration", title="teacher temperature (left), EMA momentum (right)")
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, path)
 
 
 def read_knn_log(run_dir: Path):
@@ -114,12 +121,7 @@ def learning_curve_png(frame, knn, path: Path, title: str, n_prototypes: dict[st
     if len(knn):
         axes[3].plot(knn["images_seen"], knn["knn_top1"], marker="o")
     axes[3].set(xlabel="images seen", ylabel="k-NN top-1", title="k-NN monitor during training")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, path)
 
 
 def learning_summary(stage: str, frame, knn, n_prototypes: dict[str, int], embed_dim: int,
