@@ -7,7 +7,7 @@ Two groups of real photos from different sources (see :mod:`benchmarks.copy_dete
 (Debian plasma-workspace-wallpapers photographs, opencv-doc samples). Distinct items are non-overlapping
 tiles of each photo (same-photo tiles are the hard negatives); copies are web re-uploads (resize, JPEG
 q20-60, <= 5 % crop per side, mirror, brightness). For each group, with the pipeline's default dedup params
-(``tasks.params.DedupParams``): pairwise recall / precision of the dedup components, for the descriptor
+(params.yaml `dedup`): pairwise recall / precision of the dedup components, for the descriptor
 alone and for the two-stage graph (descriptor candidates + local-feature verification), and the cost per
 image. The verifier's thresholds are swept on the calibration group only; the held-out row is what they
 give on images nothing was tuned on. Decontamination: a third of each group's items play the eval set,
@@ -31,7 +31,7 @@ from dinov2_core.curation.components import connected_components, knn_edges
 from dinov2_core.curation.decontaminate import decontaminate
 from dinov2_core.curation.dedup import view_edges
 from dinov2_core.curation.knn import knn_search
-from tasks.params import DecontaminateParams, DedupParams
+from tasks.params import DecontaminateParams, DedupParams, default_params
 
 OUT = Path("reports/bench/copy_detection.json")
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-sweep", action="store_true", help="skip the calibration-group threshold sweep")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv if argv is not None else [])
-    dp, cp = DedupParams(), DecontaminateParams()
+    dp, cp = default_params().dedup, default_params().decontaminate
     results: dict = {
         "dedup_params": {
             k: getattr(dp, k)

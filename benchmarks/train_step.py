@@ -95,19 +95,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from dinov2_core.train.engine import TrainSpec, make_loader
     from dinov2_core.train.ssl_meta_arch import SSLMetaArch
     from tasks.params import load_params
-    from tasks.train_launch import (
-        backbone_config,
-        crops_config,
-        data_config,
-        loss_config,
-        optim_config,
-        storage_opener,
-    )
+    from tasks.train_launch import storage_opener
 
     params = load_params(args.params)
     p = params.pretrain
-    bb = backbone_config(params.model, p.crops.global_crops_size)
-    loss, optim = loss_config(p.loss), optim_config(p.optim)
+    bb = replace(params.model, img_size=p.crops.global_crops_size)
+    loss, optim = p.loss, p.optim
     batch = p.data.global_batch_size
     peak = measure_matmul_peak_gflops()
     info = fsdp.init_distributed("cpu")
@@ -134,9 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         index = _shards(Path(tmp))
-        data = data_config(p.data.model_copy(update={"shards": str(index)}))
+        data = replace(p.data, shards=str(index))
         spec = TrainSpec(stage="bench", out=Path(tmp), build=None, init_fresh=None, export=None, data=data,
-                         crops=crops_config(p.crops), loss=loss, optim=optim, checkpoint_every=0, checkpoint_keep=1,
+                         crops=p.crops, loss=loss, optim=optim, checkpoint_every=0, checkpoint_keep=1,
                          digest_payload={})
         loader = iter(make_loader(spec, bb.patch_size, 0, 1, 0, pin_memory=False, opener=storage_opener(params)))
         step = _stepper(build(False, False), optim, lambda: next(loader))
@@ -152,15 +145,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     d = params.distill
     teacher_bb = replace(bb, img_size=params.adapt.crops.global_crops_size)
-    student_bb = backbone_config(d.student, d.crops.global_crops_size)
+    student_bb = replace(d.student, img_size=d.crops.global_crops_size)
     torch.manual_seed(0)
-    dmeta = DistillMetaArch(student_bb, teacher_bb, replace(loss_config(d.loss), dino_head=loss.dino_head,
+    dmeta = DistillMetaArch(student_bb, teacher_bb, replace(d.loss, dino_head=loss.dino_head,
                                                             ibot_head=loss.ibot_head),
                             n_local_crops=d.crops.local_crops_number)
     fsdp.shard_meta_arch(dmeta, info)  # one process: plain modules, as the stage runs them
     dmeta.set_pack_sequences(False)
     dbatch = _synthetic_batch(d.data.global_batch_size, d.crops, student_bb.patch_size, 0.0)
-    step = _stepper(dmeta, optim_config(d.optim), lambda: dbatch)
+    step = _stepper(dmeta, d.optim, lambda: dbatch)
     dflops = _count_flops(step)
     rows.append(("distill step (student <- frozen teacher)", d.data.global_batch_size,
                  min(time_fn(step, warmup=1, iters=args.iters)), dflops))

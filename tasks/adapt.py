@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from dinov2_core.config import BackboneConfig, LossConfig
 from dinov2_core.eval.monitor import knn_monitor, random_backbone
 from dinov2_core.hub import load_export
-from dinov2_core.train.config import BackboneConfig, LossConfig
 from dinov2_core.train.engine import TrainSpec
 from dinov2_core.train.export import export_ssl, sha256_file
 from dinov2_core.train.resolution import adapted_state
@@ -36,11 +36,7 @@ from tasks.train_launch import (
     STAGE_CODE,
     check_batch,
     check_crops,
-    crops_config,
-    data_config,
     launch_workers,
-    monitor_config,
-    optim_config,
     read_shard_index_table,
     shard_index_checks,
 )
@@ -64,7 +60,7 @@ def build_spec(params: Params) -> TrainSpec:
     old_bb = BackboneConfig.from_dict(ckpt["config"]["backbone"])
     loss = LossConfig.from_dict(ckpt["config"]["loss"])
     bb = replace(old_bb, img_size=a.crops.global_crops_size)
-    optim = optim_config(a.optim)
+    optim = a.optim
     _, index_sha = read_shard_index_table(a.data.shards, params)
 
     def init_fresh(meta) -> None:
@@ -79,10 +75,10 @@ def build_spec(params: Params) -> TrainSpec:
         out=Path(a.out),
         build=lambda: SSLMetaArch(bb, loss, n_local_crops=a.crops.local_crops_number),
         init_fresh=init_fresh,
-        export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, crops_config(a.crops), optim, "adapt"),
-        data=data_config(a.data), crops=crops_config(a.crops), loss=loss, optim=optim,
+        export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, a.crops, optim, "adapt"),
+        data=a.data, crops=a.crops, loss=loss, optim=optim,
         code_files=STAGE_CODE,
-        monitor=monitor_config(a.monitor),
+        monitor=a.monitor,
         checkpoint_every=a.checkpoint.every, checkpoint_keep=a.checkpoint.keep,
         checkpoint_dir=a.checkpoint.dir,
         digest_payload={"adapt": a.model_dump(mode="json", exclude={"checkpoint", "monitor", "out"}),
@@ -115,10 +111,10 @@ def run_adapt(params: Params) -> dict[str, Any]:
     teacher = load_export(export_dir / "model.json", "teacher_backbone.pth")
     before = load_export(Path(a.init).with_name("model.json"), "teacher_backbone.pth") \
         if Path(a.init).with_name("model.json").exists() else None
-    knn = knn_monitor(monitor_config(a.monitor), {"teacher": teacher, "random_init": random_backbone(bb, params.seed)},
+    knn = knn_monitor(a.monitor, {"teacher": teacher, "random_init": random_backbone(bb, params.seed)},
                       a.crops.global_crops_size, bb.patch_size)
     if before is not None:  # and at the pre-training resolution: did the adaptation keep the low-res features?
-        low = knn_monitor(monitor_config(a.monitor), {"teacher": teacher, "pretrain_teacher": before}, old_bb.img_size, bb.patch_size)
+        low = knn_monitor(a.monitor, {"teacher": teacher, "pretrain_teacher": before}, old_bb.img_size, bb.patch_size)
         knn["at_pretrain_size"] = low
     total = a.optim.epochs * a.optim.epoch_length
     metrics = {

@@ -18,10 +18,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dinov2_core.config import BackboneConfig, LossConfig
 from dinov2_core.eval.monitor import knn_monitor, random_backbone
 from dinov2_core.hub import extract_backbone_state_dict, load_checkpoint, load_export
+from dinov2_core.models import build_backbone
 from dinov2_core.train.checkpoint import atomic_save
-from dinov2_core.train.config import BackboneConfig, LossConfig
 from dinov2_core.train.distill_meta_arch import DistillMetaArch
 from dinov2_core.train.engine import TrainSpec
 from dinov2_core.train.export import sub_state, write_model_json
@@ -31,15 +32,9 @@ from tasks.quality import validate_stage
 from tasks.storage import Storage, scheme_of
 from tasks.train_launch import (
     STAGE_CODE,
-    backbone_config,
     check_batch,
     check_crops,
-    crops_config,
-    data_config,
     launch_workers,
-    loss_config,
-    monitor_config,
-    optim_config,
     read_shard_index_table,
     shard_index_checks,
 )
@@ -70,14 +65,14 @@ def load_teacher(d: DistillParams, params: Params) -> tuple[dict[str, Any], Any,
                           "(give its arch, patch_size, depth...)")
     n_patches = backbone["pos_embed"].shape[1] - 1
     img_size = round(math.sqrt(n_patches)) * d.teacher_model.patch_size
-    bb = backbone_config(d.teacher_model, img_size)
+    bb = replace(d.teacher_model, img_size=img_size)
     return {f"backbone.{k}": v for k, v in backbone.items()}, bb, None, h.hexdigest()
 
 
 def distill_loss_config(d: DistillParams, teacher_loss):
     """The distillation losses from params; head shapes from the teacher's checkpoint when it has heads (the
     student's heads must predict over the same prototypes)."""
-    loss = loss_config(d.loss)
+    loss = d.loss
     if teacher_loss is not None:
         loss = replace(loss, dino_head=teacher_loss.dino_head, ibot_head=teacher_loss.ibot_head,
                        ibot_separate_head=teacher_loss.ibot_separate_head)
@@ -85,7 +80,7 @@ def distill_loss_config(d: DistillParams, teacher_loss):
 
 
 def teacher_backbone(state: dict[str, Any], bb):
-    model = bb.build(with_drop_path=False)
+    model = build_backbone(bb, with_drop_path=False)
     model.load_state_dict(sub_state(state, "backbone."), strict=True)
     return model.eval()
 
@@ -93,9 +88,9 @@ def teacher_backbone(state: dict[str, Any], bb):
 def build_spec(params: Params) -> TrainSpec:
     d = params.distill
     t_state, t_bb, t_loss, t_sha = load_teacher(d, params)
-    s_bb = backbone_config(d.student, d.crops.global_crops_size)
+    s_bb = replace(d.student, img_size=d.crops.global_crops_size)
     loss = distill_loss_config(d, t_loss)
-    optim = optim_config(d.optim)
+    optim = d.optim
     _, index_sha = read_shard_index_table(d.data.shards, params)
 
     def export(full: dict[str, Any], export_dir: Path, step: int) -> dict[str, Any]:
@@ -103,7 +98,7 @@ def build_spec(params: Params) -> TrainSpec:
         ema = sub_state(full, "student_ema.backbone.")
         atomic_save(ema, export_dir / "student_backbone.pth")
         config = {"stage": "distill", "step": int(step), "backbone": s_bb.as_dict(), "loss": loss.as_dict(),
-                  "teacher_backbone": t_bb.as_dict(), "teacher": d.teacher, "crops": d.crops.model_dump(mode="json"),
+                  "teacher_backbone": t_bb.as_dict(), "teacher": d.teacher, "crops": params_record(d.crops),
                   "optim": optim.as_dict()}
         atomic_save({"model": ema, "student": sub_state(full, "student."), "config": config}, export_dir / "full.pth")
         n_params = int(sum(v.numel() for v in ema.values()))
@@ -123,9 +118,9 @@ def build_spec(params: Params) -> TrainSpec:
                                       teacher_state=t_state, head_seed=params.seed),
         init_fresh=lambda meta: None,
         export=export,
-        data=data_config(d.data), crops=crops_config(d.crops), loss=loss, optim=optim,
+        data=d.data, crops=d.crops, loss=loss, optim=optim,
         code_files=STAGE_CODE,
-        monitor=monitor_config(d.monitor),
+        monitor=d.monitor,
         monitor_part="student_ema",
         checkpoint_every=d.checkpoint.every, checkpoint_keep=d.checkpoint.keep,
         checkpoint_dir=d.checkpoint.dir,
@@ -154,12 +149,12 @@ def run_distill(params: Params) -> dict[str, Any]:
     run_dir = launch_workers("distill", params, Path(d.out))
     export_dir = Path(d.out) / "export"
     summary = json.loads((export_dir / "summary.json").read_text())
-    s_bb = backbone_config(d.student, d.crops.global_crops_size)
+    s_bb = replace(d.student, img_size=d.crops.global_crops_size)
     models = {"teacher": teacher_backbone(t_state, t_bb),
               "student_ema": load_export(export_dir / "model.json", "student_backbone.pth"),
               "random_init": random_backbone(s_bb, params.seed)}
     del t_state
-    knn = knn_monitor(monitor_config(d.monitor), models, d.crops.global_crops_size, s_bb.patch_size)
+    knn = knn_monitor(d.monitor, models, d.crops.global_crops_size, s_bb.patch_size)
     total = d.optim.epochs * d.optim.epoch_length
     metrics = {
         "summary": summary,

@@ -2,21 +2,44 @@
 
 Every stage reads its section from here, never from raw YAML, so a typo or an out-of-range value is caught
 before any work starts and is reported as one line that names the key and what it expects.
+
+Each value is defined once. The pipeline's own settings (paths, curation, evaluation, launching) have no defaults
+in code: `params.yaml` is where they live and what DVC tracks. The training settings are the library's config
+dataclasses with the official defaults; `params.yaml` states only what this profile changes, and the other profiles
+are overlays (`extends: params.yaml`) that state only what they change (tests/test_params.py checks all of it).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 
-PosInt = Annotated[int, Field(ge=1)]
-NonNegInt = Annotated[int, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-PosFloat = Annotated[float, Field(gt=0.0)]
+from dinov2_core.config import (
+    BackboneConfig,
+    DataConfig,
+    Fraction,
+    LossConfig,
+    MonitorConfig,
+    MultiCropConfig,
+    NonNegInt,
+    OptimConfig,
+    PosFloat,
+    PosInt,
+    RuntimeConfig,
+)
 
 
 class ParamsError(ValueError):
@@ -32,55 +55,55 @@ class Section(BaseModel):
 class StorageParams(Section):
     """Where S3-compatible storage lives. Credentials never live here: they come from the environment."""
 
-    s3_endpoint_url: str | None = None  # None: AWS default, or the AWS_ENDPOINT_URL environment variable
-    s3_region: str = "us-east-1"
+    s3_endpoint_url: str | None  # None: AWS default, or the AWS_ENDPOINT_URL environment variable
+    s3_region: str
 
 
 class DemoDataParams(Section):
     """Sizes of the bundled default data (real Fashion-MNIST items and natural photos, materialised offline)."""
 
-    out: str = "data/demo"
-    seed: NonNegInt = 0
-    n_in_domain: PosInt = 4000  # Fashion-MNIST train items in the raw crawl
-    n_off_domain_photos: NonNegInt = 400  # crops of natural photos shipped with scikit-image/scikit-learn/matplotlib
-    n_off_domain_text: NonNegInt = 150  # rendered text/page images (synthetic: no package ships page scans at scale)
-    n_exact_duplicates: NonNegInt = 150  # byte-for-byte copies of crawl items
-    n_near_duplicates: NonNegInt = 300  # resized / re-encoded / cropped / flipped copies
-    n_eval_copies: NonNegInt = 60  # copies of evaluation test images planted in the crawl
-    n_seed: PosInt = 500  # curated, labelled in-domain seed images for retrieval
-    n_eval_train: PosInt = 2000  # labelled Fashion-MNIST train subset for k-NN / linear probe
-    n_eval_test: PosInt = 2000  # Fashion-MNIST test subset
-    n_seg_train: PosInt = 300
-    n_seg_test: PosInt = 100
-    seg_size: Annotated[int, Field(ge=28, le=1024)] = 56
-    jpeg_fraction: Fraction = 0.3  # share of in-domain items written as JPEG rather than PNG
-    dead_http_urls: NonNegInt = 2  # http:// rows pointing at a closed loopback port (exercise fetch errors)
-    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    out: str
+    seed: NonNegInt
+    n_in_domain: PosInt  # Fashion-MNIST train items in the raw crawl
+    n_off_domain_photos: NonNegInt  # crops of natural photos shipped with scikit-image/scikit-learn/matplotlib
+    n_off_domain_text: NonNegInt  # rendered text/page images (synthetic: no package ships page scans at scale)
+    n_exact_duplicates: NonNegInt  # byte-for-byte copies of crawl items
+    n_near_duplicates: NonNegInt  # resized / re-encoded / cropped / flipped copies
+    n_eval_copies: NonNegInt  # copies of evaluation test images planted in the crawl
+    n_seed: PosInt  # curated, labelled in-domain seed images for retrieval
+    n_eval_train: PosInt  # labelled Fashion-MNIST train subset for k-NN / linear probe
+    n_eval_test: PosInt  # Fashion-MNIST test subset
+    n_seg_train: PosInt
+    n_seg_test: PosInt
+    seg_size: Annotated[int, Field(ge=28, le=1024)]
+    jpeg_fraction: Fraction  # share of in-domain items written as JPEG rather than PNG
+    dead_http_urls: NonNegInt  # http:// rows pointing at a closed loopback port (exercise fetch errors)
+    fashion_mnist_dir: str
 
 
 class IngestParams(Section):
     """Decode-verify limits for the raw crawl (paper §3: the crawl is filtered before any curation)."""
 
-    manifest: str = "data/demo/crawl/manifest.csv"
-    out: str = "data/ingest"
-    url_column: str = "url"
-    workers: Annotated[int, Field(ge=1, le=256)] = 8
-    min_side: PosInt = 20
-    max_side: PosInt = 8192
-    max_pixels: PosInt = 40_000_000  # decompression-bomb guard, checked from the header before decoding
-    max_aspect: Annotated[float, Field(ge=1.0)] = 6.0
-    max_bytes: PosInt = 50_000_000
-    allowed_formats: list[str] = Field(default_factory=lambda: ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"])
-    http_timeout_s: PosFloat = 10.0  # every connect and every read
-    http_deadline_s: PosFloat = 120.0  # a whole HTTP response
-    http_retries: NonNegInt = 2  # for transient faults only (network, HTTP 429/5xx, S3 throttling)
-    retry_backoff_s: Annotated[float, Field(ge=0.0)] = 0.5
+    manifest: str
+    out: str
+    url_column: str
+    workers: Annotated[int, Field(ge=1, le=256)]
+    min_side: PosInt
+    max_side: PosInt
+    max_pixels: PosInt  # decompression-bomb guard, checked from the header before decoding
+    max_aspect: Annotated[float, Field(ge=1.0)]
+    max_bytes: PosInt
+    allowed_formats: list[str]
+    http_timeout_s: PosFloat  # every connect and every read
+    http_deadline_s: PosFloat  # a whole HTTP response
+    http_retries: NonNegInt  # for transient faults only (network, HTTP 429/5xx, S3 throttling)
+    retry_backoff_s: Annotated[float, Field(ge=0.0)]
     # Above this fraction of rows with transient faults the stage fails (and is retried) instead of
     # succeeding with a smaller dataset; what was fetched waits in resume_dir for the rerun.
-    max_transient_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.001
-    resume_dir: str | None = "data/cache/ingest-resume"
-    max_url_length: Annotated[int, Field(ge=16)] = 4096
-    allow_outside_root: bool = False  # local paths must stay under the manifest's folder unless this is set
+    max_transient_fraction: Annotated[float, Field(ge=0.0, le=1.0)]
+    resume_dir: str | None
+    max_url_length: Annotated[int, Field(ge=16)]
+    allow_outside_root: bool  # local paths must stay under the manifest's folder unless this is set
 
     @model_validator(mode="after")
     def _sides(self) -> IngestParams:
@@ -93,12 +116,12 @@ class EmbedderParams(Section):
     """Which embedder a curation stage uses: the model-free copy-detection descriptor (bootstrap round) or a
     DINOv2 backbone from an official-format checkpoint (the project's own exported teacher, or Meta's)."""
 
-    kind: Literal["copy-detection", "dinov2"] = "copy-detection"
-    weights: str | None = None  # .pth path or s3:// URL, required for kind=dinov2
-    hub: str = "dinov2_vits14"  # hub constructor the weights fit (dinov2_core.hub)
-    hub_kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {depth: 6, img_size: 56}; a model.json beside the weights wins
-    image_size: PosInt = 224
-    batch_size: PosInt = 64
+    kind: Literal["copy-detection", "dinov2"]
+    weights: str | None  # .pth path or s3:// URL, required for kind=dinov2
+    hub: str  # hub constructor the weights fit (dinov2_core.hub)
+    hub_kwargs: dict[str, Any]  # e.g. {depth: 6, img_size: 56}; a model.json beside the weights wins
+    image_size: PosInt
+    batch_size: PosInt
 
     @model_validator(mode="after")
     def _weights(self) -> EmbedderParams:
@@ -111,6 +134,7 @@ class EvalSetRef(Section):
     """An evaluation image set to decontaminate against: an index CSV with an id and a relative path column."""
 
     index: str
+    # A list entry states only what it needs: the defaults below are the only place these values live.
     path_column: str = "path"
     id_column: str = "id"
 
@@ -118,60 +142,57 @@ class EvalSetRef(Section):
 class DedupParams(Section):
     """Near-duplicate removal (paper §3 / App. A: k=64 neighbours, connected components, one kept per component)."""
 
-    images: str = "data/ingest"
-    out: str = "data/dedup"
-    embedder: EmbedderParams = Field(default_factory=EmbedderParams)
-    k: PosInt = 64
-    threshold: Annotated[float, Field(gt=-1.0, lt=1.0)] = 0.986  # copy-detection descriptor: see params.yaml
-    crop_views: bool = True  # also link centre-crop views (our descriptor is not crop invariant, unlike SSCD)
-    verify: bool = True  # verify candidate pairs with local features (SIFT + RANSAC), see params.yaml
-    verify_k: PosInt = 8  # candidate neighbours per image, whatever their similarity
-    verify_min_inliers: PosInt = 4  # RANSAC inliers of a plausible re-upload transform ...
-    verify_min_ncc: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.9  # ... and aligned-pixel correlation: a copy
-    exact_search_max: PosInt = 50_000  # exact faiss search up to this many images, IVF above
-    nlist: PosInt | None = None
-    nprobe: PosInt = 32
-    check_sample: PosInt = 1000  # kept images re-searched by the GX boundary check
-    cache_dir: str | None = "data/cache/embeddings"
-    ground_truth: str | None = "data/demo/ground_truth.parquet"  # demo sidecar: metrics only, never decisions
+    images: str
+    out: str
+    embedder: EmbedderParams
+    k: PosInt
+    threshold: Annotated[float, Field(gt=-1.0, lt=1.0)]  # copy-detection descriptor: see params.yaml
+    crop_views: bool  # also link centre-crop views (our descriptor is not crop invariant, unlike SSCD)
+    verify: bool  # verify candidate pairs with local features (SIFT + RANSAC), see params.yaml
+    verify_k: PosInt  # candidate neighbours per image, whatever their similarity
+    verify_min_inliers: PosInt  # RANSAC inliers of a plausible re-upload transform ...
+    verify_min_ncc: Annotated[float, Field(ge=-1.0, le=1.0)]  # ... and aligned-pixel correlation: a copy
+    exact_search_max: PosInt  # exact faiss search up to this many images, IVF above
+    nlist: PosInt | None
+    nprobe: PosInt
+    check_sample: PosInt  # kept images re-searched by the GX boundary check
+    cache_dir: str | None
+    ground_truth: str | None  # demo sidecar: metrics only, never decisions
 
 
 class DecontaminateParams(Section):
     """Removal of near-copies of evaluation images (paper §3); whole dedup components go."""
 
-    dedup: str = "data/dedup"
-    images: str = "data/ingest"
-    out: str = "data/decontaminate"
-    eval_sets: list[EvalSetRef] = Field(default_factory=lambda: [
-        EvalSetRef(index="data/demo/eval/classification/test.csv"),
-        EvalSetRef(index="data/demo/eval/segmentation/test.csv", path_column="image"),
-    ])
-    threshold: Annotated[float, Field(gt=-1.0, lt=1.0)] = 0.9625
-    k: PosInt = 64
-    crop_views: bool = True
-    verify: bool = True  # also remove verified copies below the threshold (dedup's verify_* settings)
-    cache_dir: str | None = "data/cache/embeddings"
-    ground_truth: str | None = "data/demo/ground_truth.parquet"
+    dedup: str
+    images: str
+    out: str
+    eval_sets: list[EvalSetRef]
+    threshold: Annotated[float, Field(gt=-1.0, lt=1.0)]
+    k: PosInt
+    crop_views: bool
+    verify: bool  # also remove verified copies below the threshold (dedup's verify_* settings)
+    cache_dir: str | None
+    ground_truth: str | None
 
 
 class RetrieveParams(Section):
     """Seed-based curation (LVD-142M, paper §3): sample-based kNN for large seed sets, cluster-based for small."""
 
-    pool: str = "data/decontaminate"
-    images: str = "data/ingest"
-    seed_index: str = "data/demo/seed/seed.csv"
-    seed_path_column: str = "path"
-    seed_id_column: str = "id"
-    out: str = "data/retrieve"
-    embedder: EmbedderParams = Field(default_factory=EmbedderParams)
-    mode: Literal["auto", "sample", "cluster"] = "auto"
-    large_seed_set: PosInt = 1_000_000  # auto: sample-based at or above this many seeds, cluster-based below
-    k: PosInt = 4  # paper: 4 nearest pool images per seed image (32 for some sets)
-    n_clusters: PosInt = 64
-    per_cluster: PosInt = 10_000  # paper App. A: up to 10k images sampled per retained cluster
-    seed: NonNegInt = 0
-    cache_dir: str | None = "data/cache/embeddings"
-    ground_truth: str | None = "data/demo/ground_truth.parquet"
+    pool: str
+    images: str
+    seed_index: str
+    seed_path_column: str
+    seed_id_column: str
+    out: str
+    embedder: EmbedderParams
+    mode: Literal["auto", "sample", "cluster"]
+    large_seed_set: PosInt  # auto: sample-based at or above this many seeds, cluster-based below
+    k: PosInt  # paper: 4 nearest pool images per seed image (32 for some sets)
+    n_clusters: PosInt
+    per_cluster: PosInt  # paper App. A: up to 10k images sampled per retained cluster
+    seed: NonNegInt
+    cache_dir: str | None
+    ground_truth: str | None
 
 
 class EvalBackboneRef(Section):
@@ -179,7 +200,8 @@ class EvalBackboneRef(Section):
 
     name: str
     weights: str
-    hub: str = "dinov2_vits14"
+    # A list entry states only what it needs: the defaults below are the only place these values live.
+    hub: str = "dinov2_vits14"  # used when no model.json lies beside the weights
     hub_kwargs: dict[str, Any] = Field(default_factory=dict)
     crop_size: PosInt | None = None  # None: eval.crop_size
 
@@ -187,255 +209,158 @@ class EvalBackboneRef(Section):
 class EvalParams(Section):
     """Frozen-feature evaluation (paper §7): k-NN, linear probe, linear segmentation, with baselines."""
 
-    backbones: list[EvalBackboneRef] = Field(default_factory=list)
-    classification: str = "data/demo/eval/classification"  # train.csv / test.csv: id, path, label
-    segmentation: str = "data/demo/eval/segmentation"  # train.csv / test.csv: id, image, mask
-    resize_size: PosInt = 64
-    crop_size: PosInt = 56
-    batch_size: PosInt = 128
-    knn_ks: list[PosInt] = Field(default_factory=lambda: [10, 20, 100, 200])  # official protocol
-    knn_temperature: PosFloat = 0.07
-    linear_lrs: list[PosFloat] = Field(default_factory=lambda: [1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5])
-    linear_epochs: PosInt = 10
-    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
-    seg_epochs: PosInt = 20
-    seg_lr: PosFloat = 1e-3
-    baselines: list[Literal["random-init", "raw-pixels"]] = Field(
-        default_factory=lambda: ["random-init", "raw-pixels"])
-    n_figure_images: PosInt = 6
-    cache_dir: str | None = "data/cache/features"
-    seed: NonNegInt = 0
-    out: str = "data/eval"
+    backbones: list[EvalBackboneRef]
+    classification: str  # train.csv / test.csv: id, path, label
+    segmentation: str  # train.csv / test.csv: id, image, mask
+    resize_size: PosInt
+    crop_size: PosInt
+    batch_size: PosInt
+    knn_ks: list[PosInt]  # official protocol: 10, 20, 100, 200
+    knn_temperature: PosFloat
+    linear_lrs: list[PosFloat]
+    linear_epochs: PosInt
+    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)]
+    seg_epochs: PosInt
+    seg_lr: PosFloat
+    baselines: list[Literal["random-init", "raw-pixels"]]
+    n_figure_images: PosInt
+    cache_dir: str | None
+    seed: NonNegInt
+    out: str
 
 
 class ShardsParams(Section):
     """WebDataset shards of the curated set, to a local folder or an s3:// prefix."""
 
-    curated: str = "data/retrieve/curated.parquet"
-    images: str = "data/ingest"  # the ingest store: manifest.parquet + images/
-    out: str = "data/shards"  # local folder or s3://bucket/prefix
-    index_copy: str = "data/shards/shards.json"  # local copy of the index when `out` is remote
-    target_samples: PosInt = 1000
-    target_bytes: PosInt = 64_000_000
-    seed: NonNegInt = 0
-    verify_decode_fraction: Fraction = 1.0  # share of samples decoded in the read-back check
+    curated: str
+    images: str  # the ingest store: manifest.parquet + images/
+    out: str  # local folder or s3://bucket/prefix
+    index_copy: str  # local copy of the index when `out` is remote
+    target_samples: PosInt
+    target_bytes: PosInt
+    seed: NonNegInt
+    verify_decode_fraction: Fraction  # share of samples decoded in the read-back check
 
 
 # ---------------------------------------------------------------------------------------------- training (issue 5)
-FloatPair = Annotated[list[float], Field(min_length=2, max_length=2)]
+# The model, loss, optimisation, crop, data, monitor and runtime settings are the library's own config dataclasses
+# (dinov2_core/config.py): their fields and official defaults are stated there once, with their constraints, and
+# pydantic validates params into them. params.yaml states only what the
+# profile changes. Only what the pipeline adds (how torchrun starts, where checkpoints go) is defined here.
 
 
-class ModelParams(Section):
-    """A backbone: official factory name + keyword arguments (the hub constructors take the same ones)."""
+@dataclass(frozen=True, kw_only=True)
+class LaunchParams(RuntimeConfig):
+    """How the training stages start their torchrun workers (one node by default; no SLURM), on top of the
+    library's runtime settings (device, precision, FSDP, packing, timeout)."""
 
-    arch: Literal["vit_small", "vit_base", "vit_large", "vit_giant2"] = "vit_small"
-    patch_size: PosInt = 14
-    depth: PosInt | None = None  # None: the factory's (12 for vit_small); small CPU models override
-    embed_dim: PosInt | None = None
-    num_heads: PosInt | None = None
-    num_register_tokens: NonNegInt = 0
-    layerscale: PosFloat | None = 1.0e-5  # LayerScale init (official default); None: no ls1/ls2 parameters
-    ffn_layer: Literal["mlp", "swiglufused"] = "mlp"
-    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    drop_path_uniform: bool = True
-    interpolate_antialias: bool = False
-    interpolate_offset: Annotated[float, Field(ge=0.0)] = 0.1
+    nproc_per_node: PosInt
+    nnodes: PosInt
+    node_rank: NonNegInt
+    master_addr: str
+    master_port: Annotated[int, Field(ge=0, le=65535)]  # 0 with one node: a free port (torchrun --standalone)
+    omp_threads: NonNegInt  # per process; 0: cores / processes
 
-    @model_validator(mode="after")
-    def _heads_divide(self) -> ModelParams:
-        if self.embed_dim is not None and self.num_heads is not None and self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads})")
-        if self.arch == "vit_giant2" and self.ffn_layer != "swiglufused":
-            raise ValueError("vit_giant2 uses ffn_layer 'swiglufused' (paper App. B)")
-        return self
-
-
-class HeadParams(Section):
-    """A DINO / iBOT projection head (official: 3 layers, 2048 hidden, 256 bottleneck, 65536 prototypes)."""
-
-    n_prototypes: PosInt = 65536
-    hidden_dim: PosInt = 2048
-    bottleneck_dim: PosInt = 256
-    nlayers: PosInt = 3
-
-
-class LossParams(Section):
-    """The three objectives (paper Sec. 3) and the teacher centering."""
-
-    dino_loss_weight: Annotated[float, Field(ge=0.0)] = 1.0
-    koleo_loss_weight: Annotated[float, Field(ge=0.0)] = 0.1
-    ibot_loss_weight: Annotated[float, Field(ge=0.0)] = 1.0
-    ibot_separate_head: bool = True
-    dino_head: HeadParams = Field(default_factory=HeadParams)
-    ibot_head: HeadParams = Field(default_factory=HeadParams)
-    centering: Literal["sinkhorn_knopp", "centering"] = "sinkhorn_knopp"
-    mask_sample_probability: Fraction = 0.5
-    mask_ratio_min_max: FloatPair = Field(default_factory=lambda: [0.1, 0.5])
-
-
-class CropsParams(Section):
-    """Multi-crop (paper: 2 global crops of 224 px, 8 local crops of 98 px); sizes must be patch multiples."""
-
-    global_crops_size: PosInt = 224
-    local_crops_size: PosInt = 98
-    local_crops_number: NonNegInt = 8
-    global_crops_scale: FloatPair = Field(default_factory=lambda: [0.32, 1.0])
-    local_crops_scale: FloatPair = Field(default_factory=lambda: [0.05, 0.32])
-
-
-class OptimParams(Section):
-    """AdamW and the cosine schedules; lengths in 'epochs' of `epoch_length` iterations (official convention)."""
-
-    epochs: PosInt = 100
-    epoch_length: PosInt = 1250
-    base_lr: PosFloat = 0.004  # for a global batch of 1024; scaled by sqrt(batch / 1024)
-    min_lr: Annotated[float, Field(ge=0.0)] = 1.0e-6
-    warmup_epochs: NonNegInt = 10
-    weight_decay: Annotated[float, Field(ge=0.0)] = 0.04
-    weight_decay_end: Annotated[float, Field(ge=0.0)] = 0.4
-    clip_grad: Annotated[float, Field(ge=0.0)] = 3.0  # 0: no clipping
-    freeze_last_layer_epochs: NonNegInt = 1
-    patch_embed_lr_mult: PosFloat = 0.2
-    layerwise_decay: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
-    adamw_beta1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
-    adamw_beta2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
-    momentum_teacher: Fraction = 0.992
-    final_momentum_teacher: Fraction = 1.0
-    teacher_temp: PosFloat = 0.07
-    warmup_teacher_temp: PosFloat = 0.04
-    warmup_teacher_temp_epochs: NonNegInt = 30
-
-    @model_validator(mode="after")
-    def _lengths(self) -> OptimParams:
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be <= epochs ({self.epochs})")
-        return self
-
-
-class TrainDataParams(Section):
-    """WebDataset shards (index written by the shards stage; local or s3://) and how they are batched."""
-
-    shards: str = "data/shards/shards.json"
-    global_batch_size: PosInt = 64  # split evenly over all processes
-    streams: PosInt = 4  # parallel shard streams; a multiple of the world size that divides the batch
-    num_workers: NonNegInt = 2  # DataLoader decode/augment processes per training process
-    seed: NonNegInt = 0
-
-
-class CheckpointParams(Section):
-    every: NonNegInt = 50  # iterations between checkpoints (0: only the final one)
-    keep: PosInt = 2
-    # None: <out>/run/checkpoints. Multi-node: a folder every node sees, or an s3:// URL (endpoint from `storage`,
-    # keys from the environment), so a restarted job resumes without a shared filesystem.
-    dir: str | None = None
-
-
-class KnnMonitorParams(Section):
-    """A quick k-NN check of the exported backbone vs a random-init one (DESIGN.md Sec. 6); null eval_dir: skip."""
-
-    eval_dir: str | None = "data/demo/eval/classification"  # train.csv / test.csv with path,label
-    n_train: PosInt = 2000
-    n_test: PosInt = 2000
-    k: PosInt = 20
-    every: NonNegInt = 0  # also during training, every N iterations (0: only after the run)
-
-
-class LaunchParams(Section):
-    """How the training stages start their torchrun workers (one node by default; no SLURM)."""
-
-    nproc_per_node: PosInt = 1
-    nnodes: PosInt = 1
-    node_rank: NonNegInt = 0
-    master_addr: str = "127.0.0.1"
-    master_port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0 with one node: a free port (torchrun --standalone)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    omp_threads: NonNegInt = 0  # per process; 0: cores / processes
-    pack_sequences: Literal["auto", "on", "off"] = "auto"  # auto: packed multi-crop stream on GPU only
-    fsdp: Literal["auto", "on"] = "auto"  # auto: FSDP2 only with several processes; on: also with one
-    timeout_s: PosFloat = 1800.0
-
-    @model_validator(mode="after")
-    def _multinode(self) -> LaunchParams:
+    def __post_init__(self) -> None:
         if self.node_rank >= self.nnodes:
             raise ValueError(f"node_rank ({self.node_rank}) must be < nnodes ({self.nnodes})")
         if self.nnodes > 1 and self.master_port == 0:
             raise ValueError("several nodes need an explicit master_port")
-        return self
 
 
-def _check_crops(crops: CropsParams, patch_size: int) -> None:
-    for name in ("global_crops_size", "local_crops_size"):
-        if getattr(crops, name) % patch_size:
-            raise ValueError(f"crops.{name} ({getattr(crops, name)}) must be a multiple of the patch size {patch_size}")
+class CheckpointParams(Section):
+    every: NonNegInt  # iterations between checkpoints (0: only the final one)
+    keep: PosInt
+    # None: <out>/run/checkpoints. Multi-node: a folder every node sees, or an s3:// URL (endpoint from `storage`,
+    # keys from the environment), so a restarted job resumes without a shared filesystem.
+    dir: str | None
 
 
-class PretrainParams(Section):
+class _TrainingStage(Section):
+    """What every training stage has: data, crops, optimisation, checkpoints, the k-NN monitor, an output."""
+
+    out: str
+    data: DataConfig
+    crops: MultiCropConfig = Field(default_factory=MultiCropConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointParams
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+
+class PretrainParams(_TrainingStage):
     """Self-supervised pre-training (paper Sec. 3-4): DINO + iBOT + KoLeo, EMA teacher, FSDP via torchrun."""
 
-    out: str = "data/pretrain"
-    data: TrainDataParams = Field(default_factory=TrainDataParams)
-    crops: CropsParams = Field(default_factory=lambda: CropsParams(global_crops_size=56, local_crops_size=28,
-                                                                    local_crops_number=4))
-    loss: LossParams = Field(default_factory=LossParams)
-    optim: OptimParams = Field(default_factory=OptimParams)
-    checkpoint: CheckpointParams = Field(default_factory=CheckpointParams)
-    monitor: KnnMonitorParams = Field(default_factory=KnnMonitorParams)
+    loss: LossConfig = Field(default_factory=LossConfig)
 
 
-class AdaptParams(Section):
+class AdaptParams(_TrainingStage):
     """Short high-resolution phase at the end of pre-training (paper Sec. 4: 518 px, ~10k iterations)."""
 
-    init: str = "data/pretrain/export/full.pth"  # the pre-training's full checkpoint (student, teacher, heads)
-    out: str = "data/adapt"
-    data: TrainDataParams = Field(default_factory=TrainDataParams)
-    crops: CropsParams = Field(default_factory=lambda: CropsParams(global_crops_size=126, local_crops_size=56,
-                                                                    local_crops_number=4))
-    optim: OptimParams = Field(default_factory=OptimParams)
-    checkpoint: CheckpointParams = Field(default_factory=CheckpointParams)
-    monitor: KnnMonitorParams = Field(default_factory=KnnMonitorParams)
+    init: str  # the pre-training's full checkpoint (student, teacher, heads)
 
 
-class DistillParams(Section):
+class DistillParams(_TrainingStage):
     """A frozen big teacher distilled into a smaller student (paper Sec. 5); the student's EMA is the result."""
 
-    teacher: str = "data/adapt/export/full.pth"  # a full checkpoint (with heads) or an official-format backbone .pth
-    teacher_model: ModelParams | None = None  # needed only for a bare backbone .pth (full checkpoints carry it)
-    student: ModelParams = Field(default_factory=ModelParams)
-    out: str = "data/distill"
-    data: TrainDataParams = Field(default_factory=TrainDataParams)
-    crops: CropsParams = Field(default_factory=lambda: CropsParams(global_crops_size=56, local_crops_size=28,
-                                                                    local_crops_number=4))
-    loss: LossParams = Field(default_factory=LossParams)
-    optim: OptimParams = Field(default_factory=OptimParams)
-    checkpoint: CheckpointParams = Field(default_factory=CheckpointParams)
-    monitor: KnnMonitorParams = Field(default_factory=KnnMonitorParams)
+    teacher: str  # a full checkpoint (with heads) or an official-format backbone .pth
+    teacher_model: BackboneConfig | None  # needed only for a bare backbone .pth (full checkpoints carry it)
+    student: BackboneConfig = Field(default_factory=BackboneConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
 
     @model_validator(mode="after")
     def _crops(self) -> DistillParams:
-        _check_crops(self.crops, self.student.patch_size)
+        self.crops.check_patch_multiple(self.student.patch_size)
         return self
+
+    @field_serializer("student", "teacher_model")
+    def _no_img_size(self, cfg: BackboneConfig | None) -> dict[str, Any] | None:
+        return _backbone_params(cfg)
+
+
+# A backbone's img_size is the global crop size of the stage that trains it, never a param of its own: params
+# refuse it and leave it out when they are written back (a stage's run params, `dinov2-pipeline params`).
+_STAGE_SETS_IMG_SIZE = (("model",), ("distill", "student"), ("distill", "teacher_model"))
+
+
+def _backbone_params(cfg: BackboneConfig | None) -> dict[str, Any] | None:
+    return None if cfg is None else {k: v for k, v in cfg.as_dict().items() if k != "img_size"}
 
 
 class Params(Section):
     """The whole params file. Add a section here when a stage is added."""
 
-    profile: Literal["tiny-cpu", "quality-cpu", "paper"] = "tiny-cpu"
-    seed: NonNegInt = 0
-    reports: str = "reports"
-    storage: StorageParams = Field(default_factory=StorageParams)
-    demo_data: DemoDataParams = Field(default_factory=DemoDataParams)
-    ingest: IngestParams = Field(default_factory=IngestParams)
-    dedup: DedupParams = Field(default_factory=DedupParams)
-    decontaminate: DecontaminateParams = Field(default_factory=DecontaminateParams)
-    retrieve: RetrieveParams = Field(default_factory=RetrieveParams)
-    eval: EvalParams = Field(default_factory=EvalParams)
-    shards: ShardsParams = Field(default_factory=ShardsParams)
-    model: ModelParams = Field(default_factory=ModelParams)
-    launch: LaunchParams = Field(default_factory=LaunchParams)
-    pretrain: PretrainParams = Field(default_factory=PretrainParams)
-    adapt: AdaptParams = Field(default_factory=AdaptParams)
-    distill: DistillParams = Field(default_factory=DistillParams)
+    profile: Literal["tiny-cpu", "quality-cpu", "paper"]
+    seed: NonNegInt
+    reports: str
+    storage: StorageParams
+    demo_data: DemoDataParams
+    ingest: IngestParams
+    dedup: DedupParams
+    decontaminate: DecontaminateParams
+    retrieve: RetrieveParams
+    eval: EvalParams
+    shards: ShardsParams
+    model: BackboneConfig = Field(default_factory=BackboneConfig)
+    launch: LaunchParams
+    pretrain: PretrainParams
+    adapt: AdaptParams
+    distill: DistillParams
+
+    @field_serializer("model")
+    def _no_img_size(self, cfg: BackboneConfig) -> dict[str, Any] | None:
+        return _backbone_params(cfg)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _img_size_is_derived(cls, tree: Any) -> Any:
+        for path in _STAGE_SETS_IMG_SIZE:
+            node = tree
+            for key in path:
+                node = node.get(key) if isinstance(node, dict) else None
+            if isinstance(node, dict) and "img_size" in node:
+                raise ValueError(f"{'.'.join(path)}.img_size: set by each stage from its crops.global_crops_size; "
+                                 f"remove it")
+        return tree
 
 
 def _format_error(source: str, err: ValidationError) -> str:
@@ -443,7 +368,10 @@ def _format_error(source: str, err: ValidationError) -> str:
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     kind = first["type"]
     if kind == "extra_forbidden":
-        return f"{source}: unknown key '{key}' (check the spelling; known keys are in tasks/params.py)"
+        return f"{source}: unknown key '{key}' (check the spelling; known keys: tasks/params.py, dinov2_core/config.py)"
+    if kind == "missing":
+        return (f"{source}: missing key '{key}' (params.yaml states every pipeline setting; a profile starts with "
+                f"'extends: params.yaml' and states only what differs)")
     got = first.get("input")
     got_s = repr(got) if not isinstance(got, dict) else "a mapping"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
@@ -522,6 +450,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         raise ParamsError(_format_error(str(path), err)) from None
 
 
-def params_record(section: BaseModel) -> dict[str, Any]:
-    """Plain-JSON view of a section, for metrics files that say what a stage ran with."""
-    return section.model_dump(mode="json")
+DEFAULT_PROFILE = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def default_params() -> Params:
+    """The project's default profile (`params.yaml` beside this package): where the pipeline's defaults live."""
+    return load_params(DEFAULT_PROFILE)
+
+
+def params_record(section: Any) -> dict[str, Any]:
+    """Plain-JSON view of a section (or of a library config in it), for metrics files that say what a stage ran
+    with."""
+    return TypeAdapter(type(section)).dump_python(section, mode="json")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,9 @@ from tasks.params import Params, params_record
 from tasks.quality import validate_stage
 from tasks.train_launch import (
     STAGE_CODE,
-    backbone_config,
     check_batch,
     check_crops,
-    crops_config,
-    data_config,
     launch_workers,
-    loss_config,
-    monitor_config,
-    optim_config,
     read_shard_index_table,
     shard_index_checks,
 )
@@ -44,22 +39,21 @@ log = get_logger("pretrain")
 def build_spec(params: Params) -> TrainSpec:
     """Worker-side description of the run (every torchrun process builds the same one)."""
     p = params.pretrain
-    bb = backbone_config(params.model, p.crops.global_crops_size)
-    loss = loss_config(p.loss)
-    optim = optim_config(p.optim)
+    bb = replace(params.model, img_size=p.crops.global_crops_size)
+    loss, optim = p.loss, p.optim
     _, index_sha = read_shard_index_table(p.data.shards, params)
     return TrainSpec(
         stage="pretrain",
         out=Path(p.out),
         build=lambda: SSLMetaArch(bb, loss, n_local_crops=p.crops.local_crops_number),
         init_fresh=lambda meta: None,
-        export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, crops_config(p.crops), optim, "pretrain"),
-        data=data_config(p.data), crops=crops_config(p.crops), loss=loss, optim=optim,
+        export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, p.crops, optim, "pretrain"),
+        data=p.data, crops=p.crops, loss=loss, optim=optim,
         code_files=STAGE_CODE,
-        monitor=monitor_config(p.monitor),
+        monitor=p.monitor,
         checkpoint_every=p.checkpoint.every, checkpoint_keep=p.checkpoint.keep,
         checkpoint_dir=p.checkpoint.dir,
-        digest_payload={"model": params.model.model_dump(mode="json"), "pretrain": p.model_dump(
+        digest_payload={"model": bb.as_dict(), "pretrain": p.model_dump(
             mode="json", exclude={"checkpoint", "monitor", "out"}), "shards_index_sha256": index_sha,
             "seed": params.seed},
         seed=params.seed,
@@ -78,11 +72,11 @@ def run_pretrain(params: Params) -> dict[str, Any]:
     run_dir = launch_workers("pretrain", params, Path(p.out))
     export_dir = Path(p.out) / "export"
     summary = _read_json(export_dir / "summary.json")
-    bb = backbone_config(params.model, p.crops.global_crops_size)
+    bb = replace(params.model, img_size=p.crops.global_crops_size)
     teacher = load_export(export_dir / "model.json", "teacher_backbone.pth")
     baselines = {"random_init": random_backbone(bb, params.seed),  # LayerScale 1.0 (hub default): the fair one
                  "random_init_as_trained": random_backbone(bb, params.seed, layerscale=bb.layerscale)}
-    knn = knn_monitor(monitor_config(p.monitor), {"teacher": teacher, **baselines}, p.crops.global_crops_size, bb.patch_size)
+    knn = knn_monitor(p.monitor, {"teacher": teacher, **baselines}, p.crops.global_crops_size, bb.patch_size)
     metrics = {
         "summary": summary,
         "knn": knn,
@@ -90,7 +84,7 @@ def run_pretrain(params: Params) -> dict[str, Any]:
         "shard_images": int(index["count"].sum()),
         "world_size": params.launch.nproc_per_node * params.launch.nnodes,
         "wall_seconds": round(time.perf_counter() - started, 2),
-        "params": {"model": params_record(params.model), "pretrain": params_record(p)},
+        "params": {"model": bb.as_dict(), "pretrain": params_record(p)},
     }
     metrics = write_training_reports("pretrain", params, run_dir, p.optim.epochs * p.optim.epoch_length, export_dir,
                                      ["teacher_backbone.pth", "full.pth"], metrics,

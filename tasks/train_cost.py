@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dinov2_core.models import build_backbone
 from tasks.params import Params, load_params
 
 A100_BF16_TFLOPS = 312.0
@@ -43,8 +44,8 @@ def step_flops(backbone_cfg, crops, loss, global_batch: int, teacher_cfg=None, m
     from dinov2_core.cost import count_params, measure_flops
 
     with torch.device("meta"):
-        student = backbone_cfg.build(with_drop_path=False)
-        teacher = (teacher_cfg or backbone_cfg).build(with_drop_path=False)
+        student = build_backbone(backbone_cfg, with_drop_path=False)
+        teacher = build_backbone(teacher_cfg or backbone_cfg, with_drop_path=False)
     student.pack_sequences = False
     g, l_, n_local = crops.global_crops_size, crops.local_crops_size, crops.local_crops_number
     inputs = [torch.empty(2, 3, g, g, device="meta")]
@@ -90,9 +91,9 @@ def step_memory(backbone_cfg, crops, loss, global_batch: int, world_size: int, a
     from dinov2_core.train.ssl_meta_arch import build_heads
 
     with torch.device("meta"):
-        student = backbone_cfg.build(with_drop_path=False)
+        student = build_backbone(backbone_cfg, with_drop_path=False)
         heads = build_heads(student.embed_dim, loss)
-        teacher = (teacher_cfg or backbone_cfg).build(with_drop_path=False)
+        teacher = build_backbone(teacher_cfg or backbone_cfg, with_drop_path=False)
         teacher_heads = build_heads(teacher.embed_dim, loss) if teacher_cfg is None else {}
     student.pack_sequences = False
     g, l_, n_local = crops.global_crops_size, crops.local_crops_size, crops.local_crops_number
@@ -140,16 +141,14 @@ def _activation_bytes_per_value(params: Params) -> int:
 
 
 def train_cost(params: Params, gpu_tflops: float = A100_BF16_TFLOPS, mfu: float = DEFAULT_MFU) -> dict[str, Any]:
-    from tasks.train_launch import backbone_config, loss_config
-
     p, a, d = params.pretrain, params.adapt, params.distill
-    pre_bb = backbone_config(params.model, p.crops.global_crops_size)
-    loss = loss_config(p.loss)
+    pre_bb = replace(params.model, img_size=p.crops.global_crops_size)
+    loss = p.loss
     stages = {
         "pretrain": (pre_bb, p.crops, loss, p.data.global_batch_size, p.optim, None, None),
         "adapt": (replace(pre_bb, img_size=a.crops.global_crops_size), a.crops, loss, a.data.global_batch_size,
                   a.optim, None, None),
-        "distill": (backbone_config(d.student, d.crops.global_crops_size), d.crops, loss_config(d.loss),
+        "distill": (replace(d.student, img_size=d.crops.global_crops_size), d.crops, d.loss,
                     d.data.global_batch_size, d.optim, replace(pre_bb, img_size=a.crops.global_crops_size), 1.0),
     }
     sustained = gpu_tflops * 1e12 * mfu

@@ -19,21 +19,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from dinov2_core.eval.monitor import MonitorConfig
-from dinov2_core.train.config import BackboneConfig, HeadConfig, LossConfig, OptimConfig
-from dinov2_core.train.engine import DataConfig, MultiCropConfig, RuntimeConfig, TrainSpec, run_training
+from dinov2_core.config import DataConfig, MultiCropConfig
+from dinov2_core.train.engine import TrainSpec, run_training
 from tasks.log import get_logger, progress_kwargs
-from tasks.params import (
-    CropsParams,
-    KnnMonitorParams,
-    LaunchParams,
-    LossParams,
-    ModelParams,
-    OptimParams,
-    Params,
-    ParamsError,
-    TrainDataParams,
-)
+from tasks.params import LaunchParams, Params, ParamsError
 from tasks.quality import TableCheck
 from tasks.storage import Storage
 
@@ -48,39 +37,15 @@ class TrainingFailed(RuntimeError):
     """The torchrun workers failed; the message is the one line the failing rank wrote."""
 
 
-# ============================================================================================== params -> configs
-def backbone_config(model: ModelParams, img_size: int):
-    return BackboneConfig(
-        arch=model.arch, patch_size=model.patch_size, img_size=img_size, num_register_tokens=model.num_register_tokens,
-        layerscale=model.layerscale, ffn_layer=model.ffn_layer, drop_path_rate=model.drop_path_rate,
-        drop_path_uniform=model.drop_path_uniform, interpolate_antialias=model.interpolate_antialias,
-        interpolate_offset=model.interpolate_offset, depth=model.depth, embed_dim=model.embed_dim,
-        num_heads=model.num_heads,
-    )
+# ============================================================================================== input checks
+def check_crops(section: str, crops: MultiCropConfig, patch_size: int) -> None:
+    try:
+        crops.check_patch_multiple(patch_size)
+    except ValueError as exc:
+        raise ParamsError(f"{section}.{exc}") from None
 
 
-def loss_config(loss: LossParams):
-    return LossConfig(
-        dino_loss_weight=loss.dino_loss_weight, koleo_loss_weight=loss.koleo_loss_weight,
-        ibot_loss_weight=loss.ibot_loss_weight, ibot_separate_head=loss.ibot_separate_head,
-        dino_head=HeadConfig(**loss.dino_head.model_dump()), ibot_head=HeadConfig(**loss.ibot_head.model_dump()),
-        centering=loss.centering, mask_sample_probability=loss.mask_sample_probability,
-        mask_ratio_min_max=tuple(loss.mask_ratio_min_max),
-    )
-
-
-def optim_config(optim: OptimParams):
-    return OptimConfig(**optim.model_dump())
-
-
-def check_crops(section: str, crops: CropsParams, patch_size: int) -> None:
-    for name in ("global_crops_size", "local_crops_size"):
-        if getattr(crops, name) % patch_size:
-            raise ParamsError(f"{section}.crops.{name}: {getattr(crops, name)} is not a multiple of the patch size "
-                              f"{patch_size}")
-
-
-def check_batch(section: str, data: TrainDataParams, launch: LaunchParams) -> None:
+def check_batch(section: str, data: DataConfig, launch: LaunchParams) -> None:
     world = launch.nproc_per_node * launch.nnodes
     if data.global_batch_size % world:
         raise ParamsError(f"{section}.data.global_batch_size: {data.global_batch_size} is not divisible by the "
@@ -88,23 +53,6 @@ def check_batch(section: str, data: TrainDataParams, launch: LaunchParams) -> No
     if data.streams % world or data.global_batch_size % data.streams:
         raise ParamsError(f"{section}.data.streams: {data.streams} must be a multiple of the {world} training "
                           f"processes and divide global_batch_size ({data.global_batch_size})")
-
-
-def data_config(data: TrainDataParams) -> DataConfig:
-    return DataConfig(**data.model_dump())
-
-
-def crops_config(crops: CropsParams) -> MultiCropConfig:
-    return MultiCropConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in crops.model_dump().items()})
-
-
-def monitor_config(monitor: KnnMonitorParams) -> MonitorConfig:
-    return MonitorConfig(**monitor.model_dump())
-
-
-def runtime_config(launch: LaunchParams) -> RuntimeConfig:
-    return RuntimeConfig(device=launch.device, precision=launch.precision, fsdp=launch.fsdp,
-                         pack_sequences=launch.pack_sequences, timeout_s=launch.timeout_s)
 
 
 # ============================================================================================== launcher
@@ -191,7 +139,7 @@ def run_worker(spec: TrainSpec, params: Params) -> dict[str, Any]:
     """One torchrun process of a training stage: the library's engine with the project's storage and logging."""
     storage = Storage.from_params(params.storage)
     ckpt_root = spec.checkpoint_dir or str(spec.out / "run" / "checkpoints")
-    return run_training(spec, runtime_config(params.launch), opener=storage.open_read,
+    return run_training(spec, params.launch, opener=storage.open_read,
                         storage_options=storage.fsspec_options(str(ckpt_root)), progress_kwargs=progress_kwargs())
 
 

@@ -73,7 +73,7 @@ def read_knn_log(run_dir: Path):
 
 
 def prototype_counts(loss) -> dict[str, int]:
-    """{"dino": K, "ibot": K'} of a LossConfig / LossParams / its dict (the ln K references of the diagnostics)."""
+    """{"dino": K, "ibot": K'} of a LossConfig or its dict (the ln K references of the diagnostics)."""
     get = (lambda o, k: o[k]) if isinstance(loss, dict) else getattr
     dino = int(get(get(loss, "dino_head"), "n_prototypes"))
     ibot = int(get(get(loss, "ibot_head"), "n_prototypes")) if get(loss, "ibot_separate_head") else dino

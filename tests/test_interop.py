@@ -68,14 +68,15 @@ def test_timm_refuses_swiglu_with_one_line(tmp_path):
 
 def test_cli_exports_a_training_export(tmp_path):
     """`dinov2-pipeline export --to onnx` on a model.json written the way the training stages write it."""
-    from dinov2_core.train.config import BackboneConfig
+    from dinov2_core.config import BackboneConfig
+    from dinov2_core.models import build_backbone
     from dinov2_core.train.export import write_model_json
 
     cfg = BackboneConfig(patch_size=14, img_size=56, depth=2, embed_dim=64, num_heads=2, layerscale=None)
     torch.manual_seed(0)
     export_dir = tmp_path / "export"
     export_dir.mkdir()
-    torch.save(cfg.build(with_drop_path=False).state_dict(), export_dir / "teacher_backbone.pth")
+    torch.save(build_backbone(cfg, with_drop_path=False).state_dict(), export_dir / "teacher_backbone.pth")
     write_model_json(export_dir, cfg, {"teacher_backbone.pth": export_dir / "teacher_backbone.pth"}, {})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cli = Path(sys.executable).parent / "dinov2-pipeline"

@@ -5,7 +5,7 @@ compared against. Used during training (k-NN vs images seen) and after it (train
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +13,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from ..config import MonitorConfig
+from ..models import build_backbone
 from .features import EvalTransformConfig
 from .knn import KnnProbe, knn_classify
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    """Where the labelled split is and how much of it to use; ``every`` > 0 also runs it during training."""
-
-    eval_dir: str | None = None  # None: no monitor
-    n_train: int = 2000
-    n_test: int = 2000
-    k: int = 20
-    every: int = 0  # iterations between checks during training (0: only after the run)
 
 
 def labelled_split(eval_dir: Path, split: str, n: int) -> pd.DataFrame:
@@ -88,7 +79,7 @@ def random_backbone(backbone_cfg, seed: int = 0, layerscale: float | None = 1.0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         cfg = replace(backbone_cfg, layerscale=layerscale) if backbone_cfg.layerscale else backbone_cfg
-        return cfg.build(with_drop_path=False).eval()
+        return build_backbone(cfg, with_drop_path=False).eval()
 
 
 __all__ = ["MonitorConfig", "knn_monitor", "knn_probe", "labelled_split", "linear_cka", "random_backbone"]

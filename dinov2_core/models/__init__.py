@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import BackboneConfig
 from .deterministic import deterministic_state_dict
 from .vision_transformer import BlockChunk, DinoVisionTransformer, vit_base, vit_giant2, vit_large, vit_small
 
 ARCHS = {"vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large, "vit_giant2": vit_giant2}
+
+
+def build_backbone(cfg: BackboneConfig, with_drop_path: bool = True) -> DinoVisionTransformer:
+    """The backbone a :class:`~dinov2_core.config.BackboneConfig` describes (stochastic depth only for a student)."""
+    return ARCHS[cfg.arch](**cfg.model_kwargs(with_drop_path))
 
 
 def build_model(args: Any, only_teacher: bool = False, img_size: int = 224) -> tuple:
@@ -49,6 +55,7 @@ __all__ = [
     "ARCHS",
     "BlockChunk",
     "DinoVisionTransformer",
+    "build_backbone",
     "build_model",
     "build_model_from_cfg",
     "deterministic_state_dict",

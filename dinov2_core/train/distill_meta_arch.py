@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BackboneConfig, LossConfig
+from ..config import BackboneConfig, LossConfig
+from ..models import build_backbone
 from .ema import ema_update_
 from .ssl_meta_arch import SSLMetaArch, build_heads
 
@@ -40,11 +41,11 @@ class DistillMetaArch(SSLMetaArch):
 
         from dataclasses import replace
 
-        student_backbone = replace(student, drop_path_rate=0.0).build(with_drop_path=False)
+        student_backbone = build_backbone(replace(student, drop_path_rate=0.0), with_drop_path=False)
         student_backbone.mask_token.requires_grad_(False)  # the student is never masked: not a trained parameter
         self.embed_dim = student_backbone.embed_dim
         self.student = nn.ModuleDict({"backbone": student_backbone, **build_heads(self.embed_dim, loss)})
-        teacher_backbone = teacher.build(with_drop_path=False)
+        teacher_backbone = build_backbone(teacher, with_drop_path=False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(head_seed)
             teacher_heads = build_heads(teacher_backbone.embed_dim, loss)
@@ -54,7 +55,7 @@ class DistillMetaArch(SSLMetaArch):
             self.load_teacher(teacher_state)
         for p in self.teacher.parameters():
             p.requires_grad = False
-        ema_backbone = replace(student, drop_path_rate=0.0).build(with_drop_path=False)
+        ema_backbone = build_backbone(replace(student, drop_path_rate=0.0), with_drop_path=False)
         ema_backbone.load_state_dict(student_backbone.state_dict())
         self.student_ema = nn.ModuleDict({"backbone": ema_backbone})
         for p in self.student_ema.parameters():

@@ -29,9 +29,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from dinov2_core.config import DataConfig, MonitorConfig, MultiCropConfig, RuntimeConfig
 from dinov2_core.data.batch_augment import BatchMultiCrop
 from dinov2_core.data.loader import SSLDataLoader, read_shard_index
-from dinov2_core.eval.monitor import MonitorConfig, knn_probe
+from dinov2_core.eval.monitor import knn_probe
+from dinov2_core.models import build_backbone
 
 from . import fsdp
 from .checkpoint import Checkpointer, atomic_write_text
@@ -43,40 +45,7 @@ log = logging.getLogger("dinov2.train")
 FAULT_ENV = "DINOV2_FAULT_NAN_AT_STEP"  # test-only fault injection: the loss of that iteration becomes NaN
 PACKAGE = Path(__file__).resolve().parents[1]  # dinov2_core/
 # The library code a checkpoint's numbers depend on: a change means a fresh run, not a resume.
-LIBRARY_CODE = ("train/*.py", "loss/*.py", "models/*.py", "layers/*.py", "heads.py", "data/*.py")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The shard stream: ``shards`` is a shard index (``shards.json``, local or any fsspec URL)."""
-
-    shards: str
-    global_batch_size: int = 64
-    streams: int = 4  # independent shard streams, split over ranks (a multiple of the world size)
-    num_workers: int = 0  # DataLoader processes per rank; 0 decodes in the training process
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class MultiCropConfig:
-    """Paper Sec. 4 / official defaults: 2 global crops of 224 px, 8 local crops of 98 px."""
-
-    global_crops_size: int = 224
-    local_crops_size: int = 98
-    local_crops_number: int = 8
-    global_crops_scale: tuple[float, float] = (0.32, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.32)
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """Where and how the processes compute."""
-
-    device: str = "auto"  # cuda when visible
-    precision: str = "auto"  # bf16 on GPU, fp32 on CPU
-    fsdp: str = "auto"  # auto: FSDP2 only with several processes; on: also with one
-    pack_sequences: str = "auto"  # packed multi-crop token stream on GPU, one batch per crop size on CPU
-    timeout_s: float = 1800.0
+LIBRARY_CODE = ("config.py", "train/*.py", "loss/*.py", "models/*.py", "layers/*.py", "heads.py", "data/*.py")
 
 
 @dataclass
@@ -210,7 +179,7 @@ class _KnnMonitorHook:
         state = sub_state(fsdp.full_state_dict(getattr(self.meta, self.spec.monitor_part)), "backbone.")
         if self.probe is None:
             return
-        model = self.meta.backbone_cfg.build(with_drop_path=False)
+        model = build_backbone(self.meta.backbone_cfg, with_drop_path=False)
         model.load_state_dict(state)
         top1 = self.probe(model)
         self.log.write({"step": n, "images_seen": n * self.spec.data.global_batch_size, "knn_top1": round(top1, 4),

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import OptimConfig
+from ..config import OptimConfig
 from .diagnostics import DIAGNOSTIC_KEYS
 from .fsdp import all_reduce_mean
 from .schedules import Schedules, apply_optim_scheduler, build_schedulers, scale_lr

@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
+from ..models import build_backbone
+
 
 def interpolate_pos_embed(backbone_state: dict[str, Any], old_cfg, new_size: int) -> dict[str, Any]:
     """``backbone_state`` with ``pos_embed`` resized for ``new_size`` px by the old model's own interpolation."""
     with torch.device("meta"):
-        old = old_cfg.build(with_drop_path=False)
+        old = build_backbone(old_cfg, with_drop_path=False)
     old.pos_embed = torch.nn.Parameter(backbone_state["pos_embed"].detach().clone(), requires_grad=False)
     grid = new_size // old_cfg.patch_size
     dummy = torch.zeros(1, 1 + grid * grid, old.embed_dim)

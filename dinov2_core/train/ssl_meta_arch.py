@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import BackboneConfig, LossConfig
 from ..heads import build_dino_ibot_heads
 from ..loss.dino_clstoken_loss import DINOLoss
 from ..loss.ibot_patch_loss import iBOTPatchLoss
 from ..loss.koleo_loss import KoLeoLoss
-from .config import BackboneConfig, LossConfig
+from ..models import build_backbone
 from .diagnostics import DIAGNOSTIC_KEYS, learning_diagnostics
 from .ema import ema_update_
 from .param_groups import fuse_params_groups, get_params_groups_with_decay
@@ -68,8 +69,8 @@ class SSLMetaArch(nn.Module):
         self.n_local_crops = n_local_crops
         self.compute_dtype: torch.dtype | None = None  # bf16 autocast on GPU, None (float32) on CPU
 
-        student_backbone = backbone.build(with_drop_path=True)
-        teacher_backbone = backbone.build(with_drop_path=False)
+        student_backbone = build_backbone(backbone, with_drop_path=True)
+        teacher_backbone = build_backbone(backbone, with_drop_path=False)
         self.embed_dim = student_backbone.embed_dim
         self.student = nn.ModuleDict({"backbone": student_backbone, **build_heads(self.embed_dim, loss)})
         self.teacher = nn.ModuleDict({"backbone": teacher_backbone, **build_heads(self.embed_dim, loss)})

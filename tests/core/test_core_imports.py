@@ -74,3 +74,15 @@ def test_official_public_names_importable():
     }.items():
         for name in methods:
             assert callable(getattr(cls, name)), f"{cls.__name__}.{name}"
+
+
+def test_config_is_plain_data():
+    """Code that only reads settings (the pipeline's params, every stage) must not depend on the model code: the
+    config module imports no torch and no other library module, and names exactly the model factories."""
+    code = "import sys, dinov2_core.config\nprint(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'dinov2_core')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "['dinov2_core', 'dinov2_core.config']"
+    from dinov2_core.config import HUB_NAMES
+    from dinov2_core.models import ARCHS
+
+    assert set(ARCHS) == set(HUB_NAMES)

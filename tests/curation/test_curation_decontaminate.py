@@ -2,11 +2,11 @@ import numpy as np
 
 from dinov2_core.curation.decontaminate import decontaminate
 from dinov2_core.curation.dedup import deduplicate
-from tasks.params import DecontaminateParams, DedupParams
+from tasks.params import default_params
 
 from ._util import unit
 
-DEDUP_T, DECONTAM_T = DedupParams().threshold, DecontaminateParams().threshold  # the pipeline's defaults
+DEDUP_T, DECONTAM_T = default_params().dedup.threshold, default_params().decontaminate.threshold  # the defaults
 
 
 def _setup():

@@ -21,9 +21,9 @@ from dinov2_core.curation.embed import (
     copy_detection_views,
     describe_embedder,
 )
-from tasks.params import DedupParams
+from tasks.params import default_params
 
-CD_DEDUP_THRESHOLD = DedupParams().threshold  # the pipeline's default (one place states it)
+CD_DEDUP_THRESHOLD = default_params().dedup.threshold  # the pipeline's default (params.yaml states it once)
 
 
 # ---------------------------------------------------------------- copy-detection descriptor, unit level

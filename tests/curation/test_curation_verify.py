@@ -8,11 +8,11 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from dinov2_core.curation import PairVerifier, deduplicate, local_features, verify_pair
 from dinov2_core.curation.dedup import verified_edges
-from tasks.params import DedupParams
+from tasks.params import default_params
 
 from ._util import unit
 
-MIN_INLIERS, MIN_NCC = DedupParams().verify_min_inliers, DedupParams().verify_min_ncc  # the defaults
+MIN_INLIERS, MIN_NCC = default_params().dedup.verify_min_inliers, default_params().dedup.verify_min_ncc  # the defaults
 
 
 def _tiles():
@@ -121,7 +121,7 @@ def test_held_out_photos_with_default_params():
         pytest.skip("Debian opencv-doc is not installed (infra/setup-system.sh)")
     photos = [(n, a) for n in OPENCV_PHOTOS[:5] if (a := _open_photo(OPENCV_SAMPLES / n)) is not None]
     bench = build_photo_bench("held_out", photos=photos, seed=0)
-    p = DedupParams()
+    p = default_params().dedup
     emb, views = copy_detection_descriptor(bench.images), copy_detection_views(bench.images)
     keys = [str(i) for i in range(len(bench))]
     plain = deduplicate(emb, keys, threshold=p.threshold, views=views).frame

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from dinov2_core.config import OptimConfig
 from dinov2_core.train import fsdp
 from dinov2_core.train.checkpoint import Checkpointer, capture_rng_state, restore_rng_state
-from dinov2_core.train.config import OptimConfig
 from dinov2_core.train.loop import build_optimizer
 from dinov2_core.train.ssl_meta_arch import SSLMetaArch
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from dinov2_core.hub import load_export
-from dinov2_core.train.config import BackboneConfig, HeadConfig, LossConfig, OptimConfig
-from dinov2_core.train.engine import DataConfig, MultiCropConfig, TrainSpec, run_training
+from dinov2_core.config import BackboneConfig, HeadConfig, LossConfig, OptimConfig
+from dinov2_core.config import DataConfig, MultiCropConfig
+from dinov2_core.train.engine import TrainSpec, run_training
 from dinov2_core.train.export import export_ssl
 from dinov2_core.train.ssl_meta_arch import SSLMetaArch
 from tests.train._shards import png_bytes, write_shards

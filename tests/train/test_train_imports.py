@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 MODULES = ["dinov2_core.train.ssl_meta_arch", "dinov2_core.train.distill_meta_arch", "dinov2_core.train.fsdp",
-           "dinov2_core.train.checkpoint", "dinov2_core.train.loop", "dinov2_core.train.config",
+           "dinov2_core.train.checkpoint", "dinov2_core.train.loop", "dinov2_core.config",
            "dinov2_core.data.loader"]
 FORBIDDEN = ["prefect", "dvc", "great_expectations", "boto3", "botocore", "s3fs", "fsspec", "tasks", "flows"]
 

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from dinov2_core.config import BackboneConfig, HeadConfig, LossConfig, OptimConfig
 from dinov2_core.data.loader import global_batch_masks, mask_batch_fields
 from dinov2_core.data.masking import MaskingGenerator
-from dinov2_core.train.config import BackboneConfig, HeadConfig, LossConfig, OptimConfig
+from dinov2_core.models import build_backbone
 from dinov2_core.train.distill_meta_arch import DistillMetaArch
 from dinov2_core.train.loop import NonFiniteLossError, build_optimizer, build_schedules, train_loop
 from dinov2_core.train.ssl_meta_arch import SSLMetaArch
@@ -137,7 +138,7 @@ def test_non_finite_loss_stops_before_the_update():
 def test_distillation_frozen_teacher_unmasked_student_and_ema():
     torch.manual_seed(0)
     teacher_bb = BackboneConfig(arch="vit_small", img_size=56, depth=3, embed_dim=96, num_heads=3)
-    teacher_state = {f"backbone.{k}": v for k, v in teacher_bb.build().state_dict().items()}
+    teacher_state = {f"backbone.{k}": v for k, v in build_backbone(teacher_bb).state_dict().items()}
     meta = DistillMetaArch(BB, teacher_bb, loss_cfg(), n_local_crops=2, teacher_state=teacher_state)
     assert not meta.teacher_has_trained_heads
     before_t = {k: v.clone() for k, v in meta.teacher.state_dict().items()}

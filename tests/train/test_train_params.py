@@ -88,16 +88,18 @@ def test_paper_profile_cost_on_the_meta_device(capsys):
 
 def test_hub_spec_rebuilds_the_paper_model_on_the_meta_device():
     """model.json names a hub constructor + kwargs that rebuild the trained architecture key for key."""
+    from dataclasses import replace
+
     import torch
 
     from dinov2_core import hub
-    from tasks.train_launch import backbone_config
+    from dinov2_core.models import build_backbone
 
     paper = load_params(ROOT / "params.paper.yaml")
-    cfg = backbone_config(paper.model, 518)
+    cfg = replace(paper.model, img_size=518)
     name, kwargs = cfg.hub_spec()
     assert name == "dinov2_vitg14_reg" and "ffn_layer" not in kwargs and "num_register_tokens" not in kwargs
     with torch.device("meta"):
-        ours = cfg.build(with_drop_path=False)
+        ours = build_backbone(cfg, with_drop_path=False)
         theirs = getattr(hub, name)(pretrained=False, **kwargs)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}

@@ -49,7 +49,8 @@ def labelled_eval(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------------------------------------- fast: adapt switch
 def test_positional_table_is_interpolated_so_the_switch_is_seamless():
-    from dinov2_core.train.config import BackboneConfig
+    from dinov2_core.config import BackboneConfig
+    from dinov2_core.models import build_backbone
     from dinov2_core.train.resolution import adapted_state
     from dinov2_core.train.ssl_meta_arch import SSLMetaArch
 
@@ -63,7 +64,7 @@ def test_positional_table_is_interpolated_so_the_switch_is_seamless():
             blk.ls1.gamma.fill_(0.5)
             blk.ls2.gamma.fill_(0.5)
     new_bb = BackboneConfig(**{**BB.as_dict(), "img_size": 98})
-    new = new_bb.build(with_drop_path=False)
+    new = build_backbone(new_bb, with_drop_path=False)
     state = adapted_state(old.teacher.state_dict(), BB, 98)
     new.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}, strict=True)
     assert new.pos_embed.shape == (1, 1 + 7 * 7, 48)
