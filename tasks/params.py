@@ -242,11 +242,11 @@ class ShardsParams(Section):
     verify_decode_fraction: Fraction  # share of samples decoded in the read-back check
 
 
-# ---------------------------------------------------------------------------------------------- training (issue 5)
+# ---------------------------------------------------------------------------------------------- training
 # The model, loss, optimisation, crop, data, monitor and runtime settings are the library's own config dataclasses
 # (dinov2_core/config.py): their fields and official defaults are stated there once, with their constraints, and
-# pydantic validates params into them. params.yaml states only what the
-# profile changes. Only what the pipeline adds (how torchrun starts, where checkpoints go) is defined here.
+# pydantic validates params into them; params.yaml states only what the profile changes. Only what the pipeline
+# adds (how torchrun starts, where checkpoints go) is defined here.
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,6 +269,8 @@ class LaunchParams(RuntimeConfig):
 
 
 class CheckpointParams(Section):
+    """How often a training stage saves a resumable checkpoint, how many it keeps, and where."""
+
     every: NonNegInt  # iterations between checkpoints (0: only the final one)
     keep: PosInt
     # None: <out>/run/checkpoints. Multi-node: a folder every node sees, or an s3:// URL (endpoint from `storage`,
