@@ -5,7 +5,7 @@ student forward + backward on all crops (+ heads), DINO/iBOT/KoLeo, gradient cli
   * FSDP2 on a 1-process gloo group, one pass per crop size on CPU (what the stage ran before it skipped FSDP2
     for one process);
   * the stage's configuration (no FSDP with one process), and with the packed multi-crop stream (the GPU path)
-    instead of per-size passes;
+    instead of per-size passes; the stage's configuration again after it saved a checkpoint (should be unchanged);
   * the stage's configuration fed by the real loader (WebDataset shards of Fashion-MNIST, decoding and multi-crop in
     DataLoader workers), i.e. the end-to-end images/s of training here;
   * a distillation step (params.distill student, a teacher of the pretrain architecture at the adapt resolution).
@@ -66,6 +66,17 @@ def _stepper(meta, optim_cfg, batch_fn: Callable[[], dict[str, Any]]) -> Callabl
     return step
 
 
+def _after_checkpoint(meta, step: Callable[[], None], optim_cfg, iters: int) -> float:
+    """Seconds per step once the stage has saved a checkpoint: a guard against state a save leaves behind (a gloo
+    collective in a one-process group once left OpenMP without spinning threads: ~40% slower steps after it)."""
+    from dinov2_core.train.checkpoint import Checkpointer
+    from dinov2_core.train.loop import build_optimizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Checkpointer(Path(tmp), keep=1).save(1, meta, build_optimizer(meta, optim_cfg), {})
+    return min(time_fn(step, warmup=1, iters=iters))
+
+
 def _count_flops(step: Callable[[], None]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -119,11 +130,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, shard, pack in (("SSL step, FSDP2 1 proc, per-size", True, False),
                               ("SSL step, no FSDP, per-size (the stage, 1 process)", False, False),
                               ("SSL step, no FSDP, packed stream", False, True)):
-        step = _stepper(build(shard, pack), optim, lambda: fixed)
+        meta = build(shard, pack)
+        step = _stepper(meta, optim, lambda: fixed)
         if flops is None:
             flops = _count_flops(step)
         times = time_fn(step, warmup=1, iters=args.iters)
         rows.append((name, batch, min(times), flops))
+        if not shard and not pack:
+            rows.append(("  the same, after a checkpoint save", batch, _after_checkpoint(meta, step, optim, args.iters),
+                         flops))
 
     with tempfile.TemporaryDirectory() as tmp:
         index = _shards(Path(tmp))

@@ -17,8 +17,10 @@ def world_size() -> int:
 
 
 def all_reduce_(t: torch.Tensor, async_op: bool = False, op: Any = None) -> Any | None:
-    """In-place sum (or ``op``) over ranks; identity without a process group. Returns the handle if ``async_op``."""
-    if is_dist():
+    """In-place sum (or ``op``) over ranks; identity with one rank (a gloo collective on one rank changes nothing
+    and costs OpenMP its spinning threads: see ``dinov2_core.train.checkpoint._distributed``). Returns the handle
+    if ``async_op``."""
+    if world_size() > 1:
         return dist.all_reduce(t, op=op if op is not None else dist.ReduceOp.SUM, async_op=async_op)
     return None
 

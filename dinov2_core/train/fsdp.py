@@ -158,7 +158,7 @@ def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_world_size() > 1:  # one rank: nothing to wait for
         dist.barrier()
 
 
