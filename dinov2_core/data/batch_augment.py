@@ -36,7 +36,7 @@ _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.
 _YIQ2RGB = np.linalg.inv(_RGB2YIQ)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CropParams:
     """The random choices for one crop of one image."""
 
@@ -48,14 +48,22 @@ class CropParams:
     solarize: bool
 
 
+def _between(bounds: tuple[float, float], u: float) -> float:
+    """``Generator.uniform(lo, hi)`` from a ``Generator.random()`` draw ``u``: numpy computes ``lo + (hi - lo) * u``,
+    so drawing several ``random()`` at once gives bit-identical values in one call."""
+    lo, hi = bounds
+    return lo + (hi - lo) * u
+
+
 def _resized_crop_box(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[float, float, float, float]:
     """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop of clamped aspect ratio)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
+        u_area, u_aspect = rng.random(2)  # one call, the same stream as two uniform() draws
+        target = area * _between(scale, u_area)
+        aspect = math.exp(_between(log_ratio, u_aspect))
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
@@ -122,15 +130,14 @@ class BatchMultiCrop:
         out = []
         for scale, p_blur, may_solarize in kinds:
             box = _resized_crop_box(rng, height, width, scale)
-            flip = bool(rng.random() < 0.5)
-            jitter_on = rng.random() < 0.8
-            factors = (rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1))
-            gray = bool(rng.random() < 0.2)
-            blur_on = rng.random() < p_blur
-            sigma = float(rng.uniform(0.1, 2.0))
-            solarize = bool(may_solarize and rng.random() < self.solarize_prob)
-            out.append(CropParams(box, flip, tuple(float(f) for f in factors) if jitter_on else None, gray,
-                                  sigma if blur_on else None, solarize))
+            # flip, jitter on, 4 jitter factors, gray, blur on, sigma (+ solarize): one call instead of 9-10 (the loader
+            # runs this for every crop in the training process); the values are those of one draw per choice
+            u = rng.random(10 if may_solarize else 9).tolist()
+            factors = (_between((0.6, 1.4), u[2]), _between((0.6, 1.4), u[3]), _between((0.8, 1.2), u[4]),
+                       _between((-0.1, 0.1), u[5]))
+            out.append(CropParams(box, flip=u[0] < 0.5, jitter=factors if u[1] < 0.8 else None, gray=u[6] < 0.2,
+                                  blur_sigma=_between((0.1, 2.0), u[8]) if u[7] < p_blur else None,
+                                  solarize=may_solarize and u[9] < self.solarize_prob))
         return out
 
     # ------------------------------------------------------------------------------------------ ops
