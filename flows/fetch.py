@@ -9,24 +9,21 @@ works for runs that were never committed, and it reads nothing but the remote.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from dinov2_core.atomic import atomic_write_bytes
 from flows.remote import (
     CredentialsRejected,
     Output,
     RemoteError,
-    RemoteSpec,
+    RemoteStore,
     dir_listing,
     git_show,
     lock_outputs,
     md5_bytes,
-    read_object,
     resolve_remote,
-    s3_client,
 )
 
 
@@ -39,18 +36,19 @@ class Fetched:
     source: str
 
 
-def _locks(project: Path, spec: RemoteSpec, rev: str | None, run: str | None, client) -> tuple[str, str | None, str]:
+def _locks(project: Path, store: RemoteStore, rev: str | None, run: str | None) -> tuple[str, str | None, str]:
     if rev and run:
         raise RemoteError("give --rev or --run, not both")
     if run:
         try:
-            lock = read_object(spec, spec.key("runs", run, "dvc.lock"), client).decode()
+            lock = store.read(store.spec.key("runs", run, "dvc.lock")).decode()
         except RemoteError as exc:
             if exc.transient or isinstance(exc, CredentialsRejected) or "not found" not in str(exc):
                 raise
-            raise RemoteError(f"run '{run}' has no run record in remote '{spec.name}' ({spec.url}/runs/)") from None
+            raise RemoteError(f"run '{run}' has no run record in remote '{store.spec.name}' "
+                              f"({store.spec.url}/runs/)") from None
         try:
-            dvc_yaml = read_object(spec, spec.key("runs", run, "dvc.yaml"), client).decode()
+            dvc_yaml = store.read(store.spec.key("runs", run, "dvc.yaml")).decode()
         except RemoteError:
             dvc_yaml = None
         return lock, dvc_yaml, f"run {run}"
@@ -86,11 +84,7 @@ def _resolve_target(target: str, outputs: dict[str, list[Output]]) -> list[tuple
 def _write_verified(dest: Path, data: bytes, md5: str) -> None:
     if md5_bytes(data) != md5:
         raise RemoteError(f"{dest.name}: downloaded bytes do not match their hash {md5}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, dest)
+    atomic_write_bytes(dest, data)
 
 
 def fetch(target: str, out_dir: str | Path, project: str | Path = ".", rev: str | None = None,
@@ -101,9 +95,9 @@ def fetch(target: str, out_dir: str | Path, project: str | Path = ".", rev: str 
     spec = resolve_remote(project, remote)
     if spec is None:
         raise RemoteError(f"{project}: no DVC remote configured (pass --remote or `dvc remote add -d`)")
-    spec = spec.with_credentials(credentials)
-    client = s3_client(spec) if spec.is_s3 else None
-    lock, dvc_yaml, source = _locks(project, spec, rev, run, client)
+    store = RemoteStore(spec.with_credentials(credentials))
+    spec = store.spec
+    lock, dvc_yaml, source = _locks(project, store, rev, run)
     outputs = lock_outputs(lock, dvc_yaml)
     fetched: list[Fetched] = []
     for out, sub in _resolve_target(target, outputs):
@@ -112,7 +106,7 @@ def fetch(target: str, out_dir: str | Path, project: str | Path = ".", rev: str 
         if not out.cached:  # metrics (`cache: false`): in the run record, or in git if committed there
             data = None
             if run:
-                data = read_object(spec, spec.key("runs", run, out.path), client)
+                data = store.read(spec.key("runs", run, out.path))
             elif rev:
                 proc = subprocess.run(["git", "show", f"{rev}:{out.path}"], cwd=project, capture_output=True, check=False)
                 data = proc.stdout if proc.returncode == 0 else None
@@ -127,18 +121,18 @@ def fetch(target: str, out_dir: str | Path, project: str | Path = ".", rev: str 
         if not out.is_dir:
             if sub:
                 raise RemoteError(f"{out.path} is a file, not a folder")
-            data = read_object(spec, spec.object_key(out.md5), client)
+            data = store.read(spec.object_key(out.md5))
             _write_verified(out_dir / out.path, data, out.md5)
             fetched.append(Fetched(out.path, out_dir / out.path, 1, len(data), source))
             continue
-        entries = dir_listing(spec, out.md5, client)
+        entries = dir_listing(store, out.md5)
         if sub:
             entries = [e for e in entries if e["relpath"] == sub or e["relpath"].startswith(sub.rstrip("/") + "/")]
             if not entries:
                 raise RemoteError(f"{out.path}/{sub}: not in that output at {source}")
         total = 0
         for entry in entries:
-            data = read_object(spec, spec.object_key(entry["md5"]), client)
+            data = store.read(spec.object_key(entry["md5"]))
             _write_verified(out_dir / out.path / entry["relpath"], data, entry["md5"])
             total += len(data)
         path = f"{out.path}/{sub}" if sub else out.path

@@ -51,11 +51,11 @@ from flows.remote import (
     CredentialsRejected,
     RemoteError,
     RemoteSpec,
+    RemoteStore,
     credentials_from_block,
     credentials_hint,
     project_outputs,
     resolve_remote,
-    write_object,
 )
 from tasks.stages import STAGES
 
@@ -445,16 +445,12 @@ def publish_run_record(project_dir: str, remote: str, run_id: str, summary: dict
         for path in sorted((reports / sub).glob("*.json")) if (reports / sub).is_dir() else []:
             files[f"reports/{sub}/{path.name}"] = path.read_bytes()
     files["summary.json"] = (json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n").encode()
-    client = None
-    if spec.is_s3:
-        from flows.remote import s3_client
-
-        client = s3_client(spec)
     try:
+        store = RemoteStore(spec)
         for rel, data in files.items():
-            write_object(spec, spec.key("runs", run_id, rel), data, client)
-        write_object(spec, spec.key("runs", "latest.json"),
-                     json.dumps({"run_id": run_id, "finished": summary.get("finished")}).encode(), client)
+            store.write(spec.key("runs", run_id, rel), data)
+        store.write(spec.key("runs", "latest.json"),
+                    json.dumps({"run_id": run_id, "finished": summary.get("finished")}).encode())
     except CredentialsRejected:
         raise
     except RemoteError as exc:

@@ -18,11 +18,13 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import yaml
+
+from tasks.storage import CredentialsError, Storage, StorageError, redact_url, translate_error
 
 
 class RemoteError(RuntimeError):
@@ -168,86 +170,62 @@ def credentials_from_block(block_name: str | None) -> dict[str, str] | None:
     return {k: str(v) for k, v in value.items() if k.startswith("aws_")}
 
 
-# ----------------------------------------------------------------------------------------------- S3 access
-def s3_client(spec: RemoteSpec):
-    import boto3
-    from botocore.config import Config
-
-    kwargs: dict[str, Any] = {"region_name": spec.region or "us-east-1",
-                              "config": Config(connect_timeout=5, read_timeout=60,
-                                               retries={"max_attempts": 3, "mode": "standard"})}
-    if spec.endpoint_url:
-        kwargs["endpoint_url"] = spec.endpoint_url
-    if spec.access_key_id and spec.secret_access_key:
-        kwargs["aws_access_key_id"] = spec.access_key_id
-        kwargs["aws_secret_access_key"] = spec.secret_access_key
-        if spec.session_token:
-            kwargs["aws_session_token"] = spec.session_token
-    return boto3.client("s3", **kwargs)
-
-
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden",
-                     "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"}
-_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                    "ConnectionError", "ConnectionRefusedError", "ProxyConnectionError", "ResponseStreamingError",
-                    "IncompleteReadError", "TimeoutError"}
-
-
+# ----------------------------------------------------------------------------------------------- object access
 def credentials_hint(spec: RemoteSpec) -> str:
     return (f"set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or `dvc remote modify --local {spec.name} "
             f"access_key_id ...` (and secret_access_key), or pass a Prefect Secret block")
 
 
-def translate_s3_error(exc: BaseException, spec: RemoteSpec, what: str) -> RemoteError:
-    """One line that says what failed and what to do; never contains credential values."""
-    name = type(exc).__name__
-    code = ""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = str(response.get("Error", {}).get("Code", ""))
+def translate_remote_error(exc: BaseException, spec: RemoteSpec, what: str) -> RemoteError:
+    """One line that says what failed on which remote and what to do; never contains credential values. The
+    backend's exception is classified by the storage stack's one vocabulary (:func:`tasks.storage.translate_error`)."""
+    err = exc if isinstance(exc, StorageError) else translate_error(what, exc)
     where = f"remote '{spec.name}' ({spec.url})"
-    if name in ("NoCredentialsError", "PartialCredentialsError"):
-        return CredentialsRejected(f"{what}: no S3 credentials for {where}: {credentials_hint(spec)}")
-    if code in _CREDENTIAL_CODES:
-        return CredentialsRejected(f"{what}: S3 rejected the credentials for {where} ({code}): {credentials_hint(spec)}")
-    if code in ("NoSuchBucket",):
-        return RemoteError(f"{what}: bucket '{spec.bucket}' of {where} does not exist")
-    if code in ("NoSuchKey", "404", "NotFound"):
+    detail = str(err).removeprefix(f"{redact_url(what)}: ")
+    if isinstance(err, CredentialsError):
+        problem = "no S3 credentials" if detail.startswith("no S3 credentials") else "S3 rejected the credentials"
+        return CredentialsRejected(f"{what}: {problem} for {where}: {credentials_hint(spec)}")
+    if detail == "not found":
         return RemoteError(f"{what}: not found in {where}")
-    if name in _TRANSIENT_NAMES or isinstance(exc, (ConnectionError, TimeoutError)) or code in (
-            "SlowDown", "ServiceUnavailable", "InternalError", "500", "502", "503", "504", "RequestTimeout"):
-        return RemoteError(f"{what}: {where} unreachable ({name}{': ' + code if code else ''})", transient=True)
-    return RemoteError(f"{what}: {name}{': ' + code if code else ''} from {where}")
+    if err.transient:
+        return RemoteError(f"{what}: {where} unreachable ({detail})", transient=True)
+    return RemoteError(f"{what}: {detail} ({where})")
 
 
-def read_object(spec: RemoteSpec, key: str, client=None) -> bytes:
-    if not spec.is_s3:
-        path = spec.local_path(key)
-        if not path.is_file():
-            raise RemoteError(f"{spec.uri(key)}: not found in remote '{spec.name}'")
-        return path.read_bytes()
-    client = client or s3_client(spec)
-    try:
-        return client.get_object(Bucket=spec.bucket, Key=key)["Body"].read()
-    except Exception as exc:
-        raise translate_s3_error(exc, spec, f"s3://{spec.bucket}/{key}") from None
+class RemoteStore:
+    """Objects of one remote through the project's storage stack (fsspec/s3fs, :class:`tasks.storage.Storage`),
+    one filesystem (one connection pool) for all the reads and writes of one fetch or one run record."""
 
+    def __init__(self, spec: RemoteSpec):
+        self.spec = spec
+        self._storage = Storage(s3_endpoint_url=spec.endpoint_url, s3_region=spec.region or "us-east-1",
+                                s3_access_key_id=spec.access_key_id, s3_secret_access_key=spec.secret_access_key,
+                                s3_session_token=spec.session_token)
+        self._fs = self._storage.filesystem(spec.url)[0] if spec.is_s3 else None
 
-def write_object(spec: RemoteSpec, key: str, data: bytes, client=None) -> str:
-    """Write one object (whole-object PUT: readers see all of it or nothing); returns its address."""
-    if not spec.is_s3:
-        path = spec.local_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        return str(path)
-    client = client or s3_client(spec)
-    try:
-        client.put_object(Bucket=spec.bucket, Key=key, Body=data)
-    except Exception as exc:
-        raise translate_s3_error(exc, spec, f"s3://{spec.bucket}/{key}") from None
-    return f"s3://{spec.bucket}/{key}"
+    def read(self, key: str) -> bytes:
+        url = self.spec.uri(key)
+        try:
+            if self._fs is None:
+                return self._storage.read_bytes(url)
+            with self._fs.open(f"{self.spec.bucket}/{key}", "rb") as fh:
+                return fh.read()
+        except Exception as exc:
+            raise translate_remote_error(exc, self.spec, url) from None
+
+    def write(self, key: str, data: bytes) -> str:
+        """Write one object (local: write-then-rename; S3: one PUT when closed): readers see all of it or nothing.
+        Returns its address."""
+        url = self.spec.uri(key)
+        try:
+            if self._fs is None:
+                self._storage.write_bytes(url, data)
+            else:
+                with self._fs.open(f"{self.spec.bucket}/{key}", "wb") as fh:
+                    fh.write(data)
+        except Exception as exc:
+            raise translate_remote_error(exc, self.spec, url) from None
+        return url
 
 
 # ----------------------------------------------------------------------------------------------- dvc.yaml/lock
@@ -320,18 +298,10 @@ def md5_bytes(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def dir_listing(spec: RemoteSpec, md5: str, client=None) -> list[dict[str, str]]:
+def dir_listing(store: RemoteStore, md5: str) -> list[dict[str, str]]:
     """The files of a directory output: DVC's `.dir` object is a JSON list of {md5, relpath}."""
-    data = read_object(spec, spec.object_key(md5), client)
+    key = store.spec.object_key(md5)
+    data = store.read(key)
     if md5_bytes(data) != md5.removesuffix(".dir"):
-        raise RemoteError(f"{spec.uri(spec.object_key(md5))}: content does not match its hash")
+        raise RemoteError(f"{store.spec.uri(key)}: content does not match its hash")
     return json.loads(data)
-
-
-def is_verified_object(key: str, data: bytes) -> bool:
-    """An object under files/md5/ is complete iff its content hashes to its own key."""
-    parts = PurePosixPath(key).parts
-    if len(parts) < 2:
-        return False
-    expected = (parts[-2] + parts[-1]).removesuffix(".dir")
-    return md5_bytes(data) == expected

@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dinov2_core.atomic import atomic_write_bytes
 from tasks.log import get_logger, progress_kwargs
-from tasks.storage import atomic_write_bytes
 
 log = get_logger("embeddings")
 

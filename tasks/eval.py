@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from dinov2_core.atomic import atomic_path, atomic_write_bytes
 from dinov2_core.eval import (
     EvalTransformConfig,
     ExtractedFeatures,
@@ -39,7 +40,7 @@ from tasks.log import get_logger
 from tasks.params import EvalParams, Params, params_record
 from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_json, write_metrics, write_plot_csv
-from tasks.storage import Storage, atomic_write_bytes
+from tasks.storage import Storage
 
 log = get_logger("eval")
 
@@ -285,10 +286,9 @@ def summary_png(results: dict[str, dict], path: Path) -> Path:
             ax.text(v + 0.01, i, f"{v:.3f}", va="center", fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from tasks.storage import atomic_write_bytes
+from dinov2_core.atomic import atomic_path, atomic_write_bytes
 
 
 def _clean(value: Any) -> Any:
@@ -47,9 +47,8 @@ def write_parquet(path: str | Path, frame: pd.DataFrame) -> Path:
     """Deterministic Parquet (no index, fixed compression) so reruns give byte-identical files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     frame = frame.reset_index(drop=True)
     frame.attrs = {}  # pandas stores attrs (e.g. timings) in the file metadata: bytes would differ per run
-    frame.to_parquet(tmp, index=False, compression="zstd", engine="pyarrow")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False, compression="zstd", engine="pyarrow")
     return path

@@ -12,17 +12,17 @@ import os
 import re
 import socket
 import ssl
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlsplit, urlunsplit
 
 import fsspec
 
+from dinov2_core.atomic import atomic_write_bytes
 from tasks.params import StorageParams
 
 
@@ -117,6 +117,11 @@ class Storage:
     s3_region: str = "us-east-1"
     http_timeout_s: float = 10.0  # bounds every connect and every read
     http_deadline_s: float = 120.0  # bounds a whole response (a server dripping a byte per second)
+    # explicit S3 keys (a DVC remote's `--local` settings or a Prefect Secret block); None: the AWS chain (env,
+    # profile, instance role). Never shown: repr=False.
+    s3_access_key_id: str | None = field(default=None, repr=False)
+    s3_secret_access_key: str | None = field(default=None, repr=False)
+    s3_session_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_params(cls, params: StorageParams, http_timeout_s: float = 10.0,
@@ -130,11 +135,15 @@ class Storage:
             client_kwargs: dict[str, Any] = {"region_name": self.s3_region}
             if endpoint:
                 client_kwargs["endpoint_url"] = endpoint
-            return {
+            options: dict[str, Any] = {
                 "client_kwargs": client_kwargs,
                 "config_kwargs": {"connect_timeout": 5, "read_timeout": 30, "retries": {"max_attempts": 3}},
                 "skip_instance_cache": True,
             }
+            if self.s3_access_key_id and self.s3_secret_access_key:
+                options.update(key=self.s3_access_key_id, secret=self.s3_secret_access_key,
+                               token=self.s3_session_token)
+            return options
         return {}
 
     def fsspec_options(self, url: str) -> dict[str, Any]:
@@ -293,24 +302,6 @@ def join_url(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so a killed process never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make outputs private to this user
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _one_line(exc: object) -> str:
     text = str(exc)
     return text.splitlines()[0][:160] if text.strip() else type(exc).__name__
@@ -325,8 +316,12 @@ def translate_error(url: str, exc: BaseException) -> StorageError:
         return CredentialsError(
             f"{url}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
         )
-    if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or name == "ClientError" and "403" in text:
-        return CredentialsError(f"{url}: S3 rejected the credentials ({text[:120]}); check AWS_* variables")
+    cause = exc.__cause__  # s3fs raises Python errors (PermissionError, OSError(EBUSY)...) from botocore's ClientError
+    cause_code = str((getattr(cause, "response", None) or {}).get("Error", {}).get("Code", ""))
+    if (any(code in text for code in _S3_CREDENTIAL_CODES) or cause_code in _S3_CREDENTIAL_CODES
+            or name == "ClientError" and "403" in text):
+        code = cause_code or next((c for c in _S3_CREDENTIAL_CODES if c in text), "403")
+        return CredentialsError(f"{url}: S3 rejected the credentials ({code}); check AWS_* variables")
     if isinstance(exc, FileNotFoundError):
         return StorageError(f"{url}: not found")
     if isinstance(exc, IsADirectoryError):
@@ -350,14 +345,15 @@ def translate_error(url: str, exc: BaseException) -> StorageError:
     status = getattr(exc, "status", None)
     if isinstance(status, int):
         return StorageError(f"{url}: HTTP {status}", transient=status >= 500 or status == 429)
-    cause = exc.__cause__  # s3fs raises OSError(EBUSY, ...) from botocore's ClientError (SlowDown, 503...)
-    cause_code = str((getattr(cause, "response", None) or {}).get("Error", {}).get("Code", ""))
     if (any(code in text for code in _S3_TRANSIENT_CODES) or cause_code in _S3_TRANSIENT_CODES
             or getattr(exc, "errno", None) in (errno.EBUSY, errno.EAGAIN)):
         return StorageError(f"{url}: network error ({cause_code or name}: {text[:120]})", transient=True)
     return StorageError(f"{url}: {name}: {text[:160]}")
 
 
+# S3 error codes that mean the keys are missing, unknown or do not sign: a configuration problem, never retried.
+_S3_CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                        "AuthorizationHeaderMalformed")
 # S3 error codes that mean "the service is busy or failing", worth a retry with back-off.
 _S3_TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
                        "(503)", "(500)", "(502)", "(504)")

@@ -4,12 +4,12 @@ great-expectations checks of the log and the exports, and the metrics file with 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from dinov2_core.atomic import atomic_path
 from dinov2_core.hub import load_export
 from dinov2_core.train.diagnostics import learning_warnings
 from dinov2_core.train.engine import KnnLog, TrainLog
@@ -26,10 +26,9 @@ def _save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         failure = Path(getattr(params, args.stage).out) / "run" / "failure.txt"
         if not failure.exists():
-            from dinov2_core.train.checkpoint import atomic_write_text
+            from dinov2_core.atomic import atomic_write_text
 
             first = str(exc).splitlines()[0] if str(exc) else ""
             atomic_write_text(failure, f"{args.stage} (rank {os.environ.get('RANK', '0')}): "

@@ -23,7 +23,7 @@ from flows.artifacts import (
     validation_markdown,
 )
 from flows.fetch import fetch
-from flows.remote import RemoteError, RemoteSpec, is_verified_object, lock_outputs, translate_s3_error
+from flows.remote import RemoteError, RemoteSpec, lock_outputs, translate_remote_error
 from tasks.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,22 +299,20 @@ def test_fetch_refuses_a_corrupt_object_and_names_what_is_missing(tmp_path):
         fetch("data/other", tmp_path / "out", project=project, run="run-1")
 
 
-def test_content_addressed_objects_verify_against_their_key():
-    data = b"hello"
-    md5 = hashlib.md5(data).hexdigest()
-    assert is_verified_object(f"dvc/files/md5/{md5[:2]}/{md5[2:]}", data)
-    assert not is_verified_object(f"dvc/files/md5/{md5[:2]}/{md5[2:]}", data[:3])
-
-
 def test_s3_errors_become_one_line_without_secrets():
     from botocore.exceptions import ClientError, EndpointConnectionError
 
     spec = RemoteSpec("stack", "s3://b/dvc", access_key_id="AKIA1", secret_access_key="s3cr3t-value")
-    err = translate_s3_error(ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "no"}}, "GetObject"),
+    err = translate_remote_error(ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "no"}}, "GetObject"),
                              spec, "s3://b/k")
     assert "rejected the credentials" in str(err) and "s3cr3t" not in str(err) and "\n" not in str(err)
-    err = translate_s3_error(EndpointConnectionError(endpoint_url="http://x"), spec, "s3://b/k")
+    err = translate_remote_error(EndpointConnectionError(endpoint_url="http://x"), spec, "s3://b/k")
     assert err.transient
+    # s3fs raises a Python error from botocore's: the code is on the cause
+    wrapped = PermissionError("The AWS Access Key Id you provided does not exist in our records.")
+    wrapped.__cause__ = ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "no"}}, "GetObject")
+    err = translate_remote_error(wrapped, spec, "s3://b/k")
+    assert "rejected the credentials" in str(err) and "remote 'stack'" in str(err) and not err.transient
     assert "s3cr3t" not in repr(spec)
 
 

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..atomic import atomic_path, atomic_write_text
+
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -82,26 +84,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file and a rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """torch.save through a temporary file, fsync and a rename: readers never see half a file."""
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(obj, tmp)
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -288,7 +273,7 @@ class Checkpointer:
         if rank == 0:
             full_meta = dict(meta, step=int(step), world_size=dist.get_world_size() if dist.is_initialized() else 1,
                              saved_at=time.time())
-            atomic_write_text(tmp / "meta.json", json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(tmp / "meta.json", json.dumps(full_meta, indent=2, sort_keys=True) + "\n", fsync=True)
             _fsync_dir(tmp)
             old = None
             if final.exists():  # the same step saved again (a rerun of a finished run): swap, then drop the old one
@@ -298,7 +283,7 @@ class Checkpointer:
             _fsync_dir(self.root)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-            atomic_write_text(self.root / "latest", name + "\n")
+            atomic_write_text(self.root / "latest", name + "\n", fsync=True)
             for _, p in self.list()[: -self.keep]:
                 shutil.rmtree(p, ignore_errors=True)
         _barrier()
@@ -380,5 +365,5 @@ class Checkpointer:
         return torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
 
 
-__all__ = ["CKPT_RE", "Checkpointer", "atomic_save", "atomic_write_text", "capture_rng_state",
+__all__ = ["CKPT_RE", "Checkpointer", "atomic_save", "capture_rng_state",
            "fill_missing_optimizer_state", "restore_rng_state"]

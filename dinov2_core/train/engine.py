@@ -35,8 +35,9 @@ from dinov2_core.data.loader import SSLDataLoader, read_shard_index
 from dinov2_core.eval.monitor import knn_probe
 from dinov2_core.models import build_backbone
 
+from ..atomic import atomic_write_text
 from . import fsdp
-from .checkpoint import Checkpointer, atomic_write_text
+from .checkpoint import Checkpointer
 from .export import sub_state
 from .loop import NonFiniteLossError, build_optimizer, build_schedules, train_loop
 

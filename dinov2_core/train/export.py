@@ -11,7 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_save, atomic_write_text
+from ..atomic import atomic_write_text
+from .checkpoint import atomic_save
 
 
 def sha256_file(path: Path) -> str:
