@@ -318,7 +318,7 @@ def translate_error(url: str, exc: BaseException) -> StorageError:
         )
     cause = exc.__cause__  # s3fs raises Python errors (PermissionError, OSError(EBUSY)...) from botocore's ClientError
     cause_code = str((getattr(cause, "response", None) or {}).get("Error", {}).get("Code", ""))
-    if (any(code in text for code in _S3_CREDENTIAL_CODES) or cause_code in _S3_CREDENTIAL_CODES
+    if (any(code in text for code in _S3_CREDENTIAL_CODES) or cause_code in _S3_CREDENTIAL_CODES + _S3_DENIED_CODES
             or name == "ClientError" and "403" in text):
         code = cause_code or next((c for c in _S3_CREDENTIAL_CODES if c in text), "403")
         return CredentialsError(f"{url}: S3 rejected the credentials ({code}); check AWS_* variables")
@@ -354,6 +354,8 @@ def translate_error(url: str, exc: BaseException) -> StorageError:
 # S3 error codes that mean the keys are missing, unknown or do not sign: a configuration problem, never retried.
 _S3_CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
                         "AuthorizationHeaderMalformed")
+# What S3 answers a HEAD (no body: bare status) or a request the keys may not make; s3fs raises PermissionError.
+_S3_DENIED_CODES = ("403", "Forbidden", "AccessDenied")
 # S3 error codes that mean "the service is busy or failing", worth a retry with back-off.
 _S3_TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
                        "(503)", "(500)", "(502)", "(504)")

@@ -313,6 +313,9 @@ def test_s3_errors_become_one_line_without_secrets():
     wrapped.__cause__ = ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "no"}}, "GetObject")
     err = translate_remote_error(wrapped, spec, "s3://b/k")
     assert "rejected the credentials" in str(err) and "remote 'stack'" in str(err) and not err.transient
+    head = PermissionError("Forbidden")  # a HEAD (s3fs reads an object's size first) has no body: bare 403
+    head.__cause__ = ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadObject")
+    assert "rejected the credentials" in str(translate_remote_error(head, spec, "s3://b/k"))
     assert "s3cr3t" not in repr(spec)
 
 
