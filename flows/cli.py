@@ -35,6 +35,9 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file to 
 
 
 EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL: "try again later"
+# The flow names a file here; `stage` appends its stage name to it when its command really runs, so the flow learns
+# which stage commands ran inside one `dvc repro` without reading DVC's printed messages.
+STAGE_RUN_LOG_ENV = "DINOV2_STAGE_RUN_LOG"
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -74,6 +77,9 @@ def stage_cmd(
 
     if name not in STAGES:
         _fail(f"unknown stage '{name}'; stages: {', '.join(STAGES)}", 2)
+    if os.environ.get(STAGE_RUN_LOG_ENV):
+        with open(os.environ[STAGE_RUN_LOG_ENV], "a") as fh:
+            fh.write(name + "\n")
     sets = list(set_ or [])
     section = name.replace("-", "_")
     moved = next((v.split("=", 1)[1] for v in sets if v.startswith(f"{section}.out=")), None)

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +48,7 @@ from flows.artifacts import (
     validation_markdown,
     validation_summary,
 )
+from flows.cli import EXIT_TRANSIENT, STAGE_RUN_LOG_ENV
 from flows.remote import (
     CredentialsRejected,
     RemoteError,
@@ -74,7 +76,6 @@ _CREDENTIALS = re.compile(
 )
 # Exit codes of `dinov2-pipeline stage` that are never worth a retry: 2 bad params, 3 failed GX check.
 _DETERMINISTIC_EXIT = {2, 3}
-_TRANSIENT_EXIT = 75  # flows.cli.EXIT_TRANSIENT
 _BACKUP = ".dvc/tmp/params.yaml.before-run"
 _LOCK = ".dvc/tmp/dinov2-pipeline.lock"
 
@@ -324,7 +325,7 @@ def classify_stage_failure(stage: str, exit_code: int, lines: list[str]) -> Exce
     message = f"stage {stage} failed (exit {code if code is not None else exit_code}): {reason}"
     if code in _DETERMINISTIC_EXIT or "data-quality check failed" in reason:
         return StageFailed(message)
-    if code == _TRANSIENT_EXIT:  # the stage itself says a retry may help (e.g. ingest during an outage)
+    if code == EXIT_TRANSIENT:  # the stage itself says a retry may help (e.g. ingest during an outage)
         return TransientStageError(message)
     errors = "\n".join([ln for ln in lines if ln.startswith(("error:", "ERROR"))] + lines[-5:])
     if _TRANSIENT.search(errors) and not _CREDENTIALS.search(errors):
@@ -340,13 +341,19 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
     logger = get_run_logger()
     project = Path(project_dir)
     reports = _reports_dir(project)
-    extra = _block_env(project, credentials_block)
+    run_log = project / ".dvc" / "tmp" / f"stage-runs-{uuid.uuid4().hex}.txt"
+    env = _env({**_block_env(project, credentials_block), STAGE_RUN_LOG_ENV: str(run_log)})
+    locked_before = _lock_entry(project, stage)
     cmd = [_dvc(), "repro", stage] + (["--force"] if force else [])
     start = time.perf_counter()
     started_at = time.time()
-    code, lines, _ = _stream(cmd, project, _env(extra), logger)
+    run_log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        code, lines, _ = _stream(cmd, project, env, logger)
+        ran = run_log.read_text().split() if run_log.exists() else []
+    finally:
+        run_log.unlink(missing_ok=True)
     seconds = round(time.perf_counter() - start, 2)
-    text = "\n".join(lines)
     gx_files = validation_files(reports, stage, set(STAGES) - {stage})
     gx_markdown = validation_markdown(stage, gx_files)
     if code != 0:
@@ -355,14 +362,13 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
             publish("validation", f"{stage}-validation", validation_markdown(stage, fresh),
                     f"{stage}: great-expectations results (failed run)")
         raise classify_stage_failure(stage, code, lines)
-    if f"Stage '{stage}' didn't change, skipping" in text:
-        status = "skipped (up to date)"
-    elif f"Stage '{stage}' is cached - skipping run" in text:
+    if stage in ran:
+        status = "yes"
+    elif _lock_entry(project, stage) != locked_before:  # DVC brought it up to date without running its command
         status = "restored from run-cache"
     else:
-        status = "yes"
-    upstream = re.findall(r"Running stage '([^']+)'", text)
-    also_ran = [s for s in upstream if s != stage]
+        status = "skipped (up to date)"
+    also_ran = list(dict.fromkeys(s for s in ran if s != stage))
     note = "" if status == "yes" else " (unchanged since the run that produced it)"
     if gx_markdown:
         publish("validation", f"{stage}-validation", gx_markdown, f"{stage}: great-expectations results{note}")
@@ -379,6 +385,14 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
     return {"stage": stage, "ran": status == "yes", "status": status, "seconds": seconds,
             "also_ran": also_ran, "validation": validation_summary(gx_files),
             "metrics": headline_metrics(metrics_path), "warnings": warnings}
+
+
+def _lock_entry(project: Path, stage: str) -> dict | None:
+    """The stage's entry in dvc.lock (hashes of its deps, params and outs); None before its first run."""
+    lock = project / "dvc.lock"
+    if not lock.exists():
+        return None
+    return ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}).get(stage)
 
 
 def _block_env(project: Path, credentials_block: str | None) -> dict[str, str]:
