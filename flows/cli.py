@@ -35,9 +35,17 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file to 
 
 
 EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL: "try again later"
-# The flow names a file here; `stage` appends its stage name to it when its command really runs, so the flow learns
-# which stage commands ran inside one `dvc repro` without reading DVC's printed messages.
+# The flow names a file here; `stage` appends "<name> start" when its command really runs and "<name> exit <code>"
+# when it ends, so the flow learns which stage commands ran inside one `dvc repro`, and how each ended, without
+# reading DVC's printed messages.
 STAGE_RUN_LOG_ENV = "DINOV2_STAGE_RUN_LOG"
+
+
+def _log_stage_run(name: str, event: str) -> None:
+    path = os.environ.get(STAGE_RUN_LOG_ENV)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(f"{name} {event}\n")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -73,13 +81,26 @@ def stage_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Run one stage outside DVC (e.g. on your own data with --set ingest.manifest=crawl.csv)."""
-    from tasks.params import load_params
-
     if name not in STAGES:
         _fail(f"unknown stage '{name}'; stages: {', '.join(STAGES)}", 2)
-    if os.environ.get(STAGE_RUN_LOG_ENV):
-        with open(os.environ[STAGE_RUN_LOG_ENV], "a") as fh:
-            fh.write(name + "\n")
+    _log_stage_run(name, "start")
+    code: int | str = 1  # an exception that is neither an Exit nor a SystemExit ends the process with 1
+    try:
+        _run_stage(name, params_file, set_)
+        code = 0
+    except typer.Exit as exc:
+        code = exc.exit_code
+        raise
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        raise
+    finally:
+        _log_stage_run(name, f"exit {code}")
+
+
+def _run_stage(name: str, params_file: Path, set_: list[str] | None) -> None:
+    from tasks.params import load_params
+
     sets = list(set_ or [])
     section = name.replace("-", "_")
     moved = next((v.split("=", 1)[1] for v in sets if v.startswith(f"{section}.out=")), None)

@@ -307,21 +307,17 @@ def _reports_dir(project: Path) -> Path:
     return reports if reports.is_absolute() else project / reports
 
 
-def _failure_reason(lines: list[str]) -> tuple[int | None, str]:
-    """(the stage command's own exit code if DVC reported it, the most specific one-line reason)."""
-    code = None
-    for line in lines:
-        m = re.search(r"exited with (-?\d+)", line)
-        if m:
-            code = int(m.group(1))
+def _failure_reason(lines: list[str]) -> str:
+    """The most specific one-line reason: the stage command's own `error:` line, else DVC's."""
     own = [ln for ln in lines if ln.startswith("error:")]
     dvc = [ln for ln in lines if ln.startswith("ERROR")]
-    reason = own[0] if own else (dvc[0] if dvc else (lines[-1] if lines else "no output"))
-    return code, reason
+    return own[0] if own else (dvc[0] if dvc else (lines[-1] if lines else "no output"))
 
 
-def classify_stage_failure(stage: str, exit_code: int, lines: list[str]) -> Exception:
-    code, reason = _failure_reason(lines)
+def classify_stage_failure(stage: str, exit_code: int, lines: list[str], stage_exit: int | None = None) -> Exception:
+    """Final or transient? ``stage_exit`` is the stage command's own exit code (from the stage run log), ``exit_code``
+    DVC's."""
+    code, reason = stage_exit, _failure_reason(lines)
     message = f"stage {stage} failed (exit {code if code is not None else exit_code}): {reason}"
     if code in _DETERMINISTIC_EXIT or "data-quality check failed" in reason:
         return StageFailed(message)
@@ -350,7 +346,7 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
     run_log.parent.mkdir(parents=True, exist_ok=True)
     try:
         code, lines, _ = _stream(cmd, project, env, logger)
-        ran = run_log.read_text().split() if run_log.exists() else []
+        ran, exits = read_stage_runs(run_log)
     finally:
         run_log.unlink(missing_ok=True)
     seconds = round(time.perf_counter() - start, 2)
@@ -361,7 +357,8 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
         if fresh:
             publish("validation", f"{stage}-validation", validation_markdown(stage, fresh),
                     f"{stage}: great-expectations results (failed run)")
-        raise classify_stage_failure(stage, code, lines)
+        failed = next((s for s in reversed(ran) if exits.get(s, 0) != 0), stage)  # the stage (or upstream) that failed
+        raise classify_stage_failure(failed, code, lines, stage_exit=exits.get(failed))
     if stage in ran:
         status = "yes"
     elif _lock_entry(project, stage) != locked_before:  # DVC brought it up to date without running its command
@@ -385,6 +382,20 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
     return {"stage": stage, "ran": status == "yes", "status": status, "seconds": seconds,
             "also_ran": also_ran, "validation": validation_summary(gx_files),
             "metrics": headline_metrics(metrics_path), "warnings": warnings}
+
+
+def read_stage_runs(path: Path) -> tuple[list[str], dict[str, int]]:
+    """(stages whose command started, in order; exit code of each that ended) from a stage run log
+    (:data:`flows.cli.STAGE_RUN_LOG_ENV`). A stage killed before it could write its exit has none."""
+    ran: list[str] = []
+    exits: dict[str, int] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        parts = line.split()
+        if len(parts) == 2 and parts[1] == "start":
+            ran.append(parts[0])
+        elif len(parts) == 3 and parts[1] == "exit" and parts[2].lstrip("-").isdigit():
+            exits[parts[0]] = int(parts[2])
+    return ran, exits
 
 
 def _lock_entry(project: Path, stage: str) -> dict | None:

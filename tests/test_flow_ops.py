@@ -122,20 +122,21 @@ def test_failed_check_and_bad_params_are_never_retried():
     lines = ["> dinov2-pipeline stage ingest",
              "error: ingest: data-quality check failed: stored_files: expect_column_values_to_be_in_set(...)",
              "ERROR: failed to reproduce 'ingest': failed to run: dinov2-pipeline stage ingest, exited with 3"]
-    exc = pipeline.classify_stage_failure("ingest", 255, lines)
+    exc = pipeline.classify_stage_failure("ingest", 255, lines, stage_exit=3)
     assert isinstance(exc, pipeline.StageFailed)
     assert "exit 3" in str(exc) and "expect_column_values_to_be_in_set" in str(exc)
-    exc = pipeline.classify_stage_failure("ingest", 255, ["error: params.yaml: x: bad", "ERROR: ... exited with 2"])
+    exc = pipeline.classify_stage_failure("ingest", 255, ["error: params.yaml: x: bad", "ERROR: ... exited with 2"],
+                                          stage_exit=2)
     assert isinstance(exc, pipeline.StageFailed)
 
 
 def test_network_and_store_faults_are_retried_credential_faults_are_not():
     net = ["error: StorageError: s3://b/k: network error (EndpointConnectionError: Could not connect)",
            "ERROR: failed to reproduce 'shards': failed to run: dinov2-pipeline stage shards, exited with 1"]
-    assert isinstance(pipeline.classify_stage_failure("shards", 255, net), pipeline.TransientStageError)
+    assert isinstance(pipeline.classify_stage_failure("shards", 255, net, stage_exit=1), pipeline.TransientStageError)
     creds = ["error: s3://b/k: S3 rejected the credentials (InvalidAccessKeyId); check AWS_* variables",
              "ERROR: ... exited with 1"]
-    assert isinstance(pipeline.classify_stage_failure("shards", 255, creds), pipeline.StageFailed)
+    assert isinstance(pipeline.classify_stage_failure("shards", 255, creds, stage_exit=1), pipeline.StageFailed)
     # a number that happens to look like an HTTP status is not a network fault
     assert isinstance(pipeline.classify_stage_failure("x", 1, ["error: ValueError: 503 rows"]), pipeline.StageFailed)
 

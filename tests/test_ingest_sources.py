@@ -437,7 +437,7 @@ def test_outage_is_one_line_and_a_transient_exit_the_flow_retries(tmp_path, smal
     from typer.testing import CliRunner
 
     from flows import pipeline
-    from flows.cli import EXIT_TRANSIENT, app
+    from flows.cli import EXIT_TRANSIENT, STAGE_RUN_LOG_ENV, app
 
     crawl = tmp_path / "crawl"
     crawl.mkdir()
@@ -445,10 +445,13 @@ def test_outage_is_one_line_and_a_transient_exit_the_flow_retries(tmp_path, smal
                                                                                   index=False)
     res = CliRunner().invoke(app, ["stage", "ingest", "--set", f"ingest.manifest={crawl}/manifest.csv",
                                    "--set", f"ingest.out={tmp_path}/out", "--set", f"reports={tmp_path}/r",
-                                   "--set", "ingest.http_retries=0", "--set", f"ingest.resume_dir={tmp_path}/rs"])
+                                   "--set", "ingest.http_retries=0", "--set", f"ingest.resume_dir={tmp_path}/rs"],
+                             env={STAGE_RUN_LOG_ENV: str(tmp_path / "runs.txt")})
     assert res.exit_code == EXIT_TRANSIENT and "Traceback" not in res.output
+    assert pipeline.read_stage_runs(tmp_path / "runs.txt") == (["ingest"], {"ingest": EXIT_TRANSIENT})
     line = res.stderr.strip()
     assert "\n" not in line and "3 of 3 rows" in line and "max_transient_fraction" in line
     dvc = f"ERROR: failed to reproduce 'ingest': failed to run: dinov2-pipeline stage ingest, exited with {EXIT_TRANSIENT}"
     dvc_lines = [line, dvc]
-    assert isinstance(pipeline.classify_stage_failure("ingest", 255, dvc_lines), pipeline.TransientStageError)
+    assert isinstance(pipeline.classify_stage_failure("ingest", 255, dvc_lines, stage_exit=EXIT_TRANSIENT),
+                      pipeline.TransientStageError)
