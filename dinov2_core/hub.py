@@ -13,9 +13,11 @@ Loading always uses ``torch.load(weights_only=True)`` and ``load_state_dict(stri
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Callable, Mapping
 from enum import Enum
+from pathlib import Path
 from typing import Any, Union
 
 import torch
@@ -220,8 +222,6 @@ HUB_MODELS = {
 def load_export(model_json: str | os.PathLike, name: str = "teacher_backbone.pth") -> DinoVisionTransformer:
     """A backbone exported by the training stages: its ``model.json`` names the hub constructor, its kwargs (depth,
     width, image size... of a model smaller than the released ones) and the weight files; strict load, eval mode."""
-    import json
-    from pathlib import Path
 
     info = json.loads(Path(model_json).read_text())
     constructor = info["hub"]["constructor"].rsplit(".", 1)[-1]

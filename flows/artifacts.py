@@ -140,15 +140,16 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def outputs_markdown(outputs: list[Output], spec: RemoteSpec | None, pushed: bool) -> str:
-    """Each stage output with its hash and, when pushed, where the object lives in the remote."""
+def outputs_markdown(outputs: list[Output], spec: RemoteSpec | None, pushed: bool,
+                     urls: dict[str, str | None] | None = None) -> str:
+    """Each stage output with its hash and, when pushed, where its bytes live in the remote (``urls``: output path
+    -> address from :func:`flows.remote.remote_url`)."""
     lines = ["| stage | output | hash | size | files | remote object |", "|---|---|---|---|---|---|"]
     for out in outputs:
         where = "not cached (kept in git / run record)" if not out.cached else ""
-        if out.cached and out.md5 and spec is not None and pushed:
-            key = spec.object_key(out.md5)
-            uri = spec.uri(key)
-            http = spec.http_url(key)
+        uri = (urls or {}).get(out.path)
+        if out.cached and uri and spec is not None and pushed:
+            http = spec.http_url(uri)
             where = f"[`{uri}`]({http})" if http else f"`{uri}`"
         elif out.cached and not pushed:
             where = "local cache only (no remote configured)"

@@ -3,21 +3,35 @@
 `stage NAME` runs one stage's plain function (what DVC stage `cmd`s call), `run` runs the Prefect flow that
 chains the DVC stages, `params` validates a params/profile file, `fetch` gets any stage's artifact for a git
 revision or flow run from the DVC remote, `export` converts a trained backbone for transformers, timm or ONNX,
-`stack` starts/stops the local Prefect + S3 stack, `deploy`
+`push` uploads the stage outputs to the DVC remote, `stack` starts/stops the local Prefect + S3 stack, `deploy`
 registers the deployments. Errors users can act on are printed as one
 line (set DINOV2_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 
+from dinov2_core.atomic import atomic_write_text
+from flows.fetch import fetch
+from flows.remote import (
+    CredentialsRejected,
+    RemoteError,
+    credentials_from_block,
+    push_outputs,
+    resolve_remote,
+)
+from flows.results import results_report
+from tasks.params import ParamsError, load_params
 from tasks.stages import STAGES
+from tasks.storage import CredentialsError, StorageError, scheme_of
 
 _STAGE_LIST = "\n".join(f"  {name:<14} {stage.summary}" for name, stage in STAGES.items())
 _HELP = (
@@ -35,6 +49,7 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file to 
 
 
 EXIT_TRANSIENT = 75  # sysexits.h EX_TEMPFAIL: "try again later"
+EXIT_CREDENTIALS = 77  # sysexits.h EX_NOPERM: the keys are missing or wrong (a retry cannot help)
 # The flow names a file here; `stage` appends "<name> start" when its command really runs and "<name> exit <code>"
 # when it ends, so the flow learns which stage commands ran inside one `dvc repro`, and how each ended, without
 # reading DVC's printed messages.
@@ -55,9 +70,7 @@ def _fail(message: str, code: int = 1) -> None:
 
 def _guarded(fn, *args, **kwargs):
     """Run `fn`; known, user-actionable failures become one line on stderr and a non-zero exit."""
-    from tasks.params import ParamsError
     from tasks.quality import DataQualityError
-    from tasks.storage import StorageError
 
     if os.environ.get("DINOV2_DEBUG"):
         return fn(*args, **kwargs)
@@ -67,6 +80,10 @@ def _guarded(fn, *args, **kwargs):
         _fail(str(exc), 2)
     except DataQualityError as exc:
         _fail(str(exc), 3)
+    except CredentialsError as exc:
+        _fail(str(exc).splitlines()[0], EXIT_CREDENTIALS)
+    except (ConnectionError, TimeoutError) as exc:  # a network fault no storage layer translated: worth a retry
+        _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'network error'}", EXIT_TRANSIENT)
     except (StorageError, FileNotFoundError, ValueError, RuntimeError) as exc:
         name = type(exc).__name__
         # A transient fault (network, S3 outage) exits EX_TEMPFAIL so the flow knows a retry may succeed.
@@ -99,7 +116,6 @@ def stage_cmd(
 
 
 def _run_stage(name: str, params_file: Path, set_: list[str] | None) -> None:
-    from tasks.params import load_params
 
     sets = list(set_ or [])
     section = name.replace("-", "_")
@@ -115,7 +131,6 @@ def _run_stage(name: str, params_file: Path, set_: list[str] | None) -> None:
 
 
 def _adhoc_reports(out: str, stage: str) -> str:
-    from tasks.storage import scheme_of
 
     return str(Path(out) / "reports") if scheme_of(out) == "local" else str(Path("reports") / "adhoc" / stage)
 
@@ -126,9 +141,7 @@ def params_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Validate a params/profile file and print the resolved values."""
-    import yaml
 
-    from tasks.params import load_params
 
     params = _guarded(load_params, params_file, set_ or [])
     typer.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
@@ -142,7 +155,6 @@ def cost_cmd(
     mfu: Annotated[float, typer.Option(help="Assumed share of that peak sustained.")] = 0.40,
 ) -> None:
     """Parameters, FLOPs per iteration and estimated GPU-hours of a profile's training stages (meta device)."""
-    from tasks.params import load_params
     from tasks.train_cost import format_cost, train_cost
 
     params = _guarded(load_params, params_file, set_ or [])
@@ -171,8 +183,6 @@ def run_cmd(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from flows.pipeline import StageFailed, TransientStageError, dinov2_pipeline
-    from flows.remote import RemoteError
-    from flows.results import results_report
 
     try:
         result = dinov2_pipeline(stages=stages, overrides=set_ or [], profile=profile, project_dir=str(project),
@@ -181,7 +191,6 @@ def run_cmd(
     except (StageFailed, TransientStageError, RemoteError) as exc:
         _fail(_one_line(exc))
     typer.echo(result["summary"])
-    from tasks.params import load_params
 
     try:
         reports = load_params(project / "params.yaml").reports
@@ -198,8 +207,6 @@ def _one_line(exc: BaseException) -> str:
 @app.command("results")
 def results_cmd(project: Annotated[Path, typer.Option(help="Project folder holding dvc.yaml.")] = Path(".")) -> None:
     """Print where the last run's results are and the evaluation summary."""
-    from flows.results import results_report
-    from tasks.params import load_params
 
     try:
         reports = load_params(project / "params.yaml").reports
@@ -221,8 +228,6 @@ def fetch_cmd(
 ) -> None:
     """Fetch a stage's artifact as of a git revision (--rev) or a flow run (--run) from the DVC remote;
     every file is MD5-verified against the dvc.lock of that revision/run."""
-    from flows.fetch import fetch
-    from flows.remote import RemoteError, credentials_from_block
 
     try:
         creds = credentials_from_block(credentials_block)
@@ -231,6 +236,31 @@ def fetch_cmd(
         _fail(_one_line(exc))
     for item in fetched:
         typer.echo(f"{item.path}: {item.files} file(s), {item.bytes} bytes ({item.source}) -> {item.dest}")
+
+
+@app.command("push")
+def push_cmd(
+    remote: Annotated[str | None, typer.Option(help="DVC remote (default: the project's default).")] = None,
+    project: Annotated[Path, typer.Option(help="Project folder holding dvc.yaml.")] = Path("."),
+    result: Annotated[Path | None, typer.Option(help="Write {\"pushed\": N} here (JSON) when it succeeds.")] = None,
+) -> None:
+    """Upload every DVC-cached stage output to the DVC remote (`dvc push` through DVC's Python API). Exits 75 when
+    a retry may help (network, throttling; it uploads only what is missing), 77 when the credentials are wrong,
+    1 otherwise."""
+
+
+    try:
+        spec = resolve_remote(project, remote)
+        if spec is None:
+            _fail(f"{project.resolve()}: no DVC remote configured (pass --remote or `dvc remote add -d`)")
+        pushed = push_outputs(project, spec)
+    except CredentialsRejected as exc:
+        _fail(_one_line(exc), EXIT_CREDENTIALS)
+    except RemoteError as exc:
+        _fail(_one_line(exc), EXIT_TRANSIENT if exc.transient else 1)
+    if result is not None:
+        atomic_write_text(result, json.dumps({"pushed": pushed}) + "\n")
+    typer.echo(f"{pushed} object(s) pushed to remote '{spec.name}' ({spec.url})")
 
 
 stack_app = typer.Typer(help="The local stack: Prefect server + process worker + S3-compatible store on loopback.",
@@ -273,7 +303,6 @@ def export_cmd(
 ) -> None:
     """Convert an exported backbone for another library, load it back there and check its features match ours
     (max abs difference <= 1e-4 at the model's resolution)."""
-    import json
 
     from dinov2_core.hub import load_export
     from dinov2_core.interop import FORMATS, export

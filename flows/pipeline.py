@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -48,32 +49,20 @@ from flows.artifacts import (
     validation_markdown,
     validation_summary,
 )
-from flows.cli import EXIT_TRANSIENT, STAGE_RUN_LOG_ENV
+from flows.cli import EXIT_CREDENTIALS, EXIT_TRANSIENT, STAGE_RUN_LOG_ENV
 from flows.remote import (
     CredentialsRejected,
     RemoteError,
     RemoteSpec,
     RemoteStore,
     credentials_from_block,
-    credentials_hint,
     project_outputs,
+    remote_url,
     resolve_remote,
 )
+from tasks.params import ParamsError, load_params, parse_override, read_params_tree
 from tasks.stages import STAGES
 
-# Failure output that marks a fault worth retrying (network, object store throttling); anything else is final.
-_TRANSIENT = re.compile(
-    r"network error|Connection refused|Connection reset|Connection aborted|timed out|Timeout|"
-    r"EndpointConnectionError|Could not connect to the endpoint|ConnectionClosedError|SlowDown|"
-    r"ServiceUnavailable|Temporary failure|Name or service not known|Broken pipe|RemoteDisconnected|"
-    r"\bHTTP (?:429|5\d\d)\b|\b(?:502|503|504) (?:Bad Gateway|Service Unavailable|Gateway Time-?out)",
-    re.IGNORECASE,
-)
-_CREDENTIALS = re.compile(
-    r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|\(403\)|Unable to locate credentials|"
-    r"NoCredentialsError|InvalidToken|ExpiredToken|rejected the credentials|no S3 credentials",
-    re.IGNORECASE,
-)
 # Exit codes of `dinov2-pipeline stage` that are never worth a retry: 2 bad params, 3 failed GX check.
 _DETERMINISTIC_EXIT = {2, 3}
 _BACKUP = ".dvc/tmp/params.yaml.before-run"
@@ -102,6 +91,11 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def _dvc() -> str:
     candidate = Path(sys.executable).parent / "dvc"
     return str(candidate) if candidate.exists() else "dvc"
+
+
+def _cli() -> str:
+    candidate = Path(sys.executable).parent / "dinov2-pipeline"
+    return str(candidate) if candidate.exists() else "dinov2-pipeline"
 
 
 def _retry_transient(task_, task_run, state) -> bool:
@@ -174,7 +168,6 @@ def endpoint_reachable(spec: RemoteSpec) -> Callable[[], bool] | None:
     """A cheap TCP check of the remote's endpoint (None for local remotes)."""
     if not spec.is_s3:
         return None
-    from urllib.parse import urlparse
 
     url = urlparse(spec.endpoint_url or f"https://s3.{spec.region or 'us-east-1'}.amazonaws.com")
     host, port = url.hostname or "localhost", url.port or (443 if url.scheme == "https" else 80)
@@ -213,7 +206,6 @@ def select_stages(requested: list[str] | None, available: list[str]) -> tuple[li
 
 def resolve_run_params(project: Path, profile: str, overrides: list[str]) -> tuple[str | None, Any]:
     """Validate profile + overrides; return (params.yaml text for this run or None if unchanged, Params)."""
-    from tasks.params import ParamsError, load_params, parse_override, read_params_tree
 
     profile_path = (project / profile) if not Path(profile).is_absolute() else Path(profile)
     try:
@@ -298,7 +290,6 @@ def project_lock(project: Path) -> Iterator[None]:
 
 
 def _reports_dir(project: Path) -> Path:
-    from tasks.params import load_params
 
     try:
         reports = Path(load_params(project / "params.yaml").reports)
@@ -321,12 +312,9 @@ def classify_stage_failure(stage: str, exit_code: int, lines: list[str], stage_e
     message = f"stage {stage} failed (exit {code if code is not None else exit_code}): {reason}"
     if code in _DETERMINISTIC_EXIT or "data-quality check failed" in reason:
         return StageFailed(message)
-    if code == EXIT_TRANSIENT:  # the stage itself says a retry may help (e.g. ingest during an outage)
+    if code == EXIT_TRANSIENT:  # the stage itself says a retry may help (network, S3 outage, throttling)
         return TransientStageError(message)
-    errors = "\n".join([ln for ln in lines if ln.startswith(("error:", "ERROR"))] + lines[-5:])
-    if _TRANSIENT.search(errors) and not _CREDENTIALS.search(errors):
-        return TransientStageError(message)
-    return StageFailed(message)
+    return StageFailed(message)  # its own verdict (1: final), or DVC failed before/around the command
 
 
 # ----------------------------------------------------------------------------------------------- tasks
@@ -432,23 +420,26 @@ def dvc_push(project_dir: str, remote: str, credentials_block: str | None = None
         raise StageFailed(str(exc)) from None
     assert spec is not None
     start = time.perf_counter()
-    code, lines, aborted = _stream([_dvc(), "push", "-r", spec.name], project, _env(spec.subprocess_env()),
-                                   logger, reachable=endpoint_reachable(spec))
+    result_file = project / ".dvc" / "tmp" / f"push-{uuid.uuid4().hex}.json"
+    cmd = [_cli(), "push", "--remote", spec.name, "--project", str(project), "--result", str(result_file)]
+    code, lines, aborted = _stream(cmd, project, _env(spec.subprocess_env()), logger,
+                                   reachable=endpoint_reachable(spec))
     seconds = round(time.perf_counter() - start, 2)
-    text = "\n".join(lines)
+    try:
+        pushed = json.loads(result_file.read_text())["pushed"] if code == 0 else 0
+    finally:
+        result_file.unlink(missing_ok=True)
     if code != 0:
-        reason = next((ln for ln in lines if ln.startswith("ERROR")), lines[-1] if lines else "no output")
+        reason = next((ln.removeprefix("error: ") for ln in lines if ln.startswith("error:")),
+                      lines[-1] if lines else "no output")
         where = f"remote '{spec.name}' ({spec.url})"
         if aborted:
             raise TransientStageError(f"dvc push to {where} stopped: the remote became unreachable; will retry")
-        if _CREDENTIALS.search(text):
-            raise CredentialsRejected(f"dvc push to {where}: S3 rejected the credentials or found none: "
-                                      f"{credentials_hint(spec)}")
-        if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-            raise StageFailed(f"dvc push to {where}: the bucket '{spec.bucket}' does not exist")
-        raise TransientStageError(f"dvc push to {where} failed, will retry: {reason[:300]}")
-    m = re.search(r"(\d+) files? pushed", text)
-    pushed = int(m.group(1)) if m else 0
+        if code == EXIT_CREDENTIALS:
+            raise CredentialsRejected(reason)
+        if code == 1:
+            raise StageFailed(reason)
+        raise TransientStageError(f"{reason[:300]}; will retry")
     return {"remote": spec.name, "url": spec.url, "pushed": pushed, "seconds": seconds}
 
 
@@ -564,8 +555,9 @@ def dinov2_pipeline(
                        "stages": results, "push": pushed}
             record = record_task(str(project), spec.name, run_id, payload, credentials_block)
         outputs = [o for s in selected for o in project_outputs(project).get(s, [])]
+        urls = {o.path: remote_url(project, o.path, spec) for o in outputs if o.cached} if pushed and spec else {}
         publish("outputs", "pipeline-outputs",
-                f"### outputs\n\n{outputs_markdown(outputs, spec, pushed is not None)}\n\n"
+                f"### outputs\n\n{outputs_markdown(outputs, spec, pushed is not None, urls)}\n\n"
                 + (f"Pushed {pushed['pushed']} new object(s) to `{spec.url}` in {pushed['seconds']} s. "
                    if pushed and spec else "")
                 + (f"Run record: `{record}`" if record else ""),

@@ -1,8 +1,8 @@
 """The DVC remote as the orchestration layer sees it: where it is, how to reach it, what is in it.
 
-DVC owns the remote's layout (content-addressed: `<url>/files/md5/<2 hex>/<30 hex>`, directories as a `.dir`
-JSON listing) and its own pushes. This module only *reads* that layout (to link and fetch artifacts by hash) and
-writes one thing beside it: a per-run record under `<url>/runs/<run id>/` (dvc.lock, params, metrics, GX
+DVC owns the remote's layout and its own pushes; where an output's bytes live comes from DVC's public API
+(`dvc.api.get_url`), fetching goes through `dvc.api.DVCFileSystem` (`flows.fetch`). This module writes one thing
+beside DVC's objects: a per-run record under `<url>/runs/<run id>/` (dvc.lock, params, metrics, GX
 results), because metrics files are `cache: false` in dvc.yaml and a flow run does not make a git commit.
 
 Credentials are resolved in this order and never logged, printed or written anywhere by this module:
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -66,9 +67,6 @@ class RemoteSpec:
         """Object key (S3) or relative path (local) under the remote's root."""
         return "/".join(p.strip("/") for p in (self.prefix, *parts) if p and p.strip("/"))
 
-    def object_key(self, md5: str) -> str:
-        return self.key("files", "md5", md5[:2], md5[2:])
-
     def uri(self, key: str) -> str:
         """Human-facing address of a key: s3://bucket/key or the local file path."""
         if self.is_s3:
@@ -78,10 +76,12 @@ class RemoteSpec:
     def local_path(self, key: str) -> Path:
         return Path(self.url) / key
 
-    def http_url(self, key: str) -> str | None:
-        """Path-style URL on the configured endpoint (for links in the UI); None for AWS defaults."""
-        if self.is_s3 and self.endpoint_url:
-            return f"{self.endpoint_url.rstrip('/')}/{self.bucket}/{key}"
+    def http_url(self, uri: str) -> str | None:
+        """Path-style URL of an `s3://bucket/key` address on the configured endpoint (for links in the UI); None for
+        AWS defaults and local remotes."""
+        parsed = urlparse(uri)
+        if self.is_s3 and self.endpoint_url and parsed.scheme == "s3":
+            return f"{self.endpoint_url.rstrip('/')}/{parsed.netloc}/{parsed.path.lstrip('/')}"
         return None
 
     def with_credentials(self, creds: dict[str, str] | None) -> RemoteSpec:
@@ -90,6 +90,12 @@ class RemoteSpec:
         return RemoteSpec(self.name, self.url, self.endpoint_url, self.region,
                           creds.get("aws_access_key_id"), creds.get("aws_secret_access_key"),
                           creds.get("aws_session_token"))
+
+    def dvc_credentials(self) -> dict[str, str]:
+        """Explicit keys (a Prefect block, config.local) as DVC remote settings; empty: DVC's own chain."""
+        keys = {"access_key_id": self.access_key_id, "secret_access_key": self.secret_access_key,
+                "session_token": self.session_token}
+        return {k: v for k, v in keys.items() if v} if self.access_key_id and self.secret_access_key else {}
 
     def subprocess_env(self) -> dict[str, str]:
         """AWS_* variables for child processes (DVC) when credentials came from a Prefect block."""
@@ -298,10 +304,69 @@ def md5_bytes(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def dir_listing(store: RemoteStore, md5: str) -> list[dict[str, str]]:
-    """The files of a directory output: DVC's `.dir` object is a JSON list of {md5, relpath}."""
-    key = store.spec.object_key(md5)
-    data = store.read(key)
-    if md5_bytes(data) != md5.removesuffix(".dir"):
-        raise RemoteError(f"{store.spec.uri(key)}: content does not match its hash")
-    return json.loads(data)
+
+def remote_url(project: str | Path, path: str, spec: RemoteSpec) -> str | None:
+    """Where DVC keeps a tracked output's bytes in the remote (`dvc.api.get_url`, the working tree's dvc.lock);
+    None when DVC does not track it there."""
+    from dvc.api import get_url
+
+    try:
+        return get_url(path, repo=str(project), remote=spec.name)
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- push
+class _FailedTransfers(logging.Handler):
+    """Collects the exceptions DVC logs for the objects it failed to upload (it raises only a count)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of a chain: DVC wraps the storage error (DataIndexDirError from FileNotFoundError,
+    ...), and the root says what to do."""
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return exc
+
+
+def push_outputs(project: str | Path, spec: RemoteSpec) -> int:
+    """`dvc push` through DVC's Python API; returns the number of objects uploaded. Failures are classified from
+    the exceptions themselves (the one raised, or those DVC logged for failed uploads), never from printed text:
+    credentials -> :class:`CredentialsRejected`; a missing bucket -> final; anything else (network, throttling, a
+    store that went away half-way) -> transient, since a retry uploads only what is missing."""
+    from dvc.exceptions import UploadError
+    from dvc.repo import Repo
+
+    where = f"dvc push to remote '{spec.name}' ({spec.url})"
+    failed = _FailedTransfers()
+    loggers = [logging.getLogger(name) for name in ("dvc", "dvc_data", "dvc_objects")]  # who logs a failed upload
+    for logger in loggers:
+        logger.addHandler(failed)
+    try:
+        with Repo(str(project), remote=spec.name, remote_config=spec.dvc_credentials() or None) as repo:
+            return int(repo.push(remote=spec.name))
+    except Exception as exc:
+        causes = failed.errors if isinstance(exc, UploadError) and failed.errors else [exc]
+        roots = [root_cause(c) for c in causes]
+        errs = [translate_error(spec.url, r) for r in roots]
+        if any(isinstance(e, CredentialsError) for e in errs):
+            raise CredentialsRejected(f"{where}: S3 rejected the credentials or found none: "
+                                      f"{credentials_hint(spec)}") from None
+        if isinstance(roots[0], FileNotFoundError) and spec.is_s3 and not isinstance(exc, UploadError):
+            raise RemoteError(f"{where}: the bucket '{spec.bucket}' does not exist") from None
+        detail = str(errs[0]).removeprefix(f"{redact_url(spec.url)}: ")
+        raise RemoteError(f"{where} failed ({len(causes)} error(s), first: {detail[:200]}); a retry uploads only "
+                          f"what is missing", transient=True) from None
+    finally:
+        for logger in loggers:
+            logger.removeHandler(failed)

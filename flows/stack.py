@@ -17,10 +17,12 @@ same class with a temporary state folder and free ports.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -345,7 +347,6 @@ class LocalStack:
         except Exception:
             return 0
         tmp = self.state / "s3-snapshot.new"
-        import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
         count = 0
@@ -467,7 +468,6 @@ class LocalStack:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.stack start|stop|status` (what infra/stack.sh runs)."""
-    import argparse
 
     parser = argparse.ArgumentParser(prog="stack", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["start", "stop", "status", "restart"])

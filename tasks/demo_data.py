@@ -13,6 +13,7 @@ The sidecar (`ground_truth.parquet`) is for metrics and tests only; stages never
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import shutil
 import struct
@@ -407,7 +408,6 @@ def build_demo_data(p: DemoDataParams) -> dict:
 
 
 def _sha_of(path: Path) -> str:
-    import hashlib
 
     if "://" in str(path) or not path.is_file() or not path.resolve().is_relative_to(path.parent.resolve()):
         return ""

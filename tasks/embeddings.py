@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -109,7 +110,6 @@ def embed_keys(keys: Sequence[str], load: Callable[[str], Image.Image], embedder
         if cache_path:
             all_keys = np.array(list(cached) + missing)
             all_vecs = np.concatenate([cached_vecs, new_vecs])
-            import io
 
             buf = io.BytesIO()
             np.savez(buf, keys=all_keys, vectors=all_vecs)
@@ -124,7 +124,6 @@ def embed_keys(keys: Sequence[str], load: Callable[[str], Image.Image], embedder
 
 def save_embeddings(path: str | Path, keys: Sequence[str], vectors: np.ndarray, embedder_id: str) -> Path:
     """A stage's own copy of the embeddings it used (keys + float16 vectors), so the next stage can reuse them."""
-    import io
 
     buf = io.BytesIO()
     np.savez(buf, keys=np.asarray(keys), vectors=vectors.astype(np.float16), embedder=np.asarray(embedder_id))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -208,7 +209,6 @@ class ResumeStore:
 
     def clear(self) -> None:
         if self.folder is not None and self.folder.exists():
-            import shutil
 
             shutil.rmtree(self.folder)
 

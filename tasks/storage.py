@@ -6,7 +6,9 @@ S3 endpoint/region come from params (`storage`), credentials only from the envir
 
 from __future__ import annotations
 
+import base64
 import errno
+import fnmatch
 import http.client
 import os
 import re
@@ -80,7 +82,6 @@ def redact_url(url: str) -> str:
 def _basic_auth(url: str) -> tuple[str, None, dict[str, str]]:
     """(url without userinfo, no body, headers): `user:password@` in a crawl URL becomes HTTP Basic auth
     (urllib would otherwise take it for part of the host name)."""
-    import base64
 
     headers = {"User-Agent": "dinov2-pipeline-ingest/0.1"}
     parts = urlsplit(url)
@@ -275,7 +276,6 @@ class Storage:
 
     def list(self, url_prefix: str, pattern: str = "*") -> list[str]:
         """URLs of the objects directly under a folder/prefix whose names match `pattern`, sorted."""
-        import fnmatch
 
         fs, path = self.filesystem(url_prefix)
         try:

@@ -7,6 +7,7 @@ A worker failure comes back as one line (``TrainingFailed``), a killed stage nev
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -123,7 +124,6 @@ def die_with_parent() -> None:
     """Linux: this process gets SIGKILL when its parent dies (call it in the child), so a killed stage never
     leaves training behind."""
     try:
-        import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: S110 - best effort (non-Linux)

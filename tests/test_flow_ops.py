@@ -3,10 +3,11 @@ artifact tables, fetching by hash from a remote, deployment files and cluster te
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import inspect
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,9 +23,18 @@ from flows.artifacts import (
     validation_files,
     validation_markdown,
 )
+from flows.cli import EXIT_CREDENTIALS, EXIT_TRANSIENT
 from flows.fetch import fetch
-from flows.remote import RemoteError, RemoteSpec, lock_outputs, translate_remote_error
+from flows.remote import (
+    RemoteError,
+    RemoteSpec,
+    lock_outputs,
+    push_outputs,
+    resolve_remote,
+    translate_remote_error,
+)
 from tasks.stages import STAGES
+from tasks.storage import CredentialsError, StorageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,15 +140,39 @@ def test_failed_check_and_bad_params_are_never_retried():
     assert isinstance(exc, pipeline.StageFailed)
 
 
-def test_network_and_store_faults_are_retried_credential_faults_are_not():
+def test_the_stage_commands_own_exit_code_decides_what_is_retried_not_its_words():
     net = ["error: StorageError: s3://b/k: network error (EndpointConnectionError: Could not connect)",
-           "ERROR: failed to reproduce 'shards': failed to run: dinov2-pipeline stage shards, exited with 1"]
-    assert isinstance(pipeline.classify_stage_failure("shards", 255, net, stage_exit=1), pipeline.TransientStageError)
-    creds = ["error: s3://b/k: S3 rejected the credentials (InvalidAccessKeyId); check AWS_* variables",
-             "ERROR: ... exited with 1"]
-    assert isinstance(pipeline.classify_stage_failure("shards", 255, creds, stage_exit=1), pipeline.StageFailed)
-    # a number that happens to look like an HTTP status is not a network fault
-    assert isinstance(pipeline.classify_stage_failure("x", 1, ["error: ValueError: 503 rows"]), pipeline.StageFailed)
+           "ERROR: failed to reproduce 'shards': failed to run: dinov2-pipeline stage shards, exited with 75"]
+    assert isinstance(pipeline.classify_stage_failure("shards", 255, net, stage_exit=EXIT_TRANSIENT),
+                      pipeline.TransientStageError)
+    # the same words under a final exit code stay final: the flow does not read the text
+    assert isinstance(pipeline.classify_stage_failure("shards", 255, net, stage_exit=1), pipeline.StageFailed)
+    # DVC failed around the command (the stage never wrote its exit): final
+    assert isinstance(pipeline.classify_stage_failure("x", 255, ["ERROR: Connection refused"]), pipeline.StageFailed)
+
+
+@pytest.mark.parametrize(("exc", "code"), [
+    (StorageError("s3://b/k: network error (EndpointConnectionError)", transient=True), EXIT_TRANSIENT),
+    (StorageError("s3://b/k: HTTP 503", transient=True), EXIT_TRANSIENT),
+    (CredentialsError("s3://b/k: S3 rejected the credentials (InvalidAccessKeyId)"), EXIT_CREDENTIALS),
+    (ConnectionRefusedError(111, "Connection refused"), EXIT_TRANSIENT),
+    (TimeoutError("read timed out"), EXIT_TRANSIENT),
+    (ValueError("503 rows"), 1),  # a number that looks like an HTTP status is not a network fault
+    (FileNotFoundError("data/x: missing"), 1),
+])
+def test_stage_command_exit_codes_carry_the_verdict(exc, code, capsys):
+    import typer
+
+    from flows.cli import _guarded
+
+    def stage():
+        raise exc
+
+    with pytest.raises(typer.Exit) as info:
+        _guarded(stage)
+    assert info.value.exit_code == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
 
 
 def test_back_off_doubles():
@@ -215,8 +249,9 @@ def test_outputs_table_links_pushed_objects_to_s3():
         {"path": "reports/metrics/ingest.json", "md5": "cd" * 16, "size": 1}]}}}),
         yaml.safe_dump({"stages": {"ingest": {"outs": ["data/ingest"],
                                               "metrics": [{"reports/metrics/ingest.json": {"cache": False}}]}}}))
-    md = outputs_markdown(outs["ingest"], spec, pushed=True)
-    assert f"s3://bucket/dvc/files/md5/ab/{'ab' * 15}.dir" in md
+    uri = f"s3://bucket/dvc/files/md5/ab/{'ab' * 15}.dir"  # what dvc.api.get_url answers for it
+    md = outputs_markdown(outs["ingest"], spec, pushed=True, urls={"data/ingest": uri})
+    assert f"`{uri}`" in md
     assert f"(http://127.0.0.1:9000/bucket/dvc/files/md5/ab/{'ab' * 15}.dir)" in md
     assert "not cached" in md
 
@@ -240,60 +275,75 @@ def test_cache_flags_follow_interpolated_paths():
 
 
 # ------------------------------------------------------------------------------------------- fetch
-def _put(remote: Path, data: bytes, suffix: str = "") -> str:
-    md5 = hashlib.md5(data).hexdigest()
-    path = remote / "files" / "md5" / md5[:2] / (md5[2:] + suffix)
+_FILES = {"manifest.parquet": b"manifest-bytes", "images/ab/x.png": b"png-bytes"}
+_STAGE_SCRIPT = """import json, pathlib
+for rel, data in {files!r}.items():
+    path = pathlib.Path("data/ingest") / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return md5
+pathlib.Path("reports/metrics").mkdir(parents=True, exist_ok=True)
+pathlib.Path("reports/metrics/ingest.json").write_text(json.dumps({{"kept": 1}}))
+"""
 
 
-def _fake_project(tmp_path: Path) -> tuple[Path, Path, dict]:
-    """A DVC project whose only remote is a local folder holding one run's objects and run record."""
+def _real_project(tmp_path: Path) -> tuple[Path, Path]:
+    """A real DVC project (no git) whose one stage ran and was pushed to a local remote, plus a run record of it
+    (`runs/run-1/`: dvc.lock, dvc.yaml and the uncached metrics, as `flows.pipeline.publish_run_record` writes),
+    after which the workspace and its cache are deleted: only the remote has the bytes."""
+    from dvc.repo import Repo
+
     remote = tmp_path / "remote"
     project = tmp_path / "project"
-    (project / ".dvc").mkdir(parents=True)
-    (project / ".dvc" / "config").write_text(f"[core]\n    remote = r\n['remote \"r\"']\n    url = {remote}\n")
-    files = {"manifest.parquet": b"manifest-bytes", "images/ab/x.png": b"png-bytes"}
-    listing = [{"md5": _put(remote, data), "relpath": rel} for rel, data in sorted(files.items())]
-    listing_bytes = json.dumps(listing).encode()
-    dir_md5 = hashlib.md5(listing_bytes).hexdigest()
-    _put(remote, listing_bytes, "")  # stored under its own md5 + ".dir"
-    src = remote / "files" / "md5" / dir_md5[:2] / dir_md5[2:]
-    src.rename(src.with_name(dir_md5[2:] + ".dir"))
-    metrics = b'{"kept": 1}'
-    lock = {"schema": "2.0", "stages": {"ingest": {"outs": [
-        {"path": "data/ingest", "hash": "md5", "md5": f"{dir_md5}.dir", "nfiles": 2},
-        {"path": "reports/metrics/ingest.json", "hash": "md5", "md5": hashlib.md5(metrics).hexdigest()}]}}}
-    dvc_yaml = {"stages": {"ingest": {"cmd": "x", "outs": ["data/ingest"],
-                                      "metrics": [{"reports/metrics/ingest.json": {"cache": False}}]}}}
+    project.mkdir()
+    Repo.init(str(project), no_scm=True).close()
+    (project / ".dvc" / "config").write_text(f"[core]\n    no_scm = true\n    remote = r\n"
+                                             f"['remote \"r\"']\n    url = {remote}\n")
+    (project / "make_ingest.py").write_text(_STAGE_SCRIPT.format(files=_FILES))
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": {
+        "cmd": f"{sys.executable} make_ingest.py", "outs": ["data/ingest"], "metrics": [{"reports/metrics/ingest.json": {"cache": False}}]}}}))
+    with contextlib.chdir(project), Repo(str(project)) as repo:  # DVC resolves stage targets from the cwd
+        repo.reproduce()
+    spec = resolve_remote(project)
+    assert push_outputs(project, spec) == 3  # 2 files + the folder's listing (metrics are cache: false)
+    assert push_outputs(project, spec) == 0  # nothing new: a retried push uploads only what is missing
     run = remote / "runs" / "run-1"
-    (run / "reports" / "metrics").mkdir(parents=True)
-    (run / "dvc.lock").write_text(yaml.safe_dump(lock))
-    (run / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
-    (run / "reports" / "metrics" / "ingest.json").write_bytes(metrics)
-    return project, remote, files
+    for name in ("dvc.lock", "dvc.yaml", "reports/metrics/ingest.json"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes((project / name).read_bytes())
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")
+    return project, remote
 
 
-def test_fetch_by_run_gets_a_stage_a_folder_or_one_file_hash_verified(tmp_path):
-    project, _, files = _fake_project(tmp_path)
+def test_fetch_by_run_gets_a_stage_a_folder_or_one_file_hash_verified_from_the_remote_alone(tmp_path):
+    project, _ = _real_project(tmp_path)
     got = fetch("ingest", tmp_path / "out", project=project, run="run-1")
     assert {g.path for g in got} == {"data/ingest", "reports/metrics/ingest.json"}
-    for rel, data in files.items():
+    for rel, data in _FILES.items():
         assert (tmp_path / "out" / "data" / "ingest" / rel).read_bytes() == data
+    assert json.loads((tmp_path / "out" / "reports" / "metrics" / "ingest.json").read_text()) == {"kept": 1}
     got = fetch("data/ingest/images", tmp_path / "out2", project=project, run="run-1")
     assert got[0].files == 1 and (tmp_path / "out2" / "data" / "ingest" / "images" / "ab" / "x.png").exists()
-    fetch("data/ingest/manifest.parquet", tmp_path / "out3", project=project, run="run-1")
+    fetch("data/ingest/manifest.parquet", tmp_path / "out3", project=project)  # the working tree's dvc.lock
     assert (tmp_path / "out3" / "data" / "ingest" / "manifest.parquet").read_bytes() == b"manifest-bytes"
+    assert not (project / "data").exists() and not (project / ".dvc" / "cache").exists()  # read nothing local
+    assert [p.name for p in (tmp_path / "out").iterdir()] != [] and not list((tmp_path / "out").glob(".fetch-*"))
 
 
 def test_fetch_refuses_a_corrupt_object_and_names_what_is_missing(tmp_path):
-    project, remote, _ = _fake_project(tmp_path)
-    md5 = hashlib.md5(b"png-bytes").hexdigest()
-    (remote / "files" / "md5" / md5[:2] / md5[2:]).write_bytes(b"png-byte")  # truncated in the store
+    from dvc.api import get_url
+
+    project, remote = _real_project(tmp_path)
+    stored = Path(get_url("data/ingest/images/ab/x.png", repo=str(project), remote="r"))  # DVC says where
+    assert stored.is_relative_to(remote) and stored.read_bytes() == b"png-bytes"
+    stored.chmod(0o644)
+    stored.write_bytes(b"png-byte")  # truncated in the store
     with pytest.raises(RemoteError, match="do not match their hash"):
         fetch("data/ingest/images/ab/x.png", tmp_path / "out", project=project, run="run-1")
     assert not (tmp_path / "out" / "data" / "ingest" / "images" / "ab" / "x.png").exists()
+    stored.unlink()
+    with pytest.raises(RemoteError, match="not in remote 'r'.*was it pushed"):
+        fetch("data/ingest", tmp_path / "out", project=project, run="run-1")
     with pytest.raises(RemoteError, match="run 'nope' has no run record"):
         fetch("ingest", tmp_path / "out", project=project, run="nope")
     with pytest.raises(RemoteError, match="neither a stage nor a stage output"):

@@ -223,7 +223,7 @@ def test_s3_sources_through_a_real_s3_server(tmp_path, small_params_factory, s3_
 def test_missing_s3_credentials_fail_the_stage_with_one_line(tmp_path, s3_server, monkeypatch):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.cli import EXIT_CREDENTIALS, app
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
@@ -236,7 +236,7 @@ def test_missing_s3_credentials_fail_the_stage_with_one_line(tmp_path, s3_server
     pd.DataFrame({"url": ["s3://some-bucket/a.png"]}).to_csv(crawl / "manifest.csv", index=False)
     res = CliRunner().invoke(app, ["stage", "ingest", "--set", f"ingest.manifest={crawl}/manifest.csv",
                                    "--set", f"ingest.out={tmp_path}/out", "--set", f"reports={tmp_path}/r"])
-    assert res.exit_code == 1
+    assert res.exit_code == EXIT_CREDENTIALS  # final: the flow does not retry it
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "no S3 credentials" in lines[0] and "AWS_ACCESS_KEY_ID" in lines[0]
     assert "Traceback" not in res.output

@@ -16,6 +16,7 @@ Representative rule (deterministic, independent of input order): largest resolut
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,7 +56,6 @@ def verified_edges(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Candidate pairs that ``verifier`` calls copies (verdict 1) or whose similarity is above ``threshold``
     (whatever the verdict: local features miss copies of plain photos). Returns edges and counts."""
-    import time
 
     src, dst, sim = _unique_pairs(src, dst, sim, n)
     start = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,7 +40,6 @@ class DistillMetaArch(SSLMetaArch):
         self.n_global_crops, self.n_local_crops = 2, n_local_crops
         self.compute_dtype = None
 
-        from dataclasses import replace
 
         student_backbone = build_backbone(replace(student, drop_path_rate=0.0), with_drop_path=False)
         student_backbone.mask_token.requires_grad_(False)  # the student is never masked: not a trained parameter
