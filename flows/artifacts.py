@@ -143,7 +143,7 @@ def _human(n: int) -> str:
 def outputs_markdown(outputs: list[Output], spec: RemoteSpec | None, pushed: bool,
                      urls: dict[str, str | None] | None = None) -> str:
     """Each stage output with its hash and, when pushed, where its bytes live in the remote (``urls``: output path
-    -> address from :func:`flows.remote.remote_url`)."""
+    -> address from :func:`flows.remote.remote_urls`)."""
     lines = ["| stage | output | hash | size | files | remote object |", "|---|---|---|---|---|---|"]
     for out in outputs:
         where = "not cached (kept in git / run record)" if not out.cached else ""

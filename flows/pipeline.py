@@ -57,7 +57,7 @@ from flows.remote import (
     RemoteStore,
     credentials_from_block,
     project_outputs,
-    remote_url,
+    remote_urls,
     resolve_remote,
 )
 from tasks.params import ParamsError, load_params, parse_override, read_params_tree
@@ -555,7 +555,7 @@ def dinov2_pipeline(
                        "stages": results, "push": pushed}
             record = record_task(str(project), spec.name, run_id, payload, credentials_block)
         outputs = [o for s in selected for o in project_outputs(project).get(s, [])]
-        urls = {o.path: remote_url(project, o.path, spec) for o in outputs if o.cached} if pushed and spec else {}
+        urls = remote_urls(project, [o.path for o in outputs if o.cached], spec) if pushed and spec else {}
         publish("outputs", "pipeline-outputs",
                 f"### outputs\n\n{outputs_markdown(outputs, spec, pushed is not None, urls)}\n\n"
                 + (f"Pushed {pushed['pushed']} new object(s) to `{spec.url}` in {pushed['seconds']} s. "

@@ -305,15 +305,21 @@ def md5_bytes(data: bytes) -> str:
 
 
 
-def remote_url(project: str | Path, path: str, spec: RemoteSpec) -> str | None:
-    """Where DVC keeps a tracked output's bytes in the remote (`dvc.api.get_url`, the working tree's dvc.lock);
-    None when DVC does not track it there."""
-    from dvc.api import get_url
+def remote_urls(project: str | Path, paths: list[str], spec: RemoteSpec) -> dict[str, str | None]:
+    """Where DVC keeps each tracked output's bytes in the remote, per the working tree's dvc.lock (what
+    `dvc.api.get_url` answers, with one repository opened for all of them); None for what DVC does not track."""
+    from dvc.repo import Repo
 
-    try:
-        return get_url(path, repo=str(project), remote=spec.name)
-    except Exception:
-        return None
+    urls: dict[str, str | None] = {}
+    with Repo(str(project), remote=spec.name) as repo:
+        for path in paths:
+            try:
+                index, entry = repo.get_data_index_entry(str(Path(project).resolve() / path))  # not cwd-relative
+                fs, remote_path = index.storage_map.get_remote(entry)
+                urls[path] = fs.unstrip_protocol(remote_path)
+            except Exception:  # a link in a report is optional; DVC raises several kinds for "not tracked"
+                urls[path] = None
+    return urls
 
 
 # ----------------------------------------------------------------------------------------------- push

@@ -30,6 +30,7 @@ from flows.remote import (
     RemoteSpec,
     lock_outputs,
     push_outputs,
+    remote_urls,
     resolve_remote,
     translate_remote_error,
 )
@@ -328,6 +329,14 @@ def test_fetch_by_run_gets_a_stage_a_folder_or_one_file_hash_verified_from_the_r
     assert (tmp_path / "out3" / "data" / "ingest" / "manifest.parquet").read_bytes() == b"manifest-bytes"
     assert not (project / "data").exists() and not (project / ".dvc" / "cache").exists()  # read nothing local
     assert [p.name for p in (tmp_path / "out").iterdir()] != [] and not list((tmp_path / "out").glob(".fetch-*"))
+
+
+def test_output_links_come_from_dvc_and_point_at_the_pushed_objects(tmp_path):
+    project, remote = _real_project(tmp_path)
+    urls = remote_urls(project, ["data/ingest", "reports/metrics/ingest.json", "data/nothing"], resolve_remote(project))
+    listing = Path(urls["data/ingest"])
+    assert listing.is_relative_to(remote) and listing.name.endswith(".dir") and listing.is_file()
+    assert urls["reports/metrics/ingest.json"] is None and urls["data/nothing"] is None  # cache: false / untracked
 
 
 def test_fetch_refuses_a_corrupt_object_and_names_what_is_missing(tmp_path):
