@@ -116,7 +116,6 @@ def stage_cmd(
 
 
 def _run_stage(name: str, params_file: Path, set_: list[str] | None) -> None:
-
     sets = list(set_ or [])
     section = name.replace("-", "_")
     moved = next((v.split("=", 1)[1] for v in sets if v.startswith(f"{section}.out=")), None)
@@ -131,7 +130,6 @@ def _run_stage(name: str, params_file: Path, set_: list[str] | None) -> None:
 
 
 def _adhoc_reports(out: str, stage: str) -> str:
-
     return str(Path(out) / "reports") if scheme_of(out) == "local" else str(Path("reports") / "adhoc" / stage)
 
 
@@ -141,7 +139,6 @@ def params_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Validate a params/profile file and print the resolved values."""
-
 
     params = _guarded(load_params, params_file, set_ or [])
     typer.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
@@ -247,7 +244,6 @@ def push_cmd(
     """Upload every DVC-cached stage output to the DVC remote (`dvc push` through DVC's Python API). Exits 75 when
     a retry may help (network, throttling; it uploads only what is missing), 77 when the credentials are wrong,
     1 otherwise."""
-
 
     try:
         spec = resolve_remote(project, remote)

@@ -290,7 +290,6 @@ def project_lock(project: Path) -> Iterator[None]:
 
 
 def _reports_dir(project: Path) -> Path:
-
     try:
         reports = Path(load_params(project / "params.yaml").reports)
     except Exception:

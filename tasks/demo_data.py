@@ -408,7 +408,6 @@ def build_demo_data(p: DemoDataParams) -> dict:
 
 
 def _sha_of(path: Path) -> str:
-
     if "://" in str(path) or not path.is_file() or not path.resolve().is_relative_to(path.parent.resolve()):
         return ""
     return hashlib.sha256(path.read_bytes()).hexdigest()
