@@ -12,7 +12,6 @@ it is moved into place. Outputs DVC does not cache (`cache: false` metrics) come
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -108,8 +107,10 @@ def _uncached_bytes(project: Path, store: RemoteStore, snap: _Snapshot, path: st
                 raise
             return None
     if snap.rev:
-        proc = subprocess.run(["git", "show", f"{snap.rev}:{path}"], cwd=project, capture_output=True, check=False)
-        return proc.stdout if proc.returncode == 0 else None
+        try:
+            return git_show(project, snap.rev, path, binary=True)
+        except RemoteError:
+            return None
     file = project / path
     return file.read_bytes() if file.is_file() else None
 

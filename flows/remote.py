@@ -292,12 +292,13 @@ def project_outputs(project: str | Path) -> dict[str, list[Output]]:
     return lock_outputs(lock.read_text(), dvc_yaml.read_text() if dvc_yaml.exists() else None)
 
 
-def git_show(project: str | Path, rev: str, path: str) -> str:
-    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=project, capture_output=True, text=True, check=False)
+def git_show(project: str | Path, rev: str, path: str, binary: bool = False) -> str | bytes:
+    """A file as it was at a git revision (bytes with ``binary``); RemoteError with git's reason otherwise."""
+    proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=project, capture_output=True, check=False)
     if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or ["git show failed"])[-1]
+        reason = (proc.stderr.decode(errors="replace").strip().splitlines() or ["git show failed"])[-1]
         raise RemoteError(f"{path} at revision '{rev}': {reason}")
-    return proc.stdout
+    return proc.stdout if binary else proc.stdout.decode()
 
 
 def md5_bytes(data: bytes) -> str:
