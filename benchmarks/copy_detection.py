@@ -38,7 +38,10 @@ OUT = Path("reports/bench/copy_detection.json")
 
 def _dedup(bench, emb, views, p: DedupParams, verify: bool) -> dict:
     verifier = PairVerifier(
-        lambda i: bench.images[i], min_inliers=p.verify_min_inliers, min_ncc=p.verify_min_ncc
+        lambda i: bench.images[i],
+        min_inliers=p.verify_min_inliers,
+        min_ncc=p.verify_min_ncc,
+        min_dense=p.verify_min_dense,
     )
     start = time.perf_counter()
     df, m = deduplicate(
@@ -58,12 +61,13 @@ def _dedup(bench, emb, views, p: DedupParams, verify: bool) -> dict:
         },
         "graph_ms_per_image": round(1000 * seconds / len(bench), 2),
         **{k: m[k] for k in ("n_candidate_pairs", "n_verified_pairs", "n_verified_copies") if k in m},
+        **({"n_dense_copies": verifier.n_dense_copies} if verify else {}),
     }
 
 
-def sweep_verifier(bench, emb, views, p: DedupParams) -> list[dict]:
-    """Recall / precision for a grid of (min inliers, min aligned correlation), the descriptor threshold fixed
-    at its default: features are measured once per candidate pair, the grid only re-decides."""
+def sweep_verifier(bench, emb, views, p: DedupParams) -> dict:
+    """Recall / precision for a grid of (min inliers, min aligned correlation, min dense score), the descriptor
+    threshold fixed at its default: features are measured once per candidate pair, the grid only re-decides."""
     n = len(bench)
     knn = knn_search(emb, k=min(p.k, n - 1))
     s1, d1, m1 = knn_edges(knn.sims[:, : p.verify_k + 1], knn.ids[:, : p.verify_k + 1], -np.inf)
@@ -75,20 +79,31 @@ def sweep_verifier(bench, emb, views, p: DedupParams) -> list[dict]:
     lo, hi, sim = lo[order], hi[order], sim[order]
     _, idx = np.unique(lo * n + hi, return_index=True)
     lo, hi, sim = lo[idx], hi[idx], sim[idx]
-    ok, inliers, ncc = PairVerifier(lambda i: bench.images[i], min_inliers=1, min_ncc=-1.0).measure(lo, hi)
+    verifier = PairVerifier(lambda i: bench.images[i], min_inliers=1, min_ncc=-1.0)
+    ok, inliers, ncc = verifier.measure(lo, hi)
+    _, dense = verifier.measure_dense(lo, hi)
+    truth = bench.source[lo] == bench.source[hi]
     rows = []
-    for mi, mn in itertools.product((3, 4, 6, 8, 12), (0.6, 0.7, 0.8, 0.9)):
+    for mi, mn, md in itertools.product((3, 4, 6, 8, 12), (0.6, 0.7, 0.8, 0.9), (None, 0.8, 0.85, 0.9, 0.95)):
         keep = (ok & (inliers >= mi) & (ncc >= mn)) | (sim > np.float32(p.threshold))
+        if md is not None:
+            keep |= dense >= md
         sc = pairwise_scores(connected_components(n, lo[keep], hi[keep]), bench.source)
         rows.append(
             {
                 "min_inliers": mi,
                 "min_ncc": mn,
+                "min_dense": md,
                 "recall": round(sc["recall"], 4),
                 "precision": round(sc["precision"], 4),
             }
         )
-    return rows
+    # the dense check's separation: its highest score on a candidate pair that is not a copy, and copies' scores
+    separation = {
+        "highest_non_copy": round(float(dense[~truth].max(initial=0.0)), 4),
+        "copy_quantiles_5_25_50": [round(float(q), 4) for q in np.quantile(dense[truth], [0.05, 0.25, 0.5])],
+    }
+    return {"grid": rows, "dense_separation": separation}
 
 
 def decontamination(bench, p: DecontaminateParams, d: DedupParams, seed: int) -> dict:
@@ -107,7 +122,9 @@ def decontamination(bench, p: DecontaminateParams, d: DedupParams, seed: int) ->
     pool = copy_detection_descriptor(pool_imgs)
     keys = [str(i) for i in range(len(pool_imgs))]
     both = pool_imgs + evals  # the verifier's index space: pool images, then eval images
-    verifier = PairVerifier(lambda i: both[i], min_inliers=d.verify_min_inliers, min_ncc=d.verify_min_ncc)
+    verifier = PairVerifier(
+        lambda i: both[i], min_inliers=d.verify_min_inliers, min_ncc=d.verify_min_ncc, min_dense=d.verify_min_dense
+    )
     comps = (
         deduplicate(
             pool,
@@ -165,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "verify_k",
                 "verify_min_inliers",
                 "verify_min_ncc",
+                "verify_min_dense",
             )
         },
         "decontaminate_threshold": cp.threshold,

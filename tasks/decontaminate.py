@@ -73,7 +73,8 @@ def run_decontaminate(params: Params) -> pd.DataFrame:
         sizes = np.vstack([store.manifest.loc[pool_keys, ["width", "height"]].to_numpy(),
                            np.asarray(eval_sizes, dtype=np.int64).reshape(-1, 2)])
         verifier = PairVerifier(lambda i: store.load(pool_keys[i]) if i < n else open_rgb(by_id[eval_ids[i - n]]),
-                                min_inliers=d.verify_min_inliers, min_ncc=d.verify_min_ncc, sizes=sizes)
+                                min_inliers=d.verify_min_inliers, min_ncc=d.verify_min_ncc,
+                                min_dense=d.verify_min_dense, sizes=sizes)
     start = time.perf_counter()
     result, algo = decontaminate(pool_vectors, pool_keys, eval_vectors, eval_ids,
                                  components=dedup["component"].to_numpy(), eval_views=eval_views,

@@ -76,7 +76,7 @@ def run_dedup(params: Params) -> pd.DataFrame:
     if p.verify:
         sizes = store.manifest.loc[keys, ["width", "height"]].to_numpy()
         verifier = PairVerifier(lambda i: store.load(keys[i]), min_inliers=p.verify_min_inliers,
-                                min_ncc=p.verify_min_ncc, sizes=sizes)
+                                min_ncc=p.verify_min_ncc, min_dense=p.verify_min_dense, sizes=sizes)
     start = time.perf_counter()
     result, algo_metrics = deduplicate(vectors, keys, store.resolution(keys), k=p.k, threshold=p.threshold,
                                        views=views, verifier=verifier, verify_k=p.verify_k,
@@ -110,7 +110,9 @@ def run_dedup(params: Params) -> pd.DataFrame:
         "knn": {k: v for k, v in algo_metrics.items() if isinstance(v, (int, float, str, bool))},
         "verification": {k: algo_metrics[k] for k in algo_metrics if k.startswith(("n_candidate", "n_verified",
                          "n_added", "verify"))} | (
-                         {"images_described": verifier.n_images_described} if verifier else {}),
+                         {"images_described": verifier.n_images_described,
+                          "n_dense_checked": verifier.n_dense_checked,
+                          "n_dense_copies": verifier.n_dense_copies} if verifier else {}),
         "params": params_record(p),
     }
     truth = load_truth(p.ground_truth, store.manifest)

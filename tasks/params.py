@@ -152,6 +152,7 @@ class DedupParams(Section):
     verify_k: PosInt  # candidate neighbours per image, whatever their similarity
     verify_min_inliers: PosInt  # RANSAC inliers of a plausible re-upload transform ...
     verify_min_ncc: Annotated[float, Field(ge=-1.0, le=1.0)]  # ... and aligned-pixel correlation: a copy
+    verify_min_dense: Annotated[float, Field(ge=-1.0, le=1.0)] | None  # or dense alignment + detail correlation
     exact_search_max: PosInt  # exact faiss search up to this many images, IVF above
     nlist: PosInt | None
     nprobe: PosInt

@@ -18,7 +18,7 @@ from .embed import (
 from .knn import KnnResult, build_index, knn_search
 from .result import CurationResult
 from .retrieve import cluster_based_retrieval, kmeans, retrieve, sample_based_retrieval
-from .verify import LocalFeatures, PairVerifier, local_features, verify_pair
+from .verify import LocalFeatures, PairVerifier, dense_similarity, local_features, verify_pair
 
 __all__ = [
     "CD_DIM",
@@ -38,6 +38,7 @@ __all__ = [
     "copy_detection_views",
     "decontaminate",
     "deduplicate",
+    "dense_similarity",
     "describe_embedder",
     "kmeans",
     "knn_edges",

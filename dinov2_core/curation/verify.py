@@ -11,9 +11,10 @@ Checks, in order: SIFT on both images at a common size (contrast-stretched, so d
 keypoints), Lowe's ratio test with one match per keypoint, a RANSAC similarity transform that is plausible
 for a re-upload (rotation <= 10 deg, scale ~1 at the common size, frames overlap >= 70 %), the number of
 RANSAC inliers and the correlation of the aligned pixels. Mirrored copies are tried against the mirror.
-Per pair the verdict is three-valued: ``1`` copy, ``-1`` not shown to be a copy, ``0`` cannot tell (an
-image too small for local features, e.g. a 28 px thumbnail). The decision thresholds (inliers, pixel
-correlation) are the caller's.
+A pair the keypoints reject can still be shown a copy by a dense check that needs no keypoints (plain,
+heavily re-encoded photos: :func:`dense_similarity`). Per pair the verdict is three-valued: ``1`` copy,
+``-1`` not shown to be a copy, ``0`` cannot tell (an image too small for either check, e.g. a 28 px
+thumbnail). The decision thresholds (inliers, pixel correlation, dense score) are the caller's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LocalFeatures", "PairVerifier", "local_features", "measure_pair", "verify_pair"]
+__all__ = ["LocalFeatures", "PairVerifier", "dense_similarity", "local_features", "measure_pair", "verify_pair"]
 
 WORK_SIDE = 256  # longer side images are resized to before SIFT: small thumbnails gain keypoints, big ones cost less
 MIN_SIDE = 40  # images under MIN_SIDE^2 pixels are "cannot tell" (28 px Fashion-MNIST items)
@@ -35,6 +36,9 @@ RANSAC_PX = 4.0  # reprojection tolerance in WORK_SIDE pixels
 MAX_ROTATION_DEG = 10.0  # re-uploads are not rotated; a larger fitted rotation is a chance alignment
 MIN_OVERLAP = 0.7  # share of the smaller frame that the fitted transform must overlap in the other
 MAX_SCALE_CHANGE = 1.25  # both images are at WORK_SIDE, so a copy (resized, <= ~10 % cropped) maps at scale ~1
+DENSE_SIDE = 128  # longer side of the dense check's images (ECC alignment, band-passed correlation)
+DENSE_BAND = (1.0, 3.0)  # difference-of-Gaussians sigmas at DENSE_SIDE: detail JPEG keeps, plain gradients do not have
+MAX_ANISOTROPY = 1.15  # dense alignment: ratio of the two scale factors (re-framing changes aspect by <= ~10 %)
 
 
 def _too_small(w: int, h: int) -> bool:
@@ -168,6 +172,73 @@ def _fit(a: LocalFeatures, b: LocalFeatures, mirrored: bool) -> tuple[int, float
     return int(mask.sum()), _ncc(a_grey, b.grey, m)
 
 
+def _bandpass(a: np.ndarray) -> np.ndarray:
+    import cv2
+
+    return cv2.GaussianBlur(a, (0, 0), DENSE_BAND[0]) - cv2.GaussianBlur(a, (0, 0), DENSE_BAND[1])
+
+
+def _plausible_affine(w: np.ndarray) -> bool:
+    """A re-upload maps to the original by a near-similarity: scale ~1, little rotation, little shear."""
+    s = np.linalg.svd(w[:, :2], compute_uv=False)
+    angle = np.degrees(np.arctan2(w[1, 0] - w[0, 1], w[0, 0] + w[1, 1]))
+    return bool(
+        1 / MAX_SCALE_CHANGE <= s[1] <= s[0] <= MAX_SCALE_CHANGE
+        and s[0] / s[1] <= MAX_ANISOTROPY
+        and abs(angle) <= MAX_ROTATION_DEG
+    )
+
+
+def _dense_fit(a_grey: np.ndarray, b_grey: np.ndarray) -> float:
+    """Band-passed correlation of B and A after aligning A to B by ECC (Evangelidis & Psarakis 2008), coarse
+    to fine from the identity: a re-upload at a common size is a few-percent re-framing away from it."""
+    import cv2
+
+    h, w = b_grey.shape
+    f = DENSE_SIDE / max(h, w)
+    size = (max(16, round(w * f)), max(16, round(h * f)))
+    b = cv2.resize(b_grey, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    a = cv2.resize(a_grey, size, interpolation=cv2.INTER_AREA).astype(np.float32)
+    warp = np.eye(2, 3, dtype=np.float32)
+    criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 50, 1e-5)
+    try:
+        for level in (2, 1):  # half size, then full size
+            bl = cv2.resize(b, (size[0] // level, size[1] // level), interpolation=cv2.INTER_AREA)
+            al = cv2.resize(a, (size[0] // level, size[1] // level), interpolation=cv2.INTER_AREA)
+            if level == 1:
+                warp[:, 2] *= 2
+            _, warp = cv2.findTransformECC(bl, al, warp, cv2.MOTION_AFFINE, criteria, None, 3)
+    except cv2.error:  # no convergence: the pixels do not align
+        return 0.0
+    if not _plausible_affine(warp):
+        return 0.0
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    warped = cv2.warpAffine(a, warp, size, flags=flags)
+    inside = cv2.warpAffine(np.ones_like(a), warp, size, flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP)
+    margin = int(np.ceil(3 * DENSE_BAND[1]))  # the band-pass of pixels near the frame's edge sees the border
+    inside = cv2.erode(inside, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)) > 0.5
+    if inside.sum() < MIN_OVERLAP * size[0] * size[1] * 0.5:  # the margin alone takes ~1/4 of a full overlap
+        return 0.0
+    x, y = _bandpass(warped)[inside], _bandpass(b)[inside]
+    x, y = x - x.mean(), y - y.mean()
+    den = float(np.sqrt((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / den) if den > 0 else 0.0
+
+
+def dense_similarity(a: LocalFeatures, b: LocalFeatures) -> float:
+    """Best band-passed correlation of B with A or A's mirror after dense alignment; 0.0 when either image is
+    a thumbnail or no plausible re-upload transform aligns them.
+
+    The keypoint check fails on plain, low-texture photos re-encoded as heavy JPEG: the copy's keypoints sit
+    on block artefacts and the original's on faint gradients, so no transform gets inliers. A dense
+    alignment needs no keypoints, and the band-passed pixels (detail at a few work pixels) separate the
+    same picture from an adjacent tile of one smooth photo, which plain pixels do not.
+    """
+    if a.grey.size == 0 or b.grey.size == 0:
+        return 0.0
+    return max(_dense_fit(a.grey, b.grey), _dense_fit(np.ascontiguousarray(a.grey[:, ::-1]), b.grey))
+
+
 def measure_pair(a: LocalFeatures, b: LocalFeatures) -> tuple[bool, int, float]:
     """(judgeable, inliers, correlation) of the better of the direct and the mirrored fit."""
     if not (a.usable and b.usable):
@@ -187,8 +258,9 @@ def verify_pair(a: LocalFeatures, b: LocalFeatures, min_inliers: int, min_ncc: f
 class PairVerifier:
     """Verdicts for index pairs of an image collection; features are computed lazily, once per image.
 
-    ``min_inliers`` and ``min_ncc`` (aligned-pixel correlation) are the caller's calibrated decision
-    thresholds (the pipeline's params state the defaults).
+    ``min_inliers`` and ``min_ncc`` (aligned-pixel correlation) decide the keypoint check; ``min_dense`` (None:
+    off) the dense check, which runs only on the pairs the keypoint check did not accept. All are the caller's
+    calibrated thresholds (the pipeline's params state the defaults).
     """
 
     def __init__(
@@ -197,17 +269,21 @@ class PairVerifier:
         *,
         min_inliers: int,
         min_ncc: float,
+        min_dense: float | None = None,
         n_features: int = 400,
         sizes: np.ndarray | None = None,
     ):
         self.load = load
         self.min_inliers = min_inliers
         self.min_ncc = min_ncc
+        self.min_dense = min_dense
         self.n_features = n_features
         self.sizes = (
             None if sizes is None else np.asarray(sizes)
         )  # [N, 2] (width, height): skip thumbnails unread
         self._cache: dict[int, LocalFeatures] = {}
+        self.n_dense_checked = 0
+        self.n_dense_copies = 0
 
     def features(self, i: int) -> LocalFeatures:
         if i not in self._cache:
@@ -227,11 +303,30 @@ class PairVerifier:
             ok[j], inliers[j], ncc[j] = measure_pair(self.features(s), self.features(d))
         return ok, inliers, ncc
 
+    def measure_dense(self, src: Sequence[int], dst: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per pair: judgeable by the dense check (neither image a thumbnail) and its score."""
+        ok = np.zeros(len(src), bool)
+        score = np.zeros(len(src), np.float32)
+        for j, (s, d) in enumerate(zip(np.asarray(src).tolist(), np.asarray(dst).tolist())):
+            a, b = self.features(s), self.features(d)
+            ok[j] = a.grey.size > 0 and b.grey.size > 0
+            score[j] = dense_similarity(a, b) if ok[j] else 0.0
+        return ok, score
+
     def __call__(self, src: Sequence[int], dst: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Verdicts (int8: 1 copy, -1 not, 0 cannot tell) and inlier counts of the pairs ``src[i] -- dst[i]``."""
+        src, dst = np.asarray(src), np.asarray(dst)
         ok, inliers, ncc = self.measure(src, dst)
-        copy = (inliers >= self.min_inliers) & (ncc >= self.min_ncc)
-        return np.where(ok, np.where(copy, 1, -1), 0).astype(np.int8), inliers
+        copy = ok & (inliers >= self.min_inliers) & (ncc >= self.min_ncc)
+        if self.min_dense is not None:
+            rest = np.flatnonzero(~copy)
+            dense_ok, score = self.measure_dense(src[rest], dst[rest])
+            ok[rest] |= dense_ok
+            dense_copy = dense_ok & (score >= self.min_dense)
+            copy[rest[dense_copy]] = True
+            self.n_dense_checked += int(dense_ok.sum())
+            self.n_dense_copies += int(dense_copy.sum())
+        return np.where(copy, 1, np.where(ok, -1, 0)).astype(np.int8), inliers
 
     @property
     def n_images_described(self) -> int:

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from dinov2_core.curation import PairVerifier, deduplicate, local_features, verify_pair
+from dinov2_core.curation import PairVerifier, deduplicate, dense_similarity, local_features, verify_pair
 from dinov2_core.curation.dedup import verified_edges
 from tasks.params import default_params
 
 from ._util import unit
 
 MIN_INLIERS, MIN_NCC = default_params().dedup.verify_min_inliers, default_params().dedup.verify_min_ncc  # the defaults
+MIN_DENSE = default_params().dedup.verify_min_dense
 
 
 def _tiles():
@@ -39,6 +40,26 @@ def test_a_web_copy_is_verified_and_another_tile_of_the_same_photo_is_not():
     assert verdict == 1 and inliers >= 5 * MIN_INLIERS  # a wide margin
     for other in feats[1:]:  # same photo, same light and colours, no shared pixels
         assert verify_pair(other, copy, MIN_INLIERS, MIN_NCC)[0] == -1
+
+
+def test_the_dense_check_tells_a_web_copy_from_another_tile_without_keypoints():
+    tiles = _tiles()
+    copy_img = _web_copy(tiles[0])
+    feats = [local_features(t) for t in tiles]
+    copy = local_features(copy_img)
+    assert dense_similarity(feats[0], copy) >= MIN_DENSE + 0.05  # measured 0.996
+    for other in feats[1:]:  # same photo, no shared pixels: measured 0.0 (no plausible alignment)
+        assert dense_similarity(other, copy) <= MIN_DENSE - 0.3
+    # keypoints made useless (no pair can reach the inlier bar): only the dense check can call the copy a copy,
+    # and it runs only on pairs the keypoint check rejected
+    imgs = [tiles[0], copy_img, tiles[1]]
+    strict = {"min_inliers": 10**6, "min_ncc": 1.0}
+    assert PairVerifier(lambda i: imgs[i], **strict)([0, 0], [1, 2])[0].tolist() == [-1, -1]
+    dense = PairVerifier(lambda i: imgs[i], **strict, min_dense=MIN_DENSE)
+    assert dense([0, 0], [1, 2])[0].tolist() == [1, -1]
+    assert (dense.n_dense_checked, dense.n_dense_copies) == (2, 1)
+    lenient = PairVerifier(lambda i: imgs[i], min_inliers=MIN_INLIERS, min_ncc=MIN_NCC, min_dense=MIN_DENSE)
+    assert lenient([0], [1])[0].tolist() == [1] and lenient.n_dense_checked == 0
 
 
 def test_thumbnails_cannot_be_judged_and_are_not_even_loaded():
@@ -126,7 +147,10 @@ def test_held_out_photos_with_default_params():
     keys = [str(i) for i in range(len(bench))]
     plain = deduplicate(emb, keys, threshold=p.threshold, views=views).frame
     verifier = PairVerifier(
-        lambda i: bench.images[i], min_inliers=p.verify_min_inliers, min_ncc=p.verify_min_ncc
+        lambda i: bench.images[i],
+        min_inliers=p.verify_min_inliers,
+        min_ncc=p.verify_min_ncc,
+        min_dense=p.verify_min_dense,
     )
     verified = deduplicate(
         emb, keys, threshold=p.threshold, views=views, verifier=verifier, verify_k=p.verify_k
