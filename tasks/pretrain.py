@@ -74,8 +74,9 @@ def run_pretrain(params: Params) -> dict[str, Any]:
     summary = _read_json(export_dir / "summary.json")
     bb = replace(params.model, img_size=p.crops.global_crops_size)
     teacher = load_export(export_dir / "model.json", "teacher_backbone.pth")
-    baselines = {"random_init": random_backbone(bb, params.seed),  # LayerScale 1.0 (hub default): the fair one
-                 "random_init_as_trained": random_backbone(bb, params.seed, layerscale=bb.layerscale)}
+    baselines = {"random_init": random_backbone(bb, params.seed)}  # LayerScale 1.0 (hub default): the fair one
+    if bb.layerscale:  # the training init (1e-5) differs from it; without LayerScale it would be the same network
+        baselines["random_init_as_trained"] = random_backbone(bb, params.seed, layerscale=bb.layerscale)
     knn = knn_monitor(p.monitor, {"teacher": teacher, **baselines}, p.crops.global_crops_size, bb.patch_size)
     metrics = {
         "summary": summary,

@@ -325,7 +325,9 @@ def test_store_crash_mid_push_is_retried_and_leaves_no_half_written_object(stack
 
         def awaiting_retry():
             runs = [r for r in api(stack, lambda c: c.read_task_runs()) if r.name == "dvc push to crashy"]
-            return runs and runs[0].state.name in ("AwaitingRetry", "Retrying") and runs[0]
+            # a task run the server has just created can have no state yet
+            state = runs[0].state if runs else None
+            return state is not None and state.name in ("AwaitingRetry", "Retrying") and runs[0]
 
         wait_for(awaiting_retry, 120, what="the push task to fail and back off")
         held = CrashableS3.objects(bucket)
