@@ -3,7 +3,7 @@
 `stage NAME` runs one stage's plain function (what DVC stage `cmd`s call), `run` runs the Prefect flow that
 chains the DVC stages, `params` validates a params/profile file, `fetch` gets any stage's artifact for a git
 revision or flow run from the DVC remote, `export` converts a trained backbone for transformers, timm or ONNX,
-`push` uploads the stage outputs to the DVC remote, `stack` starts/stops the local Prefect + S3 stack, `deploy`
+`push` uploads the stage outputs to the DVC remote, `dvc-yaml` renders dvc.yaml from the stage registry, `stack` starts/stops the local Prefect + S3 stack, `deploy`
 registers the deployments. Errors users can act on are printed as one
 line (set DINOV2_DEBUG=1 for the traceback).
 """
@@ -142,6 +142,22 @@ def params_cmd(
 
     params = _guarded(load_params, params_file, set_ or [])
     typer.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+
+
+@app.command("dvc-yaml")
+def dvc_yaml_cmd(
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 if dvc.yaml differs from the rendering.")] = False,
+) -> None:
+    """Render dvc.yaml from the stage registry (tasks/stages.py) and each stage's imports and params reads."""
+    from tasks.dvc_yaml import ROOT, render_dvc_yaml
+
+    target, text = ROOT / "dvc.yaml", render_dvc_yaml()
+    if check:
+        if target.read_text() != text:
+            _fail("dvc.yaml is out of date with tasks/stages.py or the stages' imports: run `dinov2-pipeline dvc-yaml`")
+        return
+    atomic_write_text(target, text)
+    typer.echo(f"wrote {target}")
 
 
 @app.command("cost")

@@ -33,12 +33,12 @@ from tasks.log import get_logger
 from tasks.params import Params, ParamsError, params_record
 from tasks.quality import validate_stage
 from tasks.train_launch import (
-    STAGE_CODE,
     check_batch,
     check_crops,
     launch_workers,
     read_shard_index_table,
     shard_index_checks,
+    stage_code,
 )
 from tasks.train_reports import prototype_counts, write_training_reports
 
@@ -77,7 +77,7 @@ def build_spec(params: Params) -> TrainSpec:
         init_fresh=init_fresh,
         export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, a.crops, optim, "adapt"),
         data=a.data, crops=a.crops, loss=loss, optim=optim,
-        code_files=STAGE_CODE,
+        code_files=stage_code(__file__),
         monitor=a.monitor,
         checkpoint_every=a.checkpoint.every, checkpoint_keep=a.checkpoint.keep,
         checkpoint_dir=a.checkpoint.dir,

@@ -31,12 +31,12 @@ from tasks.params import DistillParams, Params, ParamsError, params_record
 from tasks.quality import validate_stage
 from tasks.storage import Storage, scheme_of
 from tasks.train_launch import (
-    STAGE_CODE,
     check_batch,
     check_crops,
     launch_workers,
     read_shard_index_table,
     shard_index_checks,
+    stage_code,
 )
 from tasks.train_reports import prototype_counts, write_training_reports
 
@@ -119,7 +119,7 @@ def build_spec(params: Params) -> TrainSpec:
         init_fresh=lambda meta: None,
         export=export,
         data=d.data, crops=d.crops, loss=loss, optim=optim,
-        code_files=STAGE_CODE,
+        code_files=stage_code(__file__),
         monitor=d.monitor,
         monitor_part="student_ema",
         checkpoint_every=d.checkpoint.every, checkpoint_keep=d.checkpoint.keep,

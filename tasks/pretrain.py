@@ -24,12 +24,12 @@ from tasks.log import get_logger
 from tasks.params import Params, params_record
 from tasks.quality import validate_stage
 from tasks.train_launch import (
-    STAGE_CODE,
     check_batch,
     check_crops,
     launch_workers,
     read_shard_index_table,
     shard_index_checks,
+    stage_code,
 )
 from tasks.train_reports import prototype_counts, write_training_reports
 
@@ -49,7 +49,7 @@ def build_spec(params: Params) -> TrainSpec:
         init_fresh=lambda meta: None,
         export=lambda full, export_dir, step: export_ssl(full, export_dir, step, bb, loss, p.crops, optim, "pretrain"),
         data=p.data, crops=p.crops, loss=loss, optim=optim,
-        code_files=STAGE_CODE,
+        code_files=stage_code(__file__),
         monitor=p.monitor,
         checkpoint_every=p.checkpoint.every, checkpoint_keep=p.checkpoint.keep,
         checkpoint_dir=p.checkpoint.dir,

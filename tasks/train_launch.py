@@ -30,8 +30,11 @@ from tasks.storage import Storage
 log = get_logger("train")
 
 ROOT = Path(__file__).resolve().parents[1]
-# The stage code that shapes a run besides the library's (part of the resume digest, with dinov2_core's).
-STAGE_CODE = tuple(ROOT / "tasks" / f for f in ("train_launch.py", "pretrain.py", "adapt.py", "distill.py"))
+
+
+def stage_code(stage_file: str) -> tuple[Path, ...]:
+    """The stage code that shapes a run besides the library's (part of the resume digest, with dinov2_core's)."""
+    return (Path(__file__).resolve(), Path(stage_file).resolve())
 
 
 class TrainingFailed(RuntimeError):

@@ -9,23 +9,19 @@ import os
 import sys
 from pathlib import Path
 
-TRAINING_STAGES = ("pretrain", "adapt", "distill")  # the registry's stages whose module has build_spec()
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("stage", choices=TRAINING_STAGES)
+    parser.add_argument("stage", help="a training stage: its module tasks/<stage>.py defines build_spec(params)")
     parser.add_argument("--params", required=True, type=Path)
     args = parser.parse_args(argv)
     from tasks.params import load_params
-    from tasks.stages import STAGES
     from tasks.train_launch import die_with_parent, run_worker
 
     die_with_parent()  # a rank must not outlive torchrun
     params = load_params(args.params)
     try:
-        module = STAGES[args.stage].target.split(":")[0]
-        spec = importlib.import_module(module).build_spec(params)
+        spec = importlib.import_module(f"tasks.{args.stage}").build_spec(params)
         run_worker(spec, params)
     except SystemExit:
         raise

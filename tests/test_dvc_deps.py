@@ -4,84 +4,21 @@ or editing it would leave `dvc status` at "up to date" over stale outputs."""
 
 from __future__ import annotations
 
-import ast
-from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tasks.params import Params
-from tasks.stages import STAGES
+from tasks.dvc_yaml import (
+    CANNOT_CHANGE_OUTPUTS,
+    NOT_OUTPUT_PARAMS,
+    imported_files,
+    params_read,
+    render_dvc_yaml,
+)
+from tasks.stages import STAGES, DvcPath, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("tasks", "dinov2_core")
-# Modules that cannot change what a stage writes: log formatting only.
-CANNOT_CHANGE_OUTPUTS = {"tasks/log.py"}
-
-
-def _module_file(name: str) -> Path | None:
-    parts = name.split(".")
-    if parts[0] not in PACKAGES:
-        return None
-    base = ROOT.joinpath(*parts)
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _package_inits(path: Path) -> set[Path]:
-    """Importing a.b.c runs a/__init__.py and a/b/__init__.py first."""
-    inits, folder = set(), path.parent
-    while folder != ROOT and (folder / "__init__.py").is_file():
-        inits.add(folder / "__init__.py")
-        folder = folder.parent
-    return inits
-
-
-@cache
-def _direct_imports(path: Path) -> frozenset[Path]:
-    tree = ast.parse(path.read_text())
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts)
-    if path.name != "__init__.py":
-        package = package.rsplit(".", 1)[0]
-    else:
-        package = package.removesuffix(".__init__")
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            names.add(node.value)  # `python -m tasks.train_worker`, importlib.import_module("...")
-    found = set()
-    for name in names:
-        file = _module_file(name)
-        if file is not None:
-            found.add(file)
-            found |= _package_inits(file)
-    return frozenset(found)
-
-
-def imported_files(module: str) -> set[str]:
-    start = _module_file(module)
-    assert start is not None, module
-    seen, todo = set(), [start, *_package_inits(start)]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        todo.extend(_direct_imports(path) - seen)
-    return {p.relative_to(ROOT).as_posix() for p in seen}
 
 
 def _covered(file: str, deps: list[str]) -> bool:
@@ -96,11 +33,37 @@ def test_every_dvc_stage_is_a_registered_stage():
     assert list(_dvc_stages()) == list(STAGES)
 
 
+def test_dvc_yaml_is_the_rendering_of_the_registry():
+    """The stage list lives in tasks/stages.py; dvc.yaml is rendered from it and from each stage's imports, so a new
+    import or stage that was not rendered is caught here, not by a stale `dvc repro`."""
+    assert (ROOT / "dvc.yaml").read_text() == render_dvc_yaml(), "dvc.yaml is stale: run `dinov2-pipeline dvc-yaml`"
+
+
+def test_adding_a_stage_is_one_registry_entry(tmp_path):
+    """CONTRIBUTING's recipe: a module, its params section and one `Stage(...)`; the rendering gives DVC a complete
+    stage (cmd through the CLI, code deps from the module's imports, params it reads, metrics), which real DVC
+    parses and links after its upstream stage."""
+    from dvc.repo import Repo
+
+    toy = Stage("toy", "tasks.shards:run_shards", "a new stage", deps=("${ingest.out}",),
+                outs=(DvcPath("out/toy", "what it writes"),))
+    (tmp_path / "dvc.yaml").write_text(render_dvc_yaml({"ingest": STAGES["ingest"], "toy": toy}))
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    Repo.init(str(tmp_path), no_scm=True)
+    stages = {s.name: s for s in Repo(str(tmp_path)).index.stages}
+    assert stages["toy"].cmd == "dinov2-pipeline stage toy"
+    deps = [d.def_path for d in stages["toy"].deps]
+    assert "tasks/shards.py" in deps and "tasks/storage.py" in deps and "data/ingest" in deps
+    assert [o.def_path for o in stages["toy"].outs] == ["out/toy", "reports/metrics/toy.json"]
+    params = {key for p in stages["toy"].params for key in p.params}
+    assert {"shards", "storage"} <= params
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_code_is_covered_by_its_dvc_deps(stage):
     spec = _dvc_stages()[stage]
     deps = [d if isinstance(d, str) else next(iter(d)) for d in spec.get("deps", [])]
-    module = STAGES[stage].target.split(":")[0]
+    module = STAGES[stage].module
     missing = sorted(f for f in imported_files(module) - CANNOT_CHANGE_OUTPUTS if not _covered(f, deps))
     assert not missing, f"dvc.yaml stage '{stage}' imports these without depending on them: {missing}"
 
@@ -112,31 +75,10 @@ def test_the_scanner_sees_function_local_and_launched_modules():
     assert "tasks/eval.py" not in files and "tasks/adapt.py" not in files  # not over-approximated
 
 
-# Params sections that say where reports go or name the profile: they cannot change a stage's outputs.
-NOT_OUTPUT_PARAMS = {"reports", "profile"}
-
-
-def params_read(files: set[str]) -> set[tuple[str, ...]]:
-    """(section,) or (section, key) for every `params.section[.key]` read in the stage layer's code."""
-    found = set()
-    for file in files:
-        if not file.startswith("tasks/"):
-            continue
-        for node in ast.walk(ast.parse((ROOT / file).read_text())):
-            chain = []
-            while isinstance(node, ast.Attribute):
-                chain.append(node.attr)
-                node = node.value
-            key = tuple(reversed(chain))[:2]
-            if isinstance(node, ast.Name) and node.id == "params" and chain and key[0] in Params.model_fields:
-                found.add(key)
-    return found
-
-
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_params_a_stage_reads_are_dvc_params_of_it(stage):
     declared = [p if isinstance(p, str) else next(iter(p)) for p in _dvc_stages()[stage].get("params", [])]
-    module = STAGES[stage].target.split(":")[0]
+    module = STAGES[stage].module
     missing = sorted(".".join(key) for key in params_read(imported_files(module))
                      if key[0] not in NOT_OUTPUT_PARAMS and not any(
                          d == key[0] or d == ".".join(key) for d in declared))
