@@ -70,7 +70,7 @@ def _fail(message: str, code: int = 1) -> None:
 
 def _guarded(fn, *args, **kwargs):
     """Run `fn`; known, user-actionable failures become one line on stderr and a non-zero exit."""
-    from tasks.quality import DataQualityError
+    from tasks.validation import DataQualityError
 
     if os.environ.get("DINOV2_DEBUG"):
         return fn(*args, **kwargs)

@@ -31,7 +31,6 @@ from dinov2_core.train.resolution import adapted_state
 from dinov2_core.train.ssl_meta_arch import SSLMetaArch
 from tasks.log import get_logger
 from tasks.params import Params, ParamsError, params_record
-from tasks.quality import validate_stage
 from tasks.train_launch import (
     check_batch,
     check_crops,
@@ -41,6 +40,7 @@ from tasks.train_launch import (
     stage_code,
 )
 from tasks.train_reports import prototype_counts, write_training_reports
+from tasks.validation import validate_stage
 
 log = get_logger("adapt")
 

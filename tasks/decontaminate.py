@@ -16,15 +16,15 @@ from PIL import Image
 
 from dinov2_core.curation import PairVerifier, decontaminate, knn_search
 from tasks.backbones import copy_detection_views_embedder, make_embedder, views_array
-from tasks.curation_quality import decontamination_quality, load_truth
+from tasks.curation_scores import decontamination_quality, load_truth
 from tasks.dedup import embedding_checks
 from tasks.embeddings import embed_keys, load_embeddings
 from tasks.image_store import ImageStore, load_indexed_images, open_rgb
 from tasks.log import get_logger
 from tasks.params import Params, params_record
-from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_metrics, write_parquet
 from tasks.storage import Storage
+from tasks.validation import TableCheck, validate_stage
 
 log = get_logger("decontaminate")
 

@@ -15,14 +15,14 @@ import pandas as pd
 
 from dinov2_core.curation import PairVerifier, deduplicate, knn_search
 from tasks.backbones import copy_detection_views_embedder, make_embedder, views_array
-from tasks.curation_quality import dedup_quality, load_truth
+from tasks.curation_scores import dedup_quality, load_truth
 from tasks.embeddings import embed_keys, save_embeddings
 from tasks.image_store import ImageStore
 from tasks.log import get_logger
 from tasks.params import Params, params_record
-from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_metrics, write_parquet
 from tasks.storage import Storage
+from tasks.validation import TableCheck, validate_stage
 
 log = get_logger("dedup")
 

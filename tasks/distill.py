@@ -28,7 +28,6 @@ from dinov2_core.train.engine import TrainSpec
 from dinov2_core.train.export import sub_state, write_model_json
 from tasks.log import get_logger
 from tasks.params import DistillParams, Params, ParamsError, params_record
-from tasks.quality import validate_stage
 from tasks.storage import Storage, scheme_of
 from tasks.train_launch import (
     check_batch,
@@ -39,6 +38,7 @@ from tasks.train_launch import (
     stage_code,
 )
 from tasks.train_reports import prototype_counts, write_training_reports
+from tasks.validation import validate_stage
 
 log = get_logger("distill")
 

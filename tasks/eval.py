@@ -38,9 +38,9 @@ from tasks.backbones import load_backbone, read_sidecar
 from tasks.embeddings import source_digest
 from tasks.log import get_logger
 from tasks.params import EvalParams, Params, params_record
-from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_json, write_metrics, write_plot_csv
 from tasks.storage import Storage
+from tasks.validation import TableCheck, validate_stage
 
 log = get_logger("eval")
 

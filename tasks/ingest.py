@@ -29,7 +29,6 @@ from tqdm import tqdm
 
 from tasks.log import get_logger, progress_kwargs
 from tasks.params import IngestParams, Params, params_record
-from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_metrics, write_parquet
 from tasks.sources import Source, SourceRejected, parse_source, shown_cell
 from tasks.storage import (
@@ -40,6 +39,7 @@ from tasks.storage import (
     atomic_write_bytes,
     scheme_of,
 )
+from tasks.validation import TableCheck, validate_stage
 
 log = get_logger("ingest")
 

@@ -15,15 +15,15 @@ import pandas as pd
 
 from dinov2_core.curation import cluster_based_retrieval, sample_based_retrieval
 from tasks.backbones import make_embedder
-from tasks.curation_quality import load_truth, retrieval_quality
+from tasks.curation_scores import load_truth, retrieval_quality
 from tasks.dedup import embedding_checks
 from tasks.embeddings import embed_keys, load_embeddings
 from tasks.image_store import ImageStore, load_indexed_images, open_rgb
 from tasks.log import get_logger
 from tasks.params import Params, params_record
-from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_metrics, write_parquet
 from tasks.storage import Storage
+from tasks.validation import TableCheck, validate_stage
 
 log = get_logger("retrieve")
 

@@ -27,9 +27,9 @@ from tqdm import tqdm
 from dinov2_core.data.shards import iter_shard_samples
 from tasks.log import get_logger, progress_kwargs
 from tasks.params import Params, params_record
-from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_json, write_metrics
 from tasks.storage import Storage, join_url, scheme_of
+from tasks.validation import TableCheck, validate_stage
 
 log = get_logger("shards")
 

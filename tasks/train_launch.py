@@ -24,8 +24,8 @@ from dinov2_core.config import DataConfig, MultiCropConfig
 from dinov2_core.train.engine import TrainSpec, run_training
 from tasks.log import get_logger, progress_kwargs
 from tasks.params import LaunchParams, Params, ParamsError
-from tasks.quality import TableCheck
 from tasks.storage import Storage
+from tasks.validation import TableCheck
 
 log = get_logger("train")
 

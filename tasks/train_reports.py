@@ -15,8 +15,8 @@ from dinov2_core.train.diagnostics import learning_warnings
 from dinov2_core.train.engine import KnnLog, TrainLog
 from tasks.log import get_logger
 from tasks.params import Params
-from tasks.quality import TableCheck, validate_stage
 from tasks.reports import write_metrics, write_plot_csv
+from tasks.validation import TableCheck, validate_stage
 
 log = get_logger("train")
 

@@ -10,9 +10,9 @@ import pytest
 
 from tasks.decontaminate import run_decontaminate
 from tasks.dedup import run_dedup
-from tasks.quality import DataQualityError
 from tasks.retrieve import choose_mode, run_retrieve
 from tasks.shards import run_shards
+from tasks.validation import DataQualityError
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tasks.eval import _checks, run_eval, summary_table
-from tasks.quality import DataQualityError, validate_stage
+from tasks.validation import DataQualityError, validate_stage
 
 
 @pytest.fixture(scope="module")

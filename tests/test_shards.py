@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from dinov2_core.data.shards import iter_shard_samples
-from tasks.quality import DataQualityError
 from tasks.shards import UnsafeKeyError, plan_shards, run_shards, safe_key
+from tasks.validation import DataQualityError
 
 
 @pytest.fixture

@@ -400,7 +400,7 @@ def test_gx_failure_stops_the_run_with_the_expectation_name_in_its_state_message
     missing; injected into the validated table, since DVC empties a stage's outputs before it runs, so a corrupt
     store cannot survive into a run). The run fails at once (no retry), the state message names the expectation,
     and the project's params.yaml is left as it was even though the run had overrides."""
-    from tasks.quality import FAULT_ENV
+    from tasks.validation import FAULT_ENV
 
     params_before = (project / "params.yaml").read_bytes()
     code, _, run_id, _ = run_deployment(stack, "dinov2-pipeline/on-demand", {
