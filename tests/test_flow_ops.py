@@ -392,8 +392,13 @@ def test_prefect_yaml_declares_nightly_weekly_and_on_demand_on_the_process_pool(
     assert deps["nightly-curation"]["schedules"][0]["cron"] == "0 2 * * *"
     assert deps["weekly-full"]["schedules"][0]["cron"] == "0 4 * * 0"
     assert "schedules" not in deps["on-demand"]
-    # the nightly chain names only known (registered or planned) stages, so it never fails on selection
-    assert set(deps["nightly-curation"]["parameters"]["stages"]) <= set(STAGES)
+    # the registry is the one stage list: every stage subset a deployment or GPU deployment names is registered
+    # stages in the registry's DAG order, so a renamed or reordered stage fails here, not at 2 a.m.
+    gpu = yaml.safe_load((ROOT / "infra" / "k8s" / "prefect.gpu.yaml").read_text())["deployments"]
+    for d in [*deps.values(), *gpu]:
+        subset = (d.get("parameters") or {}).get("stages") or []
+        assert subset == [s for s in STAGES if s in subset], (d["name"], subset)
+    assert deps["nightly-curation"]["parameters"]["stages"]
 
 
 def test_gpu_pool_template_passes_the_servers_validation_and_renders_a_gpu_job():
