@@ -7,12 +7,14 @@ Prefect server (PREFECT_API_URL) or without one (Prefect's ephemeral mode).
 
 Stages come from the registry (`tasks.stages.STAGES`), never from a list here.
 
-Params overrides and profiles are applied the DVC way: the run's `params.yaml` *is* the resolved params
-(profile file + `key=value` overrides, validated by `tasks.params.load_params` first), so DVC sees changed
-params, reruns exactly the stages that depend on them and records the values in `dvc.lock`. The original
-`params.yaml` is restored when the run ends (a crashed run's backup is restored by the next run). We do not use
-`dvc exp run --set-param`: it needs a git commit to base the experiment on, runs the whole pipeline as one
-process (no per-stage Prefect task, retries or artifacts) and `dvc repro` has no `--set-param`.
+Params overrides and profiles never rewrite the project's tracked `params.yaml`. A run with a profile or overrides
+runs DVC in a *run view* of the project (`.dvc/tmp/run-view`, which the project's DVC ignores): a folder holding
+the run's own `params.yaml` (profile file + `key=value` overrides, validated by `tasks.params.load_params` first)
+and a symlink to every other top-level entry, with a DVC config that uses the project's cache and remotes. DVC there
+reads the run's params, reruns exactly the stages that depend on changed ones, and writes the project's `dvc.lock`
+and outputs through the links; the run record keeps the params the run used. DVC reads params only from
+`params.yaml` (and its `vars` cannot redefine a key params.yaml has), and `dvc exp run --set-param` needs a git
+commit and runs the whole pipeline as one process (no per-stage Prefect task, retries or artifacts): hence the view.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from tasks.stages import STAGES
 
 # Exit codes of `dinov2-pipeline stage` that are never worth a retry: 2 bad params, 3 failed GX check.
 _DETERMINISTIC_EXIT = {2, 3}
-_BACKUP = ".dvc/tmp/params.yaml.before-run"
+_VIEW = ".dvc/tmp/run-view"  # inside .dvc: the project's own DVC never collects the view's dvc.yaml link
 _LOCK = ".dvc/tmp/dinov2-pipeline.lock"
 
 
@@ -227,50 +229,99 @@ def resolve_run_params(project: Path, profile: str, overrides: list[str]) -> tup
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    for key in _interpolated_keys(project, ("deps", "outs", "metrics", "plots")):
+        # DVC runs in the run view, where an absolute path into the project is outside the repo: make it relative
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).resolve().is_relative_to(
+                project.resolve()):
+            node[leaf] = Path(value).resolve().relative_to(project.resolve()).as_posix()
     header = (f"# Written by the dinov2-pipeline flow for one run: {profile_path.name}"
               f"{' + ' + ', '.join(overrides) if overrides else ''}.\n"
-              f"# The original params.yaml is restored when the run ends (backup: {_BACKUP}).\n")
+              f"# DVC reads it in the run view ({_VIEW}); the project's params.yaml is not touched.\n")
     return header + yaml.safe_dump(tree, sort_keys=False), params
+
+
+def _interpolated_keys(project: Path, kinds: tuple[str, ...]) -> set[str]:
+    """The params keys dvc.yaml interpolates (`${section.key}`) into the given kinds of stage paths."""
+    stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    return {key for body in stages.values() for kind in kinds for item in body.get(kind) or []
+            for path in ([item] if isinstance(item, str) else item) for key in re.findall(r"\$\{([\w.]+)\}", str(path))}
 
 
 def outputs_outside_project(project: Path, tree: dict) -> list[str]:
     """`key=value` of every param that dvc.yaml interpolates into an output path and that points outside the
     project (an absolute path elsewhere or a URL): DVC cannot track it, and would refuse the stage half-way."""
-    stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages") or {}
     bad = set()
-    for body in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for item in body.get(kind) or []:
-                for path in [item] if isinstance(item, str) else item:
-                    for key in re.findall(r"\$\{([\w.]+)\}", str(path)):
-                        value: Any = tree
-                        for part in key.split("."):
-                            value = value.get(part) if isinstance(value, dict) else None
-                        if isinstance(value, str) and ("://" in value or (
-                                Path(value).is_absolute() and not Path(value).resolve().is_relative_to(
-                                    project.resolve()))):
-                            bad.add(f"{key}={value}")
+    for key in _interpolated_keys(project, ("outs", "metrics", "plots")):
+        value: Any = tree
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str) and ("://" in value or (
+                Path(value).is_absolute() and not Path(value).resolve().is_relative_to(project.resolve()))):
+            bad.add(f"{key}={value}")
     return sorted(bad)
 
 
-@contextlib.contextmanager
-def run_params(project: Path, text: str | None, logger) -> Iterator[None]:
-    """params.yaml = `text` for the duration of the run; the original comes back afterwards."""
-    target = project / "params.yaml"
-    backup = project / _BACKUP
-    if backup.exists():  # a previous run died before restoring: put the user's file back first
-        logger.warning("restoring params.yaml left over by an interrupted run")
-        os.replace(backup, target)
-    if text is None:
-        yield
+def _remove_view(view: Path) -> None:
+    """Delete a run view: its links first (never followed), then what is left (the view's own .dvc)."""
+    if not view.exists():
         return
-    backup.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(target, backup)
+    for entry in view.iterdir():
+        if entry.is_symlink():
+            entry.unlink()
+    shutil.rmtree(view)
+
+
+@contextlib.contextmanager
+def run_view(project: Path, text: str | None) -> Iterator[Path]:
+    """The folder this run's DVC commands run in: the project itself when the run uses its params.yaml, else a
+    view of it whose params.yaml is `text` (see the module docstring). Outputs under a top-level folder the project
+    does not have yet are created in the project first, so they land there; anything else new at the view's top
+    level is moved into the project when the run ends."""
+    from dvc.config import Config
+    from dvc.repo import Repo
+
+    view = project / _VIEW
+    _remove_view(view)  # a previous run's, if it was killed
+    if text is None:
+        yield project
+        return
+    (view / ".dvc").mkdir(parents=True)
+    source, target = Config(dvc_dir=str(project / ".dvc"), validate=False), \
+        Config(dvc_dir=str(view / ".dvc"), validate=False)
+    cache_dir = Repo(str(project), uninitialized=True).cache.local_cache_dir
+    for level in ("repo", "local"):  # DVC rewrites relative paths (remote urls, cache dir) for the new location
+        conf = source.load_one(level)
+        with target.edit(level, validate=False) as edit:
+            edit.update(conf)
+            if level == "local":
+                edit.setdefault("core", {})["no_scm"] = True  # the view has no .git; git stays the project's
+                edit.setdefault("cache", {})["dir"] = cache_dir
+    for entry in project.iterdir():
+        if entry.name not in {".dvc", ".git", "params.yaml"}:
+            (view / entry.name).symlink_to(entry)
+    (view / "params.yaml").write_text(text)
     try:
-        target.write_text(text)
-        yield
+        with Repo(str(view)) as repo:
+            outs = [str(o.def_path) for stage in repo.index.stages for o in stage.outs]
+    except Exception:  # DVC names the problem again, in one line, when the first stage runs
+        outs = []
+    for out in outs:
+        parts = Path(out).parts
+        if not Path(out).is_absolute() and len(parts) > 1 and not (view / parts[0]).exists():
+            (project / parts[0]).mkdir(parents=True, exist_ok=True)
+            (view / parts[0]).symlink_to(project / parts[0])
+    try:
+        yield view
     finally:
-        os.replace(backup, target)
+        for entry in view.iterdir():
+            if not entry.is_symlink() and entry.name not in {".dvc", "params.yaml"}:
+                shutil.move(str(entry), str(project / entry.name))
+        _remove_view(view)
 
 
 @contextlib.contextmanager
@@ -541,20 +592,20 @@ def dinov2_pipeline(
     results: list[dict] = []
     pushed: dict | None = None
     record: str | None = None
-    with project_lock(project), run_params(project, params_text, logger):
+    with project_lock(project), run_view(project, params_text) as where:
         for stage in selected:
-            results.append(stage_task(stage, str(project), force, credentials_block))
+            results.append(stage_task(stage, str(where), force, credentials_block))
         summary = _summary_table(results)
         publish("summary", "pipeline-summary", summary, "stages run by this flow run")
         if spec is not None:
-            pushed = push_task(str(project), spec.name, credentials_block)
+            pushed = push_task(str(where), spec.name, credentials_block)
             payload = {"flow_run_id": run_id, "flow_run_name": flow_run.name, "started": started,
                        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
                        "git_rev": _git_rev(project), "profile": profile, "overrides": overrides,
                        "stages": results, "push": pushed}
-            record = record_task(str(project), spec.name, run_id, payload, credentials_block)
-        outputs = [o for s in selected for o in project_outputs(project).get(s, [])]
-        urls = remote_urls(project, [o.path for o in outputs if o.cached], spec) if pushed and spec else {}
+            record = record_task(str(where), spec.name, run_id, payload, credentials_block)
+        outputs = [o for s in selected for o in project_outputs(where).get(s, [])]
+        urls = remote_urls(where, [o.path for o in outputs if o.cached], spec) if pushed and spec else {}
         publish("outputs", "pipeline-outputs",
                 f"### outputs\n\n{outputs_markdown(outputs, spec, pushed is not None, urls)}\n\n"
                 + (f"Pushed {pushed['pushed']} new object(s) to `{spec.url}` in {pushed['seconds']} s. "

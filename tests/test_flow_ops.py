@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from tasks.stages import STAGES
 from tasks.storage import CredentialsError, StorageError
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 # ------------------------------------------------------------------------------------------- stage selection
@@ -83,40 +85,54 @@ def test_no_override_leaves_params_yaml_alone(tmp_path):
     assert text is None and params.ingest.workers >= 1
 
 
-def test_override_and_profile_become_the_runs_params_yaml_then_the_original_returns(tmp_path):
+def test_override_and_profile_resolve_to_the_runs_params(tmp_path):
     project = _project(tmp_path)
-    original = (project / "params.yaml").read_bytes()
     text, params = pipeline.resolve_run_params(project, "params.yaml", ["ingest.workers=2"])
     assert params.ingest.workers == 2 and yaml.safe_load(text)["ingest"]["workers"] == 2
-
-    class Log:
-        def warning(self, *a):
-            pass
-
-    with pipeline.run_params(project, text, Log()):
-        assert yaml.safe_load((project / "params.yaml").read_text())["ingest"]["workers"] == 2
-    assert (project / "params.yaml").read_bytes() == original
-
     paper, params = pipeline.resolve_run_params(project, "params.paper.yaml", [])
     assert params.profile == "paper" and yaml.safe_load(paper)["profile"] == "paper"
 
 
-def test_a_crashed_runs_params_are_restored_by_the_next_run(tmp_path):
-    project = _project(tmp_path)
+def _tiny_dvc_project(path: Path) -> Path:
+    """A git + DVC project with one stage whose output path and content come from params.yaml."""
+    path.mkdir()
+    (path / "params.yaml").write_text("a:\n  x: 1\n  out: data/a.txt\n")
+    (path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {
+        "cmd": "python -c \"import yaml,pathlib; p=yaml.safe_load(open('params.yaml'))['a']; "
+               "pathlib.Path(p['out']).write_text(str(p['x']))\"",
+        "params": ["a"], "outs": ["${a.out}"]}}}))
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=path, check=True)
+    (path / "data").mkdir()
+    return path
+
+
+def test_a_run_with_overrides_never_rewrites_params_yaml(tmp_path):
+    """The run's params live in the run view: DVC there writes the project's dvc.lock and outputs (an output under a
+    folder the project did not have yet included), the project's params.yaml keeps its bytes throughout, and a
+    view left by a killed run is replaced by the next one."""
+    project = _tiny_dvc_project(tmp_path / "p")
     original = (project / "params.yaml").read_bytes()
-    backup = project / pipeline._BACKUP
-    backup.parent.mkdir(parents=True)
-    backup.write_bytes(original)
-    (project / "params.yaml").write_text("# half-way through a killed run\n")
-    warned = []
-
-    class Log:
-        def warning(self, *a):
-            warned.append(a)
-
-    with pipeline.run_params(project, None, Log()):
-        pass
-    assert (project / "params.yaml").read_bytes() == original and warned and not backup.exists()
+    (project / pipeline._VIEW).mkdir(parents=True)
+    (project / pipeline._VIEW / "params.yaml").write_text("# left by a killed run\n")
+    run_text = "a:\n  x: 2\n  out: fresh/a.txt\n"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with pipeline.run_view(project, run_text) as where:
+        assert where != project and (where / "params.yaml").read_text() == run_text
+        res = subprocess.run([str(BIN / "dvc"), "repro"], check=False, cwd=where, env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert (project / "params.yaml").read_bytes() == original
+    assert (project / "fresh" / "a.txt").read_text() == "2"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["s"]
+    assert lock["params"]["params.yaml"]["a"]["x"] == 2 and lock["outs"][0]["path"] == "fresh/a.txt"
+    assert (project / ".dvc" / "cache").is_dir()  # the project's cache, not one in the view
+    assert not (project / pipeline._VIEW).exists() and (project / "params.yaml").read_bytes() == original
+    # back in the project, DVC sees the params the outputs were made with differ from params.yaml
+    status = subprocess.run([str(BIN / "dvc"), "status", "--json"], check=True, cwd=project, env=env, capture_output=True,
+                            text=True)
+    assert "s" in json.loads(status.stdout)
+    with pipeline.run_view(project, None) as where:  # the project's own params: no view at all
+        assert where == project
 
 
 def test_one_run_per_project_at_a_time(tmp_path):
@@ -226,6 +242,9 @@ def test_an_output_moved_outside_the_project_is_refused_in_one_line():
         resolve_run_params(ROOT, "params.yaml", ["ingest.out=/elsewhere/ingest"])
     text, params = resolve_run_params(ROOT, "params.yaml", ["ingest.out=data/ingest-b", "dedup.images=data/ingest-b"])
     assert params.ingest.out == "data/ingest-b" and "data/ingest-b" in text
+    # an absolute path into the project is made relative: DVC runs in the run view, where it would be outside
+    text, _ = resolve_run_params(ROOT, "params.yaml", [f"ingest.out={ROOT}/data/ingest-c"])
+    assert yaml.safe_load(text)["ingest"]["out"] == "data/ingest-c"
     # shards may live in S3: dvc.yaml does not interpolate shards.out, so the flow lets it through
     resolve_run_params(ROOT, "params.yaml", ["shards.out=s3://bucket/shards"])
 
