@@ -38,6 +38,7 @@ sweep: setup   # the pretraining recipe sweep behind params.yaml (needs the shar
 
 lint: setup
 	$(BIN)/ruff check dinov2_core tasks flows tests benchmarks hubconf.py
+	$(BIN)/dinov2-pipeline dvc-yaml --check
 
 clean:
 	rm -rf data reports/metrics reports/validation reports/plots .dvc/cache .dvc/tmp

@@ -29,6 +29,7 @@ from flows.remote import (
     resolve_remote,
 )
 from flows.results import results_report
+from tasks.dvc_yaml import DVC_YAML, render_dvc_yaml
 from tasks.params import ParamsError, load_params
 from tasks.stages import STAGES
 from tasks.storage import CredentialsError, StorageError, scheme_of
@@ -149,15 +150,13 @@ def dvc_yaml_cmd(
     check: Annotated[bool, typer.Option("--check", help="Exit 1 if dvc.yaml differs from the rendering.")] = False,
 ) -> None:
     """Render dvc.yaml from the stage registry (tasks/stages.py) and each stage's imports and params reads."""
-    from tasks.dvc_yaml import ROOT, render_dvc_yaml
-
-    target, text = ROOT / "dvc.yaml", render_dvc_yaml()
+    text = render_dvc_yaml()
     if check:
-        if target.read_text() != text:
+        if DVC_YAML.read_text() != text:
             _fail("dvc.yaml is out of date with tasks/stages.py or the stages' imports: run `dinov2-pipeline dvc-yaml`")
         return
-    atomic_write_text(target, text)
-    typer.echo(f"wrote {target}")
+    atomic_write_text(DVC_YAML, text)
+    typer.echo(f"wrote {DVC_YAML}")
 
 
 @app.command("cost")

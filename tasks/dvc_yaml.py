@@ -16,6 +16,7 @@ from tasks.params import Params
 from tasks.stages import STAGES, DvcPath, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
+DVC_YAML = ROOT / "dvc.yaml"
 PACKAGES = ("tasks", "dinov2_core")
 # Modules that cannot change what a stage writes (log formatting), and params that only say where reports go.
 CANNOT_CHANGE_OUTPUTS = frozenset({"tasks/log.py"})
