@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,26 @@ def publish(kind: str, key: str, markdown: str, description: str) -> None:
             get_run_logger().warning("could not publish the %s artifact %s: %s", kind, key, exc)
         except Exception:  # noqa: S110 - no run logger outside a flow run: nothing left to report to
             pass
+
+
+def progress_publisher(stage: str) -> Callable[[str, float], None]:
+    """`report(bar, percent)` for :class:`flows.progress.ProgressRelay`: one Prefect progress artifact per bar of
+    the stage (`<stage>-<bar>-progress`), created on its first line and updated after; never fatal."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    ids: dict[str, Any] = {}
+    failed: list[str] = []
+
+    def report(bar: str, percent: float) -> None:
+        if failed:
+            return
+        try:
+            if bar in ids:
+                update_progress_artifact(ids[bar], round(percent, 1))
+            else:
+                ids[bar] = create_progress_artifact(round(percent, 1), key=artifact_key(stage, bar, "progress"),
+                                                    description=f"{stage}: {bar}")
+        except Exception as exc:  # the API being down must not fail a running stage; stop trying for this stage
+            failed.append(str(exc))
+
+    return report

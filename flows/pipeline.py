@@ -45,6 +45,7 @@ from flows.artifacts import (
     metric_warnings,
     metrics_markdown,
     outputs_markdown,
+    progress_publisher,
     publish,
     summary_markdown,
     validation_files,
@@ -52,6 +53,7 @@ from flows.artifacts import (
     validation_summary,
 )
 from flows.cli import EXIT_CREDENTIALS, EXIT_TRANSIENT, STAGE_RUN_LOG_ENV
+from flows.progress import ProgressRelay
 from flows.remote import (
     CredentialsRejected,
     RemoteError,
@@ -116,8 +118,12 @@ def backoff(retries: int, first_delay_s: float) -> list[float]:
 
 
 def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger,
-            reachable: Callable[[], bool] | None = None, patience_s: float = 3.0) -> tuple[int, list[str], bool]:
+            reachable: Callable[[], bool] | None = None, patience_s: float = 3.0,
+            relay: ProgressRelay | None = None) -> tuple[int, list[str], bool]:
     """Run `cmd`, forwarding each output line to the task's log; returns (exit code, lines, aborted).
+
+    With `relay`, progress-bar lines are thinned to one per bar every few seconds and mirrored in progress
+    artifacts (`flows.progress`); every other line is forwarded as it comes.
 
     With `reachable`, a watchdog checks the remote every second while the command runs and stops it (SIGTERM,
     then SIGKILL) once the remote has been unreachable for `patience_s`: DVC would otherwise let every queued
@@ -155,7 +161,8 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger,
             line = line.rstrip()
             if line:
                 lines.append(line)
-                logger.info(line)
+                if relay is None or relay.forward(line):
+                    logger.info(line)
         code = proc.wait()
     finally:
         done.set()
@@ -383,7 +390,7 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
     started_at = time.time()
     run_log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        code, lines, _ = _stream(cmd, project, env, logger)
+        code, lines, _ = _stream(cmd, project, env, logger, relay=ProgressRelay(report=progress_publisher(stage)))
         ran, exits = read_stage_runs(run_log)
     finally:
         run_log.unlink(missing_ok=True)

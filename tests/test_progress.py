@@ -1,0 +1,107 @@
+"""Progress bars in Prefect logs: at most one line per bar every ~10 s, the last always, other lines untouched."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+
+from tqdm import tqdm
+
+from flows.progress import ProgressRelay, parse_bar
+
+
+def _tqdm_lines(total: int, desc: str, **kwargs) -> list[str]:
+    """What a real tqdm bar writes into a pipe, split the way the flow reads it (\\r and \\n end lines)."""
+    out = io.StringIO()
+    with tqdm(total=total, desc=desc, file=out, mininterval=0, miniters=1, **kwargs) as bar:
+        for _ in range(total):
+            bar.update(1)
+            bar.set_postfix(loss=1.234, refresh=False)
+    return [ln for ln in re.split(r"[\r\n]", out.getvalue()) if ln.strip()]
+
+
+def test_parse_bar_reads_real_tqdm_lines_and_nothing_else():
+    lines = _tqdm_lines(50, "features random-init[pretrain-teacher]", unit="batch")
+    bars = [parse_bar(ln) for ln in lines]
+    assert all(b is not None for b in bars)
+    assert bars[-1].desc == "features random-init[pretrain-teacher]" and bars[-1].n == 50 and bars[-1].done
+    assert parse_bar("05:48:46 INFO dinov2.eval: eval: pretrain-teacher k-NN top-1 0.677") is None
+    assert parse_bar("Running stage 'ingest':") is None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_relay_thins_each_bar_to_one_line_per_interval_and_keeps_the_last():
+    clock = _Clock()
+    reports: list[tuple[str, float]] = []
+    relay = ProgressRelay(interval_s=10.0, report=lambda bar, pct: reports.append((bar, pct)), clock=clock)
+    train = _tqdm_lines(600, "pretrain", unit="it")  # 600 updates over 120 s
+    embed = _tqdm_lines(300, "embed", unit="img")
+    forwarded = []
+    for i, line in enumerate(train):  # another bar (done after 60 s) and plain log lines interleaved
+        clock.now = i * 0.2
+        for candidate in (line, embed[min(i, len(embed) - 1)], f"INFO step {i}"):
+            if relay.forward(candidate):
+                forwarded.append(candidate)
+    per_bar = {"pretrain": [ln for ln in forwarded if ln.startswith("pretrain")],
+               "embed": [ln for ln in forwarded if ln.startswith("embed")]}
+    assert all(1 < len(lines) <= 120 / 10 + 2 for lines in per_bar.values())  # 120 s: one per 10 s + the last
+    assert all(parse_bar(lines[-1]).done for lines in per_bar.values())  # each bar's 100 % line, once
+    assert all(sum(parse_bar(ln).done for ln in lines) == 1 for lines in per_bar.values())
+    assert sum(ln.startswith("INFO step") for ln in forwarded) == len(train)  # other lines all pass
+    pct = [p for bar, p in reports if bar == "pretrain"]
+    assert pct == sorted(pct) and pct[-1] == 100.0 and len(pct) == len(per_bar["pretrain"])
+
+
+def test_a_bar_that_starts_again_is_shown_again():
+    """Eval extracts features for several splits under one name: each new bar's first line is forwarded."""
+    clock = _Clock()
+    relay = ProgressRelay(interval_s=10.0, clock=clock)
+    first, second = _tqdm_lines(5, "features x"), _tqdm_lines(5, "features x")
+    shown = [parse_bar(ln) for ln in first + second if relay.forward(ln)]
+    assert [(b.n, b.done) for b in shown if b.n in (0, 5)] == [(0, False), (5, True), (0, False), (5, True)]
+
+
+def test_a_stage_bar_becomes_a_progress_artifact_of_the_flow_run():
+    """The wiring, with a real (ephemeral) Prefect API: a subprocess's tqdm bar, streamed by the flow's task
+    helper, is one progress artifact of that flow run, at 100 % when the bar finished."""
+    import sys
+
+    from prefect import flow, get_run_logger, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows import pipeline
+    from flows.artifacts import progress_publisher
+
+    script = ("import sys, time\nfrom tqdm import tqdm\n"
+              "for _ in tqdm(range(20), desc='embed', file=sys.stderr, mininterval=0, miniters=1):\n"
+              "    time.sleep(0.02)\n")
+
+    @task
+    def stream() -> tuple[int, list[str], bool]:
+        return pipeline._stream([sys.executable, "-c", script], Path("."), dict(os.environ), get_run_logger(),
+                                relay=ProgressRelay(interval_s=60.0, report=progress_publisher("toy")))
+
+    @flow
+    def toy_flow() -> tuple[int, list[str], bool]:
+        return stream()
+
+    with prefect_test_harness():  # a throw-away Prefect server and database, stopped when the block ends
+        state = toy_flow(return_state=True)
+        code, lines, _ = state.result()
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert code == 0 and sum(parse_bar(ln) is not None for ln in lines) >= 20
+    progress = {a.key: a.data for a in found if a.type == "progress"}
+    assert progress == {"toy-embed-progress": 100}
