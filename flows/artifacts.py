@@ -95,8 +95,18 @@ def metrics_markdown(stage: str, path: Path) -> str | None:
     rows = [f"| {k} | {_cell(v)} |" for k, v in sorted(data.items())
             if not isinstance(v, (dict, list)) and k != "params"]
     nested = [f"| {k} | {_cell(v, 200)} |" for k, v in sorted(data.items())
-              if isinstance(v, (dict, list)) and k != "params"]
+              if isinstance(v, (dict, list)) and k not in ("params", "table")]
     return f"### {stage}: metrics\n\n| metric | value |\n|---|---|\n" + "\n".join(rows + nested)
+
+
+def metrics_table(path: Path) -> list[dict] | None:
+    """The summary table a stage put in its metrics (`table`: one dict per row, e.g. eval's backbones next to
+    their baselines), or None."""
+    try:
+        table = json.loads(path.read_text()).get("table")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return table if isinstance(table, list) and table and all(isinstance(r, dict) for r in table) else None
 
 
 def summary_markdown(stage: str, reports: Path) -> str | None:
@@ -163,15 +173,30 @@ def outputs_markdown(outputs: list[Output], spec: RemoteSpec | None, pushed: boo
 def publish(kind: str, key: str, markdown: str, description: str) -> None:
     """Create a Markdown artifact; an artifact failure is logged, never fatal for the run."""
     from prefect.artifacts import create_markdown_artifact
-    from prefect.logging import get_run_logger
 
     try:
         create_markdown_artifact(key=artifact_key(key), markdown=markdown, description=description)
     except Exception as exc:  # pragma: no cover - the API being down must not fail a finished stage
-        try:
-            get_run_logger().warning("could not publish the %s artifact %s: %s", kind, key, exc)
-        except Exception:  # noqa: S110 - no run logger outside a flow run: nothing left to report to
-            pass
+        _warn_unpublished(kind, key, exc)
+
+
+def publish_table(key: str, rows: list[dict], description: str) -> None:
+    """A Prefect table artifact (sortable rows in the UI); never fatal for the run."""
+    from prefect.artifacts import create_table_artifact
+
+    try:
+        create_table_artifact(rows, key=artifact_key(key), description=description)
+    except Exception as exc:  # pragma: no cover - the API being down must not fail a finished stage
+        _warn_unpublished("table", key, exc)
+
+
+def _warn_unpublished(kind: str, key: str, exc: Exception) -> None:
+    from prefect.logging import get_run_logger
+
+    try:
+        get_run_logger().warning("could not publish the %s artifact %s: %s", kind, key, exc)
+    except Exception:  # noqa: S110 - no run logger outside a flow run: nothing left to report to
+        pass
 
 
 def progress_publisher(stage: str) -> Callable[[str, float], None]:

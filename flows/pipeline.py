@@ -44,9 +44,11 @@ from flows.artifacts import (
     headline_metrics,
     metric_warnings,
     metrics_markdown,
+    metrics_table,
     outputs_markdown,
     progress_publisher,
     publish,
+    publish_table,
     summary_markdown,
     validation_files,
     validation_markdown,
@@ -421,6 +423,9 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
     summary = summary_markdown(stage, reports)
     if summary:
         publish("summary", f"{stage}-summary", summary, f"{stage}: summary and figures{note}")
+    table = metrics_table(metrics_path)
+    if table:
+        publish_table(f"{stage}-table", table, f"{stage}: summary table{note}")
     warnings = metric_warnings(metrics_path)
     for w in warnings:
         logger.warning(w)

@@ -246,9 +246,10 @@ def run_eval(params: Params) -> dict:
                          for name, r in results.items() for k, v in r["knn"].items()])
     write_plot_csv(reports, "eval_knn", plot)
     summary_png(results, figures / "summary.png")
-    summary_md = summary_table(results, warnings)
+    rows = summary_rows(results)
+    summary_md = summary_table(rows, warnings)
     atomic_write_bytes(reports / "eval_summary.md", summary_md.encode())
-    payload = {"results": results, "warnings": warnings, "params": params_record(p)}
+    payload = {"results": results, "table": rows, "warnings": warnings, "params": params_record(p)}
     write_metrics(reports, "eval", payload)
     write_json(Path(p.out) / "eval.json", payload)
     print(summary_md)
@@ -314,17 +315,28 @@ def _warnings(results: dict[str, dict]) -> list[str]:
     return out
 
 
-def summary_table(results: dict[str, dict], warnings: list[str]) -> str:
-    """Markdown table: every metric next to its baselines (what the Prefect flow publishes)."""
+def summary_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per backbone and baseline: the figures every report of this stage shows (the Markdown summary, the
+    `table` of its metrics, which the flow publishes as a Prefect table artifact)."""
+    rows = []
+    for name, r in results.items():
+        k20 = r["knn"].get("20", next(iter(r["knn"].values())))["top1"]
+        rows.append({"backbone": name, "kind": r["kind"], "knn_top1_k20": round(k20, 4),
+                     "knn_top1_best": round(r["knn_top1_best"], 4), "linear_top1": round(r["linear"]["test_top1"], 4),
+                     "seg_miou": round(r["segmentation"]["miou"], 4),
+                     "seg_pixel_acc": round(r["segmentation"]["pixel_acc"], 4)})
+    return rows
+
+
+def summary_table(rows: list[dict], warnings: list[str]) -> str:
+    """Markdown table: every metric next to its baselines."""
     lines = [
         "| backbone | kind | k-NN top-1 (k=20) | k-NN best | linear top-1 | seg mIoU | seg pixel acc |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, r in results.items():
-        k20 = r["knn"].get("20", next(iter(r["knn"].values())))["top1"]
-        lines.append(f"| {name} | {r['kind']} | {k20:.3f} | {r['knn_top1_best']:.3f} | "
-                     f"{r['linear']['test_top1']:.3f} | {r['segmentation']['miou']:.3f} | "
-                     f"{r['segmentation']['pixel_acc']:.3f} |")
+    for r in rows:
+        lines.append(f"| {r['backbone']} | {r['kind']} | {r['knn_top1_k20']:.3f} | {r['knn_top1_best']:.3f} | "
+                     f"{r['linear_top1']:.3f} | {r['seg_miou']:.3f} | {r['seg_pixel_acc']:.3f} |")
     text = "## Evaluation (Fashion-MNIST test; segmentation on pasted items)\n\n" + "\n".join(lines) + "\n"
     if warnings:
         text += "\n" + "\n".join(f"> WARNING: {w}" for w in warnings) + "\n"

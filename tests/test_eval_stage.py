@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from tasks.eval import _checks, run_eval, summary_table
+from flows.artifacts import metrics_table
+from tasks.eval import _checks, run_eval, summary_rows, summary_table
 from tasks.validation import DataQualityError, validate_stage
 
 
@@ -67,6 +68,12 @@ def test_reports_written(evaluated):
     summary = (reports / "eval_summary.md").read_text()
     for name in payload["results"]:
         assert name in summary
+    # the same rows as a table in the metrics, which the flow publishes as a Prefect table artifact
+    table = metrics_table(reports / "metrics" / "eval.json")
+    assert [r["backbone"] for r in table] == list(payload["results"])
+    for row in table:
+        result = payload["results"][row["backbone"]]
+        assert row["linear_top1"] == round(result["linear"]["test_top1"], 4) and f"{row['seg_miou']:.3f}" in summary
     figures = {p.name for p in (reports / "figures" / "eval").iterdir()}
     assert {"pca_untrained-teacher.png", "segmentation_raw-pixels.png", "summary.png"} <= figures
     assert "pca_a-backbone-no-longer-listed.png" not in figures  # the stage's folder holds this run's pictures only
@@ -83,7 +90,7 @@ def test_untrained_backbone_gets_a_warning():
 
     warnings = _warnings(results)
     assert len(warnings) == 1 and "does not beat random-init a" in warnings[0]
-    assert "WARNING" in summary_table(results, warnings)
+    assert "WARNING" in summary_table(summary_rows(results), warnings)
     results["teacher"]["knn_top1_best"] = 0.8
     assert _warnings(results) == []
 

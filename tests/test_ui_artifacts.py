@@ -1,4 +1,6 @@
-"""Progress bars in Prefect logs: at most one line per bar every ~10 s, the last always, other lines untouched."""
+"""What the Prefect UI shows while and after a stage runs: progress bars thinned in the logs (at most one line per bar
+every ~10 s, the last always, other lines untouched) and mirrored as progress artifacts; summary tables as table
+artifacts."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 from tqdm import tqdm
 
 from flows.progress import ProgressRelay, parse_bar
@@ -70,15 +73,31 @@ def test_a_bar_that_starts_again_is_shown_again():
     assert [(b.n, b.done) for b in shown if b.n in (0, 5)] == [(0, False), (5, True), (0, False), (5, True)]
 
 
-def test_a_stage_bar_becomes_a_progress_artifact_of_the_flow_run():
-    """The wiring, with a real (ephemeral) Prefect API: a subprocess's tqdm bar, streamed by the flow's task
-    helper, is one progress artifact of that flow run, at 100 % when the bar finished."""
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A throw-away Prefect server and database for this module, stopped when its tests end."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+def _run_artifacts(state) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    return {f"{a.type}:{a.key}": a.data for a in found}
+
+
+def test_a_stage_bar_becomes_a_progress_artifact_of_the_flow_run(prefect_api):
+    """The wiring, with a real Prefect API: a subprocess's tqdm bar, streamed by the flow's task helper, is one
+    progress artifact of that flow run, at 100 % when the bar finished."""
     import sys
 
     from prefect import flow, get_run_logger, task
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows import pipeline
     from flows.artifacts import progress_publisher
@@ -96,12 +115,32 @@ def test_a_stage_bar_becomes_a_progress_artifact_of_the_flow_run():
     def toy_flow() -> tuple[int, list[str], bool]:
         return stream()
 
-    with prefect_test_harness():  # a throw-away Prefect server and database, stopped when the block ends
-        state = toy_flow(return_state=True)
-        code, lines, _ = state.result()
-        with get_client(sync_client=True) as client:
-            found = client.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    state = toy_flow(return_state=True)
+    code, lines, _ = state.result()
     assert code == 0 and sum(parse_bar(ln) is not None for ln in lines) >= 20
-    progress = {a.key: a.data for a in found if a.type == "progress"}
-    assert progress == {"toy-embed-progress": 100}
+    progress = {k: v for k, v in _run_artifacts(state).items() if k.startswith("progress:")}
+    assert progress == {"progress:toy-embed-progress": 100}
+
+
+def test_a_stage_summary_table_becomes_a_table_artifact(prefect_api, tmp_path):
+    """eval's `table` (backbones next to their baselines) in its metrics is published as a table artifact whose
+    rows are the numbers of the metrics file."""
+    import json
+
+    from prefect import flow
+
+    from flows.artifacts import metrics_table, publish_table
+
+    rows = [{"backbone": "pretrain-teacher", "kind": "trained", "knn_top1_k20": 0.677, "linear_top1": 0.701},
+            {"backbone": "raw-pixels", "kind": "raw-pixels", "knn_top1_k20": 0.766, "linear_top1": 0.744}]
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"results": {}, "table": rows}))
+
+    @flow
+    def toy_flow() -> None:
+        publish_table("eval-table", metrics_table(path), "eval: summary table")
+
+    state = toy_flow(return_state=True)
+    data = _run_artifacts(state)["table:eval-table"]
+    assert json.loads(data) == rows  # Prefect stores a table artifact as its JSON
+    assert metrics_table(tmp_path / "missing.json") is None
