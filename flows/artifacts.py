@@ -6,11 +6,15 @@ Prefect server and the flow never fails because an artifact could not be created
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from flows.remote import Output, RemoteSpec
 
@@ -109,13 +113,36 @@ def metrics_table(path: Path) -> list[dict] | None:
     return table if isinstance(table, list) and table and all(isinstance(r, dict) for r in table) else None
 
 
+def stage_figures(stage: str, reports: Path) -> list[Path]:
+    """The figures a stage drew: ``<reports>/figures/<stage>_*.png`` and ``<reports>/figures/<stage>/*.png``."""
+    return sorted((reports / "figures").glob(f"{stage}_*.png")) + sorted((reports / "figures" / stage).glob("*.png"))
+
+
+def figures_markdown(stage: str, reports: Path, max_side: int = 720) -> str | None:
+    """The stage's figures as pictures in one Markdown artifact: each downscaled to `max_side` and embedded as a
+    JPEG data URI, so the Prefect UI shows loss curves, k-NN curves, PCA maps and segmentation samples with no file
+    server and no bucket access (a figure is ~100 kB of base64)."""
+    parts = []
+    for path in stage_figures(stage, reports):
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                image.thumbnail((max_side, max_side))
+                buf = io.BytesIO()
+                image.save(buf, "JPEG", quality=85)
+        except (OSError, ValueError):  # a figure being rewritten or unreadable: leave it out, never fail the stage
+            continue
+        parts.append(f"**{path.name}**\n\n![{path.stem}](data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()})")
+    return f"### {stage}: figures\n\n" + "\n\n".join(parts) if parts else None
+
+
 def summary_markdown(stage: str, reports: Path) -> str | None:
     """A stage's own human summary (``<reports>/<stage>_summary.md``, e.g. the eval table with its baselines and
     warnings) plus the figures it drew (``<reports>/figures/<stage>_*.png``, ``<reports>/figures/<stage>/``), listed
     with their paths: the UI shows what a run concluded, not only its numbers."""
     path = reports / f"{stage}_summary.md"
     text = path.read_text().strip() if path.is_file() else ""
-    figures = sorted((reports / "figures").glob(f"{stage}_*.png")) + sorted((reports / "figures" / stage).glob("*.png"))
+    figures = stage_figures(stage, reports)
     if figures:
         text += ("\n\n" if text else "") + f"#### {stage}: figures\n\n" + "\n".join(
             f"- `{p.relative_to(reports.parent) if p.is_relative_to(reports.parent) else p}`" for p in figures)

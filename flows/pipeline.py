@@ -41,6 +41,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 
 from flows.artifacts import (
+    figures_markdown,
     headline_metrics,
     metric_warnings,
     metrics_markdown,
@@ -423,6 +424,9 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
     summary = summary_markdown(stage, reports)
     if summary:
         publish("summary", f"{stage}-summary", summary, f"{stage}: summary and figures{note}")
+    figures = figures_markdown(stage, reports)
+    if figures:
+        publish("figures", f"{stage}-figures", figures, f"{stage}: figures{note}")
     table = metrics_table(metrics_path)
     if table:
         publish_table(f"{stage}-table", table, f"{stage}: summary table{note}")

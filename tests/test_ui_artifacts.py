@@ -144,3 +144,28 @@ def test_a_stage_summary_table_becomes_a_table_artifact(prefect_api, tmp_path):
     data = _run_artifacts(state)["table:eval-table"]
     assert json.loads(data) == rows  # Prefect stores a table artifact as its JSON
     assert metrics_table(tmp_path / "missing.json") is None
+
+
+def test_figures_are_embedded_downscaled_and_a_broken_one_is_left_out(tmp_path):
+    """Loss curves, PCA maps, segmentation samples: shown in the UI as pictures (JPEG data URIs of at most
+    `max_side` pixels), the stage's own figures only; an unreadable file never fails the stage."""
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    from flows.artifacts import figures_markdown
+
+    figures = tmp_path / "reports" / "figures"
+    (figures / "eval").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((1000, 2400, 3)) * 255).astype("uint8")).save(figures / "eval" / "pca_a.png")
+    Image.fromarray((rng.random((200, 300, 3)) * 255).astype("uint8")).save(figures / "eval_loss.png")
+    Image.fromarray((rng.random((50, 50, 3)) * 255).astype("uint8")).save(figures / "pretrain_loss.png")
+    (figures / "eval" / "broken.png").write_bytes(b"not a png")
+    md = figures_markdown("eval", tmp_path / "reports", max_side=720)
+    uris = re.findall(r"\(data:image/jpeg;base64,([A-Za-z0-9+/=]+)\)", md)
+    assert len(uris) == 2 and "pca_a.png" in md and "eval_loss.png" in md and "pretrain_loss" not in md
+    sizes = [Image.open(io.BytesIO(base64.b64decode(u))).size for u in uris]
+    assert sorted(sizes) == [(300, 200), (720, 300)]
+    assert figures_markdown("adapt", tmp_path / "reports") is None

@@ -415,6 +415,67 @@ def test_gx_failure_stops_the_run_with_the_expectation_name_in_its_state_message
     assert (project / "params.yaml").read_bytes() == params_before
 
 
+_UI_FLOW = """
+import sys
+from pathlib import Path
+from prefect import flow
+from flows.artifacts import figures_markdown, metrics_table, publish, publish_table
+reports = Path(sys.argv[1])
+
+@flow(name="ui-check")
+def ui_check():
+    publish_table("eval-table", metrics_table(reports / "metrics" / "eval.json"), "eval: summary table")
+    publish("figures", "eval-figures", figures_markdown("eval", reports), "eval: figures")
+
+state = ui_check(return_state=True)
+print(state.state_details.flow_run_id)
+"""
+
+
+def _browser_dom(url: str) -> str:
+    """The page as headless Chromium renders it, after its scripts ran."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    res = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=180, check=False)
+    return res.stdout
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="needs Debian's chromium (infra/setup-system.sh installs it)")
+def test_the_prefect_ui_shows_the_eval_table_and_figures_in_a_real_browser(stack, tmp_path):
+    """What a person sees: the flow-run page (Artifacts tab) lists the eval table and figures, the table's page shows
+    the numbers of eval's metrics, and the figures page shows pictures, in headless Chromium against the stack's UI.
+    The artifacts are made by the flow's own publishing code from an eval metrics file and figure."""
+    import numpy as np
+    from PIL import Image
+
+    from tasks.eval import summary_rows
+
+    result = {"kind": "trained", "knn": {"20": {"top1": 0.6771}}, "knn_top1_best": 0.6812,
+              "linear": {"test_top1": 0.7013}, "segmentation": {"miou": 0.0683, "pixel_acc": 0.9125}}
+    rows = summary_rows({"pretrain-teacher": result, "raw-pixels": {**result, "kind": "raw-pixels",
+                                                                     "knn": {"20": {"top1": 0.7661}}}})
+    reports = tmp_path / "reports"
+    (reports / "metrics").mkdir(parents=True)
+    (reports / "metrics" / "eval.json").write_text(json.dumps({"results": {}, "table": rows}))
+    (reports / "figures" / "eval").mkdir(parents=True)
+    Image.fromarray((np.random.default_rng(0).random((300, 900, 3)) * 255).astype("uint8")).save(
+        reports / "figures" / "eval" / "pca_pretrain-teacher.png")
+    res = subprocess.run([sys.executable, "-c", _UI_FLOW, str(reports)], cwd=ROOT, env=stack_env(stack),
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run_id = uuid.UUID(res.stdout.strip().splitlines()[-1])
+    page = _browser_dom(f"{stack.cfg.ui_url}/v2/runs/flow-run/{run_id}?tab=Artifacts")
+    assert "eval-table" in page and "eval-figures" in page, page[-2000:]
+    found = {a.key: a.id for a in api(stack, lambda c: c.read_artifacts())
+             if a.key in ("eval-table", "eval-figures") and a.flow_run_id == run_id}
+    table_page = _browser_dom(f"{stack.cfg.ui_url}/artifacts/artifact/{found['eval-table']}")
+    for value in ("0.6771", "0.7661", "0.7013", "pretrain-teacher", "raw-pixels"):
+        assert value in table_page, value
+    figures_page = _browser_dom(f"{stack.cfg.ui_url}/artifacts/artifact/{found['eval-figures']}")
+    assert '<img src="data:image/jpeg;base64,' in figures_page and "pca_pretrain-teacher.png" in figures_page
+
+
 def test_stop_ends_every_process_the_stack_started(stack):
     pids = stack.pids()
     res = _script(stack, "stop")
