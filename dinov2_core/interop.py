@@ -11,6 +11,7 @@ resolution: at other sizes each library interpolates positional embeddings its o
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -230,9 +231,70 @@ class _Features(nn.Module):
         return f["x_norm_clstoken"], f["x_norm_patchtokens"]
 
 
+def _cubic(x: Tensor, a: float) -> Tensor:
+    """Keys' cubic convolution kernel (a = -0.75 in torch's bicubic, -0.5 in its antialiased bicubic, as PIL)."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def _resize_matrix(out_len: Tensor, in_len: int, scale: Tensor, antialias: bool) -> Tensor:
+    """[out_len, in_len] weights of torch's 1-D bicubic resize (``align_corners=False``) along one axis, built from
+    tensor ops so an ONNX graph traced at one size computes them for any size. ``scale`` is in/out, as torch maps
+    output to input coordinates; plain bicubic clamps out-of-range taps to the border, the antialiased one (torch's
+    ``_upsample_bicubic2d_aa``) drops them and renormalises, with a support widened by the scale when shrinking."""
+    i = torch.arange(out_len, dtype=torch.float32)[:, None]
+    j = torch.arange(in_len, dtype=torch.float32)[None, :]
+    if not antialias:
+        real = scale * (i + 0.5) - 0.5
+        start = torch.floor(real)
+        t = real - start
+        weights = torch.zeros_like(i * j)
+        for k, w in enumerate((_cubic(t + 1, -0.75), _cubic(t, -0.75), _cubic(1 - t, -0.75), _cubic(2 - t, -0.75))):
+            tap = torch.clamp(start - 1 + k, 0, in_len - 1)
+            weights = weights + w * (j == tap).float()
+        return weights
+    shrink = scale >= 1
+    support = torch.where(shrink, 2 * scale, torch.full_like(scale, 2.0))
+    invscale = torch.where(shrink, 1 / scale, torch.ones_like(scale))
+    center = scale * (i + 0.5)
+    lo = torch.clamp(torch.floor(center - support + 0.5), min=0)
+    hi = torch.clamp(torch.floor(center + support + 0.5), max=in_len)
+    weights = _cubic((j - center + 0.5) * invscale, -0.5) * ((j >= lo) & (j < hi)).float()
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def _traceable_pos_encoding(model: DinoVisionTransformer) -> Callable[[Tensor, int, int], Tensor]:
+    """``model.interpolate_pos_encoding`` rewritten as tensor ops (two resize matrices around the table), equal to it
+    within float rounding at every size, so an ONNX export takes any image size that is a multiple of the patch;
+    the model's own size keeps the table unchanged, as the original does."""
+
+    def interpolate(x: Tensor, w: int, h: int) -> Tensor:
+        table = model.pos_embed.float()
+        n, dim = table.shape[1] - 1, table.shape[-1]
+        m = math.isqrt(n)
+        gh = torch.as_tensor(w // model.patch_size)
+        gw = torch.as_tensor(h // model.patch_size)
+        offset = float(model.interpolate_offset)
+        mats = []
+        for g in (gh, gw):
+            scale = m / (g.float() + offset) if offset else m / g.float()
+            mats.append(_resize_matrix(g, m, scale, bool(model.interpolate_antialias)))
+        same = ((gh == m) & (gw == m)).float()  # the model's own grid: the table as it is
+        eye_h = (torch.arange(gh)[:, None] == torch.arange(m)[None, :]).float()
+        eye_w = (torch.arange(gw)[:, None] == torch.arange(m)[None, :]).float()
+        wh, ww = same * eye_h + (1 - same) * mats[0], same * eye_w + (1 - same) * mats[1]
+        grid = torch.einsum("ia,abd,jb->ijd", wh, table[0, 1:].reshape(m, m, dim), ww).reshape(1, -1, dim)
+        return torch.cat((table[:, :1], grid), dim=1).to(x.dtype)
+
+    return interpolate
+
+
 def export_onnx(model: DinoVisionTransformer, out_dir: str | Path, opset: int = 18) -> Path:
-    """``model.onnx``: input ``pixel_values`` [batch, 3, H, W] at the model's size (dynamic batch), outputs ``cls``
-    [batch, D] and ``patch_tokens`` [batch, N, D], after the final LayerNorm."""
+    """``model.onnx``: input ``pixel_values`` [batch, 3, H, W], H and W any multiples of the patch (the positional
+    table is resized in the graph, as ours does), outputs ``cls`` [batch, D] and ``patch_tokens`` [batch, N, D],
+    after the final LayerNorm."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = int(model.patch_embed.img_size[0])
@@ -240,13 +302,15 @@ def export_onnx(model: DinoVisionTransformer, out_dir: str | Path, opset: int = 
     was = getattr(model, "attn_backend", None)
     if was is not None:
         model.attn_backend = "eager"  # plain matmul/softmax ops: every ONNX runtime has them
+    model.interpolate_pos_encoding = _traceable_pos_encoding(model)  # instance attribute: shadows the method
     try:
         torch.onnx.export(wrapper, (torch.zeros(2, 3, size, size),), str(out_dir / "model.onnx"),
                           input_names=["pixel_values"], output_names=["cls", "patch_tokens"],
-                          dynamic_axes={"pixel_values": {0: "batch"}, "cls": {0: "batch"},
-                                        "patch_tokens": {0: "batch"}},
+                          dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"},
+                                        "cls": {0: "batch"}, "patch_tokens": {0: "batch", 1: "tokens"}},
                           opset_version=opset, dynamo=False)
     finally:
+        del model.interpolate_pos_encoding
         if was is not None:
             model.attn_backend = was
     return out_dir
@@ -269,15 +333,30 @@ EXPORTERS = {"hf": (export_hf, hf_features), "timm": (export_timm, timm_features
              "onnx": (export_onnx, onnx_features)}
 
 
+def check_sizes(model: DinoVisionTransformer, fmt: str) -> list[tuple[int, int]]:
+    """Image sizes an export is checked at: the model's own, and for ONNX (dynamic height and width) a larger, a
+    smaller and a non-square one, all multiples of the patch."""
+    size, p = int(model.patch_embed.img_size[0]), int(model.patch_size)
+    if fmt != "onnx":
+        return [(size, size)]
+    smaller = max(p, size - 2 * p)
+    return [(size, size), (size + 4 * p, size + 4 * p), (smaller, smaller), (size + 2 * p, smaller)]
+
+
 @torch.no_grad()
 def verify(model: DinoVisionTransformer, fmt: str, out_dir: str | Path, n: int = 4, seed: int = 0) -> float:
     """Max abs difference between our (CLS, patch tokens) and the exported model's, loaded in its own library, on
-    ``n`` random images at the model's resolution."""
-    size = int(model.patch_embed.img_size[0])
-    x = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    f = model.eval().forward_features(x)
-    cls, patches = EXPORTERS[fmt][1](out_dir)(x)
-    return max(float((cls - f["x_norm_clstoken"]).abs().max()), float((patches - f["x_norm_patchtokens"]).abs().max()))
+    ``n`` random images at each of :func:`check_sizes`."""
+    run = EXPORTERS[fmt][1](out_dir)
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for height, width in check_sizes(model, fmt):
+        x = torch.randn(n, 3, height, width, generator=generator)
+        f = model.eval().forward_features(x)
+        cls, patches = run(x)
+        worst = max(worst, float((cls - f["x_norm_clstoken"]).abs().max()),
+                    float((patches - f["x_norm_patchtokens"]).abs().max()))
+    return worst
 
 
 def export(model: DinoVisionTransformer, fmt: str, out_dir: str | Path, tolerance: float = 1e-4) -> dict[str, Any]:
@@ -292,5 +371,5 @@ def export(model: DinoVisionTransformer, fmt: str, out_dir: str | Path, toleranc
     return {"format": fmt, "path": str(path), "max_abs_diff": diff}
 
 
-__all__ = ["FORMATS", "describe", "export", "export_hf", "export_onnx", "export_timm", "hf_config", "timm_kwargs",
+__all__ = ["FORMATS", "check_sizes", "describe", "export", "export_hf", "export_onnx", "export_timm", "hf_config", "timm_kwargs",
            "timm_name", "to_hf_state_dict", "to_timm_state_dict", "verify"]

@@ -90,3 +90,23 @@ def test_cli_exports_a_training_export(tmp_path):
                          timeout=300, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --to tflite: one of hf, timm, onnx"]
     assert json.loads((export_dir / "model.json").read_text())["files"]
+
+
+@pytest.mark.parametrize("name", ["plain-no-layerscale", "reg4-layerscale"])
+def test_onnx_takes_any_image_size_that_is_a_multiple_of_the_patch(name, tmp_path):
+    """Both ways released models resize the positional table (scale factor + offset; size + antialias) are traced
+    as tensor ops, so the graph gives our features at sizes it was not traced at: larger, smaller, non-square."""
+    import onnx
+
+    model = _model(name)
+    interop.export_onnx(model, tmp_path / "onnx")
+    dims = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "", "height", "width"]
+    run = interop.onnx_features(tmp_path / "onnx")
+    for height, width in [(126, 126), (28, 28), (84, 42), (14, 70)]:
+        x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height + width))
+        ours = model.forward_features(x)
+        cls, patches = run(x)
+        assert patches.shape[1] == (height // 14) * (width // 14)
+        assert float((cls - ours["x_norm_clstoken"]).abs().max()) <= 1e-4
+        assert float((patches - ours["x_norm_patchtokens"]).abs().max()) <= 1e-4
