@@ -154,17 +154,19 @@ def hf_features(out_dir: str | Path) -> Callable[[Tensor], tuple[Tensor, Tensor]
 def timm_name(model: DinoVisionTransformer) -> str:
     """The timm architecture to build (its size stem only names the default widths; ours are passed as kwargs)."""
     d = describe(model)
-    size = _TIMM_SIZES.get(d["embed_dim"], "small")
+    # timm's giant DINOv2 variants are the ones built with its packed SwiGLU MLP (fc1 = [x; gate], SiLU on x)
+    size = "giant" if d["swiglu"] else _TIMM_SIZES.get(d["embed_dim"], "small")
     return f"vit_{size}_patch14_reg4_dinov2" if d["num_register_tokens"] else f"vit_{size}_patch14_dinov2"
 
 
 def timm_kwargs(model: DinoVisionTransformer) -> dict[str, Any]:
     d = describe(model)
-    if d["swiglu"]:
-        raise ValueError("timm export: SwiGLU (ViT-g) backbones are not supported yet; use --to hf or onnx")
+    # timm sizes the MLP as int(embed_dim * mlp_ratio) hidden units; its packed SwiGLU splits them in two halves
+    # (ours: fused w12 -> x, gate), so the ratio asks for twice our hidden width (+0.5: no float round-down)
+    hidden = 2 * d["mlp_hidden"] if d["swiglu"] else d["mlp_hidden"]
     # LayerScale always on: timm drops a None init_values and would build it anyway; without it ours gets ones
     kw = {"img_size": d["img_size"], "patch_size": d["patch_size"], "embed_dim": d["embed_dim"], "depth": d["depth"],
-          "num_heads": d["num_heads"], "mlp_ratio": d["mlp_hidden"] / d["embed_dim"], "qkv_bias": d["qkv_bias"],
+          "num_heads": d["num_heads"], "mlp_ratio": (hidden + 0.5) / d["embed_dim"], "qkv_bias": d["qkv_bias"],
           "init_values": 1.0, "num_classes": 0}
     if d["num_register_tokens"]:
         kw.update(reg_tokens=d["num_register_tokens"], no_embed_class=True)
@@ -180,9 +182,15 @@ def to_timm_state_dict(state: dict[str, Tensor], num_register_tokens: int = 0) -
         out["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
         out["pos_embed"] = state["pos_embed"][:, 1:]
     flat = {}
+    swiglu_names = {"mlp.w12.": "mlp.fc1.", "mlp.w3.": "mlp.fc2."}  # timm's SwiGLUPacked: fc1 = [x; gate], fc2
     for k, v in out.items():
         m = _BLOCK.match(k)
-        flat[f"blocks.{m.group(1)}.{m.group(2)}" if m else k] = v.detach().clone().contiguous()
+        if m:
+            inner = m.group(2)
+            for ours, theirs in swiglu_names.items():
+                inner = inner.replace(ours, theirs) if inner.startswith(ours) else inner
+            k = f"blocks.{m.group(1)}.{inner}"
+        flat[k] = v.detach().clone().contiguous()
     for key in [k for k in flat if k.endswith(".norm1.weight")]:  # no LayerScale: timm's is set to identity
         for ls in ("ls1", "ls2"):
             flat.setdefault(key.replace("norm1.weight", f"{ls}.gamma"), torch.ones_like(flat[key]))

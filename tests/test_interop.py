@@ -22,7 +22,7 @@ MODELS = {  # the shapes this pipeline exports: no LayerScale (its CPU profiles)
     "reg4-layerscale": lambda: dinov2_vits14_reg(pretrained=False, init_values=1.0, **TINY),
     "swiglu": lambda: dinov2_vitg14(pretrained=False, init_values=1.0, **TINY),
 }
-CASES = [(m, f) for m in MODELS for f in interop.FORMATS if not (m == "swiglu" and f == "timm")]
+CASES = [(m, f) for m in MODELS for f in interop.FORMATS]
 
 
 @pytest.fixture(autouse=True)
@@ -61,9 +61,19 @@ def test_a_wrong_conversion_is_caught(tmp_path):
     assert interop.verify(model, "hf", tmp_path / "hf") > 1e-3
 
 
-def test_timm_refuses_swiglu_with_one_line(tmp_path):
-    with pytest.raises(ValueError, match="SwiGLU"):
-        interop.export(_model("swiglu"), "timm", tmp_path)
+def test_timm_builds_swiglu_as_its_packed_giant_mlp(tmp_path):
+    """Our fused SwiGLU (w12 -> x, gate; w3) is timm's SwiGLUPacked (fc1, fc2) in its giant DINOv2 model, at any
+    width: the exported model has the MLP shapes of ours and loads strictly."""
+    model = _model("swiglu")
+    interop.export(model, "timm", tmp_path / "timm")
+    cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert cfg["architecture"] == "vit_giant_patch14_dinov2"
+    import timm
+
+    built = timm.create_model(cfg["architecture"], pretrained=False, **cfg["kwargs"])
+    block = model.blocks[0]
+    assert built.blocks[0].mlp.fc1.weight.shape == block.mlp.w12.weight.shape
+    assert built.blocks[0].mlp.fc2.weight.shape == block.mlp.w3.weight.shape
 
 
 def test_cli_exports_a_training_export(tmp_path):
