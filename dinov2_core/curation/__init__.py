@@ -17,7 +17,7 @@ from .embed import (
 )
 from .knn import KnnResult, build_index, knn_search
 from .result import CurationResult
-from .retrieve import cluster_based_retrieval, kmeans, retrieve, sample_based_retrieval
+from .retrieve import balanced_sampling, cluster_based_retrieval, kmeans, retrieve, sample_based_retrieval
 from .verify import LocalFeatures, PairVerifier, dense_similarity, local_features, verify_pair
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "KnnResult",
     "LocalFeatures",
     "PairVerifier",
+    "balanced_sampling",
     "build_index",
     "cluster_based_retrieval",
     "component_sizes",

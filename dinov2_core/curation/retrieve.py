@@ -5,7 +5,11 @@ retrieval", App. A.3).
   32, when the seed set is smaller);
 * cluster-based: k-means of the pool (paper: 100,000 clusters), then up to a cap of pool images (paper:
   10,000) from every cluster that holds a seed image -- used when the seed set is too small for k
-  neighbours per seed to yield enough images.
+  neighbours per seed to yield enough images;
+* balanced (no seed set): k-means of the pool, then the same number of images from every cluster, so the crawl's
+  dense modes (one product photographed a thousand times) stop outweighing its long tail -- the balancing of
+  clustering-based curation (Vo et al. 2024, "Automatic data curation for self-supervised learning", §3; DINOv3's
+  LVD-1689M, §3.1), at one level.
 
 Embeddings are the L2-normalised backbone features (cosine = inner product).
 """
@@ -26,8 +30,12 @@ __all__ = [
     "LARGE_SEED_SET",
     "PER_CLUSTER_CAP",
     "SAMPLE_K",
+    "balanced_quota",
+    "balanced_sampling",
     "cluster_based_retrieval",
+    "hierarchical_kmeans",
     "kmeans",
+    "kmeans_plus_plus",
     "retrieve",
     "sample_based_retrieval",
 ]
@@ -116,25 +124,53 @@ def sample_based_retrieval(
     return CurationResult(df, metrics)
 
 
+def kmeans_plus_plus(x: np.ndarray, n_clusters: int, seed: int = 0, sample: int = 20_000) -> np.ndarray:
+    """k-means++ seeding (D² sampling, Arthur & Vassilvitskii 2007) on a random sample of at most ``sample`` rows:
+    far-apart starting centroids, so a small, distant mode gets a centroid of its own instead of the dense modes
+    taking them all, as faiss's uniform-random start does when most points sit in a few modes."""
+    rng = np.random.default_rng(seed)
+    if len(x) > sample:
+        x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
+    centres = [int(rng.integers(len(x)))]
+    d2 = np.maximum(2.0 - 2.0 * (x @ x[centres[0]]), 0.0)  # squared distance of unit vectors
+    for _ in range(1, n_clusters):
+        total = float(d2.sum())
+        nxt = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
+        centres.append(nxt)
+        d2 = np.minimum(d2, np.maximum(2.0 - 2.0 * (x @ x[nxt]), 0.0))
+    return np.ascontiguousarray(x[centres], dtype=np.float32)
+
+
 def kmeans(
-    embeddings: np.ndarray, n_clusters: int, *, niter: int = 20, seed: int = 0, spherical: bool = True
+    embeddings: np.ndarray, n_clusters: int, *, niter: int = 20, seed: int = 0, spherical: bool = True,
+    plus_plus: bool = False, n_init: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """faiss k-means (spherical: centroids re-normalised, matching cosine). Returns (centroids, labels)."""
+    """faiss k-means (spherical: centroids re-normalised, matching cosine), started from k-means++ seeds with
+    ``plus_plus``; with ``n_init`` > 1 the best of that many starts (lowest sum of squared distances) is kept.
+    Returns (centroids, labels)."""
     x = _unit(embeddings, "embeddings")
     n_clusters = int(min(n_clusters, len(x)))
-    km = faiss.Kmeans(
-        x.shape[1],
-        n_clusters,
-        niter=niter,
-        seed=seed,
-        spherical=spherical,
-        verbose=False,
-        min_points_per_centroid=1,
-        max_points_per_centroid=256,
-    )
-    km.train(x)
-    _, labels = km.index.search(x, 1)
-    return km.centroids.copy(), labels[:, 0].astype(np.int64)
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    for run in range(n_init):
+        km = faiss.Kmeans(
+            x.shape[1],
+            n_clusters,
+            niter=niter,
+            seed=seed + run,
+            spherical=spherical,
+            verbose=False,
+            min_points_per_centroid=1,
+            max_points_per_centroid=256,
+        )
+        km.train(x, init_centroids=kmeans_plus_plus(x, n_clusters, seed + run) if plus_plus else None)
+        scores, labels = km.index.search(x, 1)
+        # spherical k-means searches by inner product (unit vectors: squared distance = 2 - 2 * similarity)
+        ip = km.index.metric_type == faiss.METRIC_INNER_PRODUCT
+        inertia = float((2.0 - 2.0 * scores).sum() if ip else scores.sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, km.centroids.copy(), labels[:, 0].astype(np.int64))
+    assert best is not None
+    return best[1], best[2]
 
 
 def _assign(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -210,6 +246,96 @@ def cluster_based_retrieval(
         "per_cluster": int(per_cluster),
         "n_retrieved": len(df),
         "empty_clusters": int((sizes == 0).sum()),
+        "seed": int(seed),
+    }
+    return CurationResult(df, metrics)
+
+
+def balanced_quota(sizes: np.ndarray, target: int) -> int:
+    """The largest per-cluster quota q with sum(min(size, q)) <= target (water-filling: small clusters are kept
+    whole, large ones cut to the same q)."""
+    lo, hi = 0, int(sizes.max(initial=0))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int(np.minimum(sizes, mid).sum()) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def hierarchical_kmeans(
+    x: np.ndarray, n_fine: int, n_coarse: int, *, niter: int = 20, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two-level k-means (Vo et al. 2024 §3): ``n_fine`` clusters of the points, then ``n_coarse`` clusters of the
+    fine centroids, each centroid counting once whatever its size. A dense mode that flat k-means splits into many
+    fine clusters becomes one coarse cluster again. Returns (fine label, coarse label) per point."""
+    fine_centroids, fine = kmeans(x, n_fine, niter=niter, seed=seed, plus_plus=True)
+    _, coarse_of_fine = kmeans(fine_centroids, min(n_coarse, len(fine_centroids)), niter=niter, seed=seed,
+                               plus_plus=True, n_init=10)  # a few hundred points: ten starts cost nothing
+    return fine, coarse_of_fine[fine]
+
+
+def _water_fill(sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
+    """How many to take from each group: the balanced quota, then one more from randomly chosen larger groups
+    until ``target`` (or everything) is taken."""
+    target = min(int(target), int(sizes.sum()))
+    quota = balanced_quota(sizes, target)
+    take = np.minimum(sizes, quota)
+    larger = np.flatnonzero(sizes > quota)
+    take[rng.permutation(larger)[: target - int(take.sum())]] += 1
+    return take
+
+
+def balanced_sampling(
+    pool_embeddings: np.ndarray,
+    pool_keys: Sequence[str],
+    *,
+    n_clusters: int,
+    target: int,
+    fine_per_cluster: int = 4,
+    seed: int = 0,
+    niter: int = 20,
+) -> CurationResult:
+    """About ``target`` pool images spread evenly over the pool's ``n_clusters`` coarse clusters, and inside each
+    evenly over its fine clusters (hierarchical k-means, ``fine_per_cluster`` fine clusters per coarse one): the
+    seedless curation. Every choice is random but fixed by ``seed``; ``cluster`` is the coarse cluster and
+    ``similarity`` the cosine to the image's fine centroid."""
+    pool = _unit(pool_embeddings, "pool_embeddings")
+    keys = _ids(pool_keys, len(pool), "pool_keys")
+    if len(pool) == 0 or target <= 0:
+        return CurationResult(pd.DataFrame(columns=_COLUMNS), {})
+    fine, coarse = hierarchical_kmeans(pool, n_clusters * fine_per_cluster, n_clusters, niter=niter, seed=seed)
+    rng = np.random.default_rng(seed)
+    coarse_sizes = np.bincount(coarse)
+    take_coarse = _water_fill(coarse_sizes, target, rng)
+    chosen = []
+    for c in np.flatnonzero(take_coarse).tolist():
+        children = np.unique(fine[coarse == c])
+        child_sizes = np.array([(fine == f).sum() for f in children])
+        for f, n in zip(children.tolist(), _water_fill(child_sizes, int(take_coarse[c]), rng).tolist()):
+            members = np.flatnonzero(fine == f)
+            if n:
+                chosen.append(np.sort(rng.choice(members, size=n, replace=False)) if n < members.size else members)
+    rows = np.sort(np.concatenate(chosen))
+    centroid = np.stack([pool[fine == f].mean(0) for f in range(int(fine.max()) + 1)])
+    centroid /= np.maximum(np.linalg.norm(centroid, axis=1, keepdims=True), 1e-12)
+    df = pd.DataFrame({
+        "key": keys[rows],
+        "seed_neighbour": None,
+        "similarity": np.einsum("nd,nd->n", pool[rows], centroid[fine[rows]]).astype(np.float64),
+        "cluster": coarse[rows].astype(np.int64),
+        "method": "balanced",
+    })
+    kept_sizes = np.bincount(coarse[rows], minlength=len(coarse_sizes))
+    metrics = {
+        "method": "balanced",
+        "n_clusters": len(coarse_sizes),
+        "n_fine_clusters": int(fine.max()) + 1,
+        "quota": int(balanced_quota(coarse_sizes, min(int(target), len(pool)))),
+        "n_retrieved": len(df),
+        "largest_cluster_share_pool": round(float(coarse_sizes.max() / len(pool)), 4),
+        "largest_cluster_share_kept": round(float(kept_sizes.max() / len(df)), 4),
         "seed": int(seed),
     }
     return CurationResult(df, metrics)

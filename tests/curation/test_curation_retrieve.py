@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 
 from dinov2_core.curation.retrieve import (
+    balanced_quota,
+    balanced_sampling,
     cluster_based_retrieval,
     kmeans,
     retrieve,
@@ -90,3 +92,42 @@ def test_empty_inputs_give_empty_frames(pool):
         "cluster",
         "method",
     ]
+
+
+def _imbalanced(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One dense mode (900 images around one centre) and ten small ones (20 each), well separated."""
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.normal(size=(11, 32)))
+    mode = np.r_[np.zeros(900, dtype=int), np.repeat(np.arange(1, 11), 20)]
+    x = unit(centres[mode] + 0.15 * rng.normal(size=(len(mode), 32)) / np.sqrt(32))
+    return x, np.array([f"img{i:05d}" for i in range(len(x))]), mode
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_balanced_sampling_evens_out_a_dense_mode(seed):
+    """Seedless curation keeps the long tail: from a pool that is 82 % one mode, a 110-image sample holds every
+    small mode and about as many of each as of the dense one (uniform sampling would keep ~90 of the dense)."""
+    x, keys, mode = _imbalanced(seed)
+    df, metrics = balanced_sampling(x, keys, n_clusters=11, target=110, seed=seed)  # 44 fine clusters
+    assert len(df) == 110 and df.key.is_unique and (df.method == "balanced").all()
+    kept = np.bincount(mode[np.searchsorted(keys, df.key.to_numpy())], minlength=11)
+    assert kept.min() >= 8 and kept[0] <= 13, kept  # every mode ~10 (20 seeds: exactly 10), not ~90 dense
+    assert metrics["largest_cluster_share_pool"] > 0.8 and metrics["largest_cluster_share_kept"] < 0.25
+    again, _ = balanced_sampling(x, keys, n_clusters=11, target=110, seed=seed)
+    assert again.equals(df)  # deterministic given the seed
+    flat, _ = balanced_sampling(x, keys, n_clusters=44, fine_per_cluster=1, target=110, seed=seed)
+    flat_kept = np.bincount(mode[np.searchsorted(keys, flat.key.to_numpy())], minlength=11)
+    assert flat_kept[0] > 2 * kept[0], (flat_kept, kept)  # one level: the dense mode's many clusters each get a quota
+
+
+def test_balanced_quota_water_fills():
+    sizes = np.array([900, 20, 20, 5])
+    q = balanced_quota(sizes, 60)
+    assert q == 18 and np.minimum(sizes, q).sum() <= 60 < np.minimum(sizes, q + 1).sum()
+    assert balanced_quota(sizes, 10_000) == 900 and balanced_quota(sizes, 0) == 0
+
+
+def test_balanced_sampling_never_exceeds_the_pool():
+    x, keys, _ = _imbalanced(0)
+    df, _ = balanced_sampling(x, keys, n_clusters=5, target=5000, seed=0)
+    assert len(df) == len(keys) and df.key.is_unique
