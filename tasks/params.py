@@ -177,7 +177,8 @@ class DecontaminateParams(Section):
 
 
 class RetrieveParams(Section):
-    """Seed-based curation (LVD-142M, paper §3): sample-based kNN for large seed sets, cluster-based for small."""
+    """Seed-based curation (LVD-142M, paper §3): sample-based kNN for large seed sets, cluster-based for small;
+    balanced sampling over hierarchical k-means when the seed set is empty (no curated data to start from)."""
 
     pool: str
     images: str
@@ -186,8 +187,9 @@ class RetrieveParams(Section):
     seed_id_column: str
     out: str
     embedder: EmbedderParams
-    mode: Literal["auto", "sample", "cluster"]
-    large_seed_set: PosInt  # auto: sample-based at or above this many seeds, cluster-based below
+    mode: Literal["auto", "sample", "cluster", "balanced"]
+    large_seed_set: PosInt  # auto: sample-based at or above this many seeds, cluster-based below, balanced at 0
+    balanced_fraction: Annotated[float, Field(gt=0.0, le=1.0)]  # balanced: share of the pool kept
     k: PosInt  # paper: 4 nearest pool images per seed image (32 for some sets)
     n_clusters: PosInt
     per_cluster: PosInt  # paper App. A: up to 10k images sampled per retained cluster

@@ -1,7 +1,8 @@
 """The `retrieve` stage: curate the clean pool by similarity to a curated seed set (LVD-142M, paper §3).
 
 Sample-based retrieval (the k nearest pool images of every seed image) for large seed sets; cluster-based
-retrieval (k-means on the pool, keep clusters that hold seed images, sample from them) for small ones. The
+retrieval (k-means on the pool, keep clusters that hold seed images, sample from them) for small ones; with an
+empty seed set, balanced sampling over hierarchical k-means of the pool (seedless curation). The
 embedder is a parameter: the model-free descriptor in the bootstrap round, then the project's own exported
 teacher (use the model to curate data, and the curated data to train a better model).
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dinov2_core.curation import cluster_based_retrieval, sample_based_retrieval
+from dinov2_core.curation import balanced_sampling, cluster_based_retrieval, sample_based_retrieval
 from tasks.backbones import make_embedder
 from tasks.curation_scores import load_truth, retrieval_quality
 from tasks.dedup import embedding_checks
@@ -31,9 +32,14 @@ COLUMNS = ["sha256", "seed_neighbour", "similarity", "cluster", "method"]
 
 
 def choose_mode(mode: str, n_seeds: int, large_seed_set: int) -> str:
-    """Paper §3: sample-based for large seed sets, cluster-based for small ones; `mode` forces one."""
+    """Paper §3: sample-based for large seed sets, cluster-based for small ones, balanced for none; `mode` forces
+    one (a seed-based mode with no seeds is a params error)."""
+    if mode in ("sample", "cluster") and n_seeds == 0:
+        raise ValueError(f"retrieve.mode={mode} needs seed images; the seed set is empty (use mode auto or balanced)")
     if mode != "auto":
         return mode
+    if n_seeds == 0:
+        return "balanced"
     return "sample" if n_seeds >= large_seed_set else "cluster"
 
 
@@ -59,16 +65,21 @@ def run_retrieve(params: Params) -> pd.DataFrame:
             reused_from_dedup = True
     if not reused_from_dedup:
         pool_vectors, pool_stats = embed_keys(pool_keys, store.load, embedder, p.cache_dir, desc="pool embed")
-    seed_vectors, seed_stats = embed_keys(seed_ids, lambda i: open_rgb(by_id[i]), embedder, p.cache_dir,
-                                          desc="seed embed")
-    embed_seconds = time.perf_counter() - start
-    validate_stage("retrieve-input", [embedding_checks("pool_embeddings", pool_vectors, embedder.dim),
-                                      embedding_checks("seed_embeddings", seed_vectors, embedder.dim)],
-                   params.reports)
-
     mode = choose_mode(p.mode, len(seed_ids), p.large_seed_set)
+    checks = [embedding_checks("pool_embeddings", pool_vectors, embedder.dim)]
+    seed_stats = None
+    if mode != "balanced":
+        seed_vectors, seed_stats = embed_keys(seed_ids, lambda i: open_rgb(by_id[i]), embedder, p.cache_dir,
+                                              desc="seed embed")
+        checks.append(embedding_checks("seed_embeddings", seed_vectors, embedder.dim))
+    embed_seconds = time.perf_counter() - start
+    validate_stage("retrieve-input", checks, params.reports)
+
     start = time.perf_counter()
-    if mode == "sample":
+    if mode == "balanced":
+        result, algo = balanced_sampling(pool_vectors, pool_keys, n_clusters=min(p.n_clusters, len(pool_keys)),
+                                         target=max(1, round(p.balanced_fraction * len(pool_keys))), seed=p.seed)
+    elif mode == "sample":
         result, algo = sample_based_retrieval(pool_vectors, pool_keys, seed_vectors, seed_ids, k=p.k)
     else:
         result, algo = cluster_based_retrieval(pool_vectors, pool_keys, seed_vectors, seed_ids,
@@ -89,10 +100,10 @@ def run_retrieve(params: Params) -> pd.DataFrame:
         "embedder": embedder.record,
         "pool_embeddings_reused_from_dedup": reused_from_dedup,
         "pool_embedding": pool_stats.as_dict() if pool_stats else None,
-        "seed_embedding": seed_stats.as_dict(),
+        "seed_embedding": seed_stats.as_dict() if seed_stats else None,
         "embed_seconds": round(embed_seconds, 3),
         "retrieve_seconds": round(retrieve_seconds, 3),
-        "clusters_used": int(curated["cluster"].nunique()) if mode == "cluster" else None,
+        "clusters_used": int(curated["cluster"].nunique()) if mode in ("cluster", "balanced") else None,
         "algo": {k: v for k, v in algo.items() if isinstance(v, (int, float, str, bool))},
         "params": params_record(p),
     }
@@ -115,5 +126,5 @@ def _checks(curated: pd.DataFrame, pool_keys: list[str]) -> list[TableCheck]:
         gxe.ExpectColumnValuesToBeUnique(column="sha256"),
         gxe.ExpectColumnValuesToBeInSet(column="sha256", value_set=sorted(pool_keys)),
         gxe.ExpectColumnValuesToBeBetween(column="similarity", min_value=-1.0001, max_value=1.0001),
-        gxe.ExpectColumnValuesToBeInSet(column="method", value_set=["sample", "cluster"]),
+        gxe.ExpectColumnValuesToBeInSet(column="method", value_set=["sample", "cluster", "balanced"]),
     ])]

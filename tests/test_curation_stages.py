@@ -98,6 +98,26 @@ def test_mode_chooser_follows_the_seed_set_size():
     assert choose_mode("auto", 5, 10) == "cluster"
     assert choose_mode("auto", 10, 10) == "sample"
     assert choose_mode("cluster", 10**7, 10) == "cluster"
+    assert choose_mode("auto", 0, 10) == "balanced" and choose_mode("balanced", 500, 10) == "balanced"
+    with pytest.raises(ValueError, match="seed set is empty"):
+        choose_mode("sample", 0, 10)
+
+
+def test_an_empty_seed_set_curates_the_pool_by_balanced_sampling(curated, tmp_path):
+    """No curated seed images (a user's own folder): the stage keeps `balanced_fraction` of the pool, evenly over
+    its clusters, checked by the same GX suite, with the same quality metrics against the ground truth."""
+    params, root, _ = curated
+    empty = tmp_path / "seed.csv"
+    empty.write_text("id,path\n")
+    p = params.model_copy(deep=True)
+    p.retrieve.seed_index, p.retrieve.out, p.reports = str(empty), str(tmp_path / "out"), str(tmp_path / "r")
+    curated_frame = run_retrieve(p)
+    m = json.loads((tmp_path / "r" / "metrics" / "retrieve.json").read_text())
+    assert m["mode"] == "balanced" and m["seeds"] == 0 and m["seed_embedding"] is None
+    assert m["curated"] == len(curated_frame) == round(p.retrieve.balanced_fraction * m["pool"])
+    assert (curated_frame["method"] == "balanced").all() and curated_frame["sha256"].is_unique
+    assert m["algo"]["largest_cluster_share_kept"] <= m["algo"]["largest_cluster_share_pool"]
+    assert 0 < m["quality"]["curated_in_domain_share"] <= 1
 
 
 def test_corrupt_embeddings_fail_the_boundary_check(curated, tmp_path):

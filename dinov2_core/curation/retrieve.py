@@ -323,7 +323,8 @@ def balanced_sampling(
     df = pd.DataFrame({
         "key": keys[rows],
         "seed_neighbour": None,
-        "similarity": np.einsum("nd,nd->n", pool[rows], centroid[fine[rows]]).astype(np.float64),
+        # a cosine: clipped, since stored vectors are unit only to float16 precision
+        "similarity": np.clip(np.einsum("nd,nd->n", pool[rows], centroid[fine[rows]]), -1.0, 1.0).astype(np.float64),
         "cluster": coarse[rows].astype(np.int64),
         "method": "balanced",
     })
