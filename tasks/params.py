@@ -214,7 +214,7 @@ class EvalParams(Section):
 
     backbones: list[EvalBackboneRef]
     classification: str  # train.csv / test.csv: id, path, label
-    segmentation: str  # train.csv / test.csv: id, image, mask
+    segmentation: str  # train.csv / test.csv: id, image, mask (+ classes.txt); a folder without them: no seg probe
     resize_size: PosInt
     crop_size: PosInt
     batch_size: PosInt

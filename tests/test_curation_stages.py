@@ -106,7 +106,7 @@ def test_mode_chooser_follows_the_seed_set_size():
 def test_an_empty_seed_set_curates_the_pool_by_balanced_sampling(curated, tmp_path):
     """No curated seed images (a user's own folder): the stage keeps `balanced_fraction` of the pool, evenly over
     its clusters, checked by the same GX suite, with the same quality metrics against the ground truth."""
-    params, root, _ = curated
+    params, _, _ = curated
     empty = tmp_path / "seed.csv"
     empty.write_text("id,path\n")
     p = params.model_copy(deep=True)

@@ -104,3 +104,19 @@ def test_nan_metric_fails_the_check(evaluated, tmp_path):
     missing = {k: v for k, v in payload["results"].items() if k != "untrained-teacher"}
     with pytest.raises(DataQualityError, match="expect_column_distinct_values_to_contain_set"):
         validate_stage("eval", _checks(missing, params.eval), tmp_path)
+
+
+def test_a_folder_without_segmentation_masks_skips_only_the_segmentation_probe(evaluated, tmp_path):
+    """A user with labelled images but no masks: k-NN and the linear probe run, segmentation is reported as absent
+    (n/a in the table, no segmentation figures, no GX rows), the PCA maps still come from test images."""
+    params, _, full = evaluated
+    p = params.model_copy(deep=True)
+    (tmp_path / "no-masks").mkdir()
+    p.eval.segmentation, p.eval.out, p.reports = str(tmp_path / "no-masks"), str(tmp_path / "out"), str(tmp_path / "r")
+    payload = run_eval(p)
+    for name, r in payload["results"].items():
+        assert r["segmentation"] is None and r["knn"] == full["results"][name]["knn"]  # same features, cached
+    assert all(row["seg_miou"] is None for row in payload["table"])
+    assert "| n/a | n/a |" in (tmp_path / "r" / "eval_summary.md").read_text()
+    figures = {f.name for f in (tmp_path / "r" / "figures" / "eval").iterdir()}
+    assert "pca_untrained-teacher.png" in figures and not any(f.startswith("segmentation_") for f in figures)
