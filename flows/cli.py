@@ -3,7 +3,7 @@
 `stage NAME` runs one stage's plain function (what DVC stage `cmd`s call), `run` runs the Prefect flow that
 chains the DVC stages, `params` validates a params/profile file, `fetch` gets any stage's artifact for a git
 revision or flow run from the DVC remote, `export` converts a trained backbone for transformers, timm or ONNX,
-`push` uploads the stage outputs to the DVC remote, `dvc-yaml` renders dvc.yaml from the stage registry, `stack` starts/stops the local Prefect + S3 stack, `deploy`
+`push` uploads the stage outputs to the DVC remote, `init` points the pipeline at your own images, `dvc-yaml` renders dvc.yaml from the stage registry, `stack` starts/stops the local Prefect + S3 stack, `deploy`
 registers the deployments. Errors users can act on are printed as one
 line (set DINOV2_DEBUG=1 for the traceback).
 """
@@ -143,6 +143,23 @@ def params_cmd(
 
     params = _guarded(load_params, params_file, set_ or [])
     typer.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+
+
+@app.command("init")
+def init_cmd(
+    data: Annotated[str, typer.Argument(help="Your images: a folder, a glob ('photos/**/*.jpg') or an s3:// prefix.")],
+    labels: Annotated[str | None, typer.Option(help="A labelled folder, class_name/*.jpg, for evaluation.")] = None,
+    name: Annotated[str | None, typer.Option(help="Name of the inputs folder and profile (default: DATA's name).")]
+    = None,
+    test_fraction: Annotated[float, typer.Option(help="Share of each class held out for testing.")] = 0.2,
+) -> None:
+    """Point the pipeline at your own images: writes inputs/<name>/ and the profile params.<name>.yaml."""
+    from tasks.user_data import init_project
+
+    result = _guarded(init_project, data, labels, name, ".", test_fraction)
+    typer.echo(f"{result.n_images} images -> {result.manifest}; eval: {len(result.classes)} classes, "
+               f"{result.n_eval_train} train / {result.n_eval_test} test images; no seed set (balanced curation)\n"
+               f"next: dinov2-pipeline run --profile {result.profile.name}")
 
 
 @app.command("dvc-yaml")

@@ -334,7 +334,7 @@ def _backbone_params(cfg: BackboneConfig | None) -> dict[str, Any] | None:
 class Params(Section):
     """The whole params file. Add a section here when a stage is added."""
 
-    profile: Literal["tiny-cpu", "quality-cpu", "paper"]
+    profile: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")]  # a name: tiny-cpu, quality-cpu, paper, yours
     seed: NonNegInt
     reports: str
     storage: StorageParams
