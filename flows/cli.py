@@ -148,7 +148,8 @@ def params_cmd(
 @app.command("init")
 def init_cmd(
     data: Annotated[str, typer.Argument(help="Your images: a folder, a glob ('photos/**/*.jpg') or an s3:// prefix.")],
-    labels: Annotated[str | None, typer.Option(help="A labelled folder, class_name/*.jpg, for evaluation.")] = None,
+    labels: Annotated[str | None, typer.Option(help="A labelled folder, class_name/*.jpg, for k-NN and linear "
+                                                    "evaluation (without it: a label-free report).")] = None,
     name: Annotated[str | None, typer.Option(help="Name of the inputs folder and profile (default: DATA's name).")]
     = None,
     test_fraction: Annotated[float, typer.Option(help="Share of each class held out for testing.")] = 0.2,
@@ -157,9 +158,11 @@ def init_cmd(
     from tasks.user_data import init_project
 
     result = _guarded(init_project, data, labels, name, ".", test_fraction)
-    typer.echo(f"{result.n_images} images -> {result.manifest}; eval: {len(result.classes)} classes, "
-               f"{result.n_eval_train} train / {result.n_eval_test} test images; no seed set (balanced curation)\n"
-               f"next: dinov2-pipeline run --profile {result.profile.name}")
+    evaluation = (f"{len(result.classes)} classes, {result.n_eval_train} train / {result.n_eval_test} test images"
+                  if result.classes else f"no labels: feature statistics and neighbours on {result.n_eval_test} "
+                                         f"held-out images")
+    typer.echo(f"{result.n_images} images -> {result.manifest}; eval: {evaluation}; no seed set (balanced "
+               f"curation)\nnext: dinov2-pipeline run --profile {result.profile.name}")
 
 
 @app.command("dvc-yaml")

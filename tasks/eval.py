@@ -34,6 +34,7 @@ from dinov2_core.eval import (
     save_segmentation_figure,
     stratified_split,
 )
+from dinov2_core.eval.unsupervised import feature_statistics, nearest_neighbours, save_retrieval_grid
 from tasks.backbones import load_backbone, read_sidecar
 from tasks.embeddings import source_digest
 from tasks.log import get_logger
@@ -224,6 +225,12 @@ def has_segmentation(root: Path) -> bool:
     return all((root / name).is_file() for name in ("train.csv", "test.csv", "classes.txt"))
 
 
+def has_labels(root: Path) -> bool:
+    """A labelled set is train.csv + test.csv (id, path, label); a folder with only images.csv (id, path) is a set
+    of unlabelled images for the label-free report."""
+    return (root / "train.csv").is_file() and (root / "test.csv").is_file()
+
+
 def run_eval(params: Params) -> dict:
     p = params.eval
     if not p.backbones:
@@ -235,6 +242,8 @@ def run_eval(params: Params) -> dict:
     figures = reports / "figures" / "eval"
     # the stage owns this folder (one DVC output): a backbone dropped from params must not leave its pictures behind
     shutil.rmtree(figures, ignore_errors=True)
+    if not has_labels(Path(p.classification)):
+        return run_label_free_eval(params, storage, cache_dir, reports, figures)
     results: dict[str, dict] = {}
     for c in _candidates(p, storage, params.seed):
         log.info("eval: %s (%s)", c.name, c.arch)
@@ -267,6 +276,91 @@ def run_eval(params: Params) -> dict:
     write_json(Path(p.out) / "eval.json", payload)
     print(summary_md)
     return payload
+
+
+# ------------------------------------------------------------------------------------------ without labels
+LABEL_FREE_COLUMNS = ("effective_rank", "mean_pair_cosine", "feature_std")
+
+
+def run_label_free_eval(params: Params, storage: Storage, cache_dir: Path | None, reports: Path,
+                        figures: Path) -> dict:
+    """No labelled set (a user's own images): per backbone, the statistics of its features on the images of
+    `<classification>/images.csv` and, for trained ones, PCA maps and nearest-neighbour examples
+    (`dinov2_core.eval.unsupervised`), every figure next to the same baselines."""
+    p = params.eval
+    index = Path(p.classification) / "images.csv"
+    if not index.is_file():
+        raise FileNotFoundError(f"eval.classification={p.classification}: no train.csv/test.csv (labels) and no "
+                                f"images.csv (unlabelled images) there")
+    frame = pd.read_csv(index)
+    images = _read_rgb([index.parent / path for path in frame["path"]])
+    dataset_id = hashlib.sha256(index.read_bytes()).hexdigest()[:16]
+    results: dict[str, dict] = {}
+    for c in _candidates(p, storage, params.seed):
+        cfg = EvalTransformConfig(resize_size=max(p.resize_size, c.crop_size), crop_size=c.crop_size)
+        start = time.perf_counter()
+        batches = _transform_batches(images, [0] * len(images), cfg.build(), p.batch_size)
+        feats = _features(c, batches, cache_dir, dataset_id, cfg, False).knn_features()
+        stats = feature_statistics(feats)
+        results[c.name] = {"kind": c.kind, "arch": c.arch, "crop_size": c.crop_size, "images": len(images),
+                           **{k: round(v, 4) for k, v in stats.items()},
+                           "seconds": round(time.perf_counter() - start, 2)}
+        slug = "".join(ch if ch.isalnum() else "-" for ch in c.name).strip("-")
+        if c.kind == "trained":
+            size = 2 * c.crop_size
+            to_size = EvalTransformConfig(resize_size=size, crop_size=size).build()
+            big = torch.stack([to_size(image) for image in images[:p.n_figure_images]])
+            save_pca_grid(figures / f"pca_{slug}.png", big, pca_rgb(extract_patch_grid(c.model, big)))
+            thumbs = [to_size(image) for image in images]
+            save_retrieval_grid(figures / f"neighbours_{slug}.png", thumbs,
+                                nearest_neighbours(feats, p.n_figure_images, 5), f"{c.name}: nearest neighbours")
+        log.info("eval: %s effective rank %.1f, mean pair cosine %.3f (no labels)", c.name,
+                 stats["effective_rank"], stats["mean_pair_cosine"])
+    warnings = _label_free_warnings(results)
+    checks = pd.DataFrame([{"backbone": n, **{k: float(r[k]) for k in LABEL_FREE_COLUMNS}} for n, r in results.items()])
+    validate_stage("eval", [_label_free_check(checks, p)], params.reports)
+    write_plot_csv(reports, "eval_knn", pd.DataFrame(columns=["backbone", "k", "top1"]))  # a declared plot: no k-NN
+    rows = [{"backbone": n, "kind": r["kind"], **{k: r[k] for k in LABEL_FREE_COLUMNS}} for n, r in results.items()]
+    lines = ["| backbone | kind | effective rank | mean pair cosine | feature std |", "|---|---|---|---|---|"]
+    lines += [f"| {r['backbone']} | {r['kind']} | {r['effective_rank']:.1f} | {r['mean_pair_cosine']:.3f} | "
+              f"{r['feature_std']:.3f} |" for r in rows]
+    summary_md = (f"## Evaluation without labels ({len(images)} images; a labelled set adds k-NN and linear)\n\n"
+                  + "\n".join(lines) + "\n" + "".join(f"\n> WARNING: {w}\n" for w in warnings))
+    atomic_write_bytes(reports / "eval_summary.md", summary_md.encode())
+    payload = {"results": results, "table": rows, "warnings": warnings, "labels": False, "params": params_record(p)}
+    write_metrics(reports, "eval", payload)
+    write_json(Path(p.out) / "eval.json", payload)
+    print(summary_md)
+    return payload
+
+
+def _label_free_warnings(results: dict[str, dict]) -> list[str]:
+    """Collapse (every image alike) and no more spread than a random-init backbone of the same architecture."""
+    out = []
+    randoms = {r["arch"]: (name, r) for name, r in results.items() if r["kind"] == "random-init"}
+    for name, r in results.items():
+        if r["kind"] != "trained":
+            continue
+        if r["mean_pair_cosine"] > 0.95:
+            out.append(f"{name}: mean cosine between different images {r['mean_pair_cosine']:.3f}: the features "
+                       "have nearly collapsed to one direction")
+        if r["arch"] in randoms and r["effective_rank"] <= randoms[r["arch"]][1]["effective_rank"]:
+            base_name, base = randoms[r["arch"]]
+            out.append(f"{name}: effective rank {r['effective_rank']:.1f} is not above {base_name}'s "
+                       f"({base['effective_rank']:.1f})")
+    return out
+
+
+def _label_free_check(frame: pd.DataFrame, p: EvalParams) -> TableCheck:
+    import great_expectations.expectations as gxe
+
+    expected = [b.name for b in p.backbones] + ([RAW_PIXELS] if "raw-pixels" in p.baselines else [])
+    return TableCheck("features", frame, [
+        gxe.ExpectColumnDistinctValuesToContainSet(column="backbone", value_set=expected),
+        *(gxe.ExpectColumnValuesToNotBeNull(column=k) for k in LABEL_FREE_COLUMNS),
+        gxe.ExpectColumnValuesToBeBetween(column="effective_rank", min_value=1.0, max_value=None),
+        gxe.ExpectColumnValuesToBeBetween(column="mean_pair_cosine", min_value=-1.0001, max_value=1.0001),
+    ])
 
 
 def summary_png(results: dict[str, dict], path: Path) -> Path:

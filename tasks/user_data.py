@@ -4,7 +4,8 @@ DATA is a local folder (searched recursively), a glob (`photos/**/*.jpg`) or an 
 `inputs/<name>/`, the crawl manifest that ingest reads, an empty seed set (so retrieval curates the pool by
 balanced sampling: there is no curated set to start from), the labelled evaluation set built from a
 `class_name/*.jpg` folder (train/test split per class; its test images are also what decontamination removes from
-the pool), and an empty segmentation folder (drop train.csv/test.csv/classes.txt there to add the segmentation
+the pool; without labels, a random sample of the images themselves, held out the same way, for the label-free
+report), and an empty segmentation folder (drop train.csv/test.csv/classes.txt there to add the segmentation
 probe). `params.<name>.yaml` is an overlay of params.yaml pointing the stages at them: run it with
 `dinov2-pipeline run --profile params.<name>.yaml`.
 """
@@ -82,17 +83,14 @@ def _slug(text: str) -> str:
 
 
 def init_project(data: str, labels: str | Path | None, name: str | None = None, project: str | Path = ".",
-                 test_fraction: float = 0.2, seed: int = 0, storage: Storage | None = None) -> InitResult:
+                 test_fraction: float = 0.2, seed: int = 0, storage: Storage | None = None,
+                 max_unlabelled: int = 256) -> InitResult:
     """Write `inputs/<name>/` and `params.<name>.yaml` in `project` (see the module docstring)."""
-    if labels is None:
-        raise ValueError("init: pass --labels DIR (class_name/*.jpg images): evaluation needs labels "
-                         "(label-free evaluation is not built yet)")
     project = Path(project)
     name = _slug(name or Path(data.rstrip("/*")).name)
     images = list_images(data, storage)
     if not images:
         raise ValueError(f"init: no images ({', '.join(IMAGE_SUFFIXES)}) found in {data}")
-    train, test, classes = labelled_split(labels, test_fraction, seed)
     rel = Path("inputs") / name
     root = project / rel
     cls_dir, seg_dir = root / "eval" / "classification", root / "eval" / "segmentation"
@@ -100,9 +98,24 @@ def init_project(data: str, labels: str | Path | None, name: str | None = None, 
         folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"url": images}).to_csv(root / "crawl.csv", index=False)
     pd.DataFrame(columns=["id", "path"]).to_csv(root / "seed.csv", index=False)  # no seeds: balanced sampling
-    train.to_csv(cls_dir / "train.csv", index=False)
-    test.to_csv(cls_dir / "test.csv", index=False)
-    (cls_dir / "classes.txt").write_text("\n".join(classes) + "\n")
+    if labels is not None:
+        train, test, classes = labelled_split(labels, test_fraction, seed)
+        train.to_csv(cls_dir / "train.csv", index=False)
+        test.to_csv(cls_dir / "test.csv", index=False)
+        (cls_dir / "classes.txt").write_text("\n".join(classes) + "\n")
+        held_out = f"{rel}/eval/classification/test.csv"
+    else:  # no labels: a sample of the images, removed from the training pool, for the label-free report
+        local = [u for u in images if scheme_of(u) == "local"]
+        if len(local) < 2:
+            raise ValueError("init: without --labels the label-free report reads a sample of local images; "
+                             f"{data} has {len(local)} (pass --labels DIR for an s3:// crawl)")
+        n = min(max_unlabelled, max(2, round(test_fraction * len(local))))
+        picked = sorted(np.random.default_rng(seed).choice(len(local), size=n, replace=False).tolist())
+        test = pd.DataFrame({"id": [f"{i:07d}-{Path(local[i]).name}" for i in picked],
+                             "path": [local[i] for i in picked]})
+        test.to_csv(cls_dir / "images.csv", index=False)
+        train, classes = test.iloc[:0], []
+        held_out = f"{rel}/eval/classification/images.csv"
     (seg_dir / "README.txt").write_text("No segmentation set: add train.csv and test.csv (id, image, mask) and "
                                         "classes.txt here for the linear segmentation probe.\n")
     cls = str(rel / "eval" / "classification")
@@ -111,15 +124,16 @@ def init_project(data: str, labels: str | Path | None, name: str | None = None, 
         "profile": name,
         "ingest": {"manifest": str(rel / "crawl.csv"), "allow_outside_root": True},
         "dedup": {"ground_truth": None},
-        "decontaminate": {"eval_sets": [{"index": f"{cls}/test.csv"}], "ground_truth": None},
+        "decontaminate": {"eval_sets": [{"index": held_out}], "ground_truth": None},
         "retrieve": {"seed_index": str(rel / "seed.csv"), "ground_truth": None},
-        "pretrain": {"monitor": {"eval_dir": cls}},
-        "adapt": {"monitor": {"eval_dir": cls}},
-        "distill": {"monitor": {"eval_dir": cls}},
+        # the k-NN monitor during training needs labels
+        **{stage: {"monitor": {"eval_dir": cls if labels is not None else None}}
+           for stage in ("pretrain", "adapt", "distill")},
         "eval": {"classification": cls, "segmentation": str(rel / "eval" / "segmentation")},
     }
     profile = project / f"params.{name}.yaml"
-    header = (f"# Written by `dinov2-pipeline init {data} --labels {labels}`: the pipeline on these images, an\n"
+    header = (f"# Written by `dinov2-pipeline init {data}{f' --labels {labels}' if labels else ''}`: the pipeline on "
+              f"these images, an\n"
               f"# overlay of params.yaml (only what differs). Run: dinov2-pipeline run --profile {profile.name}\n")
     profile.write_text(header + yaml.safe_dump(overlay, sort_keys=False))
     return InitResult(name, profile, root / "crawl.csv", len(images), classes, len(train), len(test))

@@ -120,3 +120,29 @@ def test_a_folder_without_segmentation_masks_skips_only_the_segmentation_probe(e
     assert "| n/a | n/a |" in (tmp_path / "r" / "eval_summary.md").read_text()
     figures = {f.name for f in (tmp_path / "r" / "figures" / "eval").iterdir()}
     assert "pca_untrained-teacher.png" in figures and not any(f.startswith("segmentation_") for f in figures)
+
+
+def test_without_labels_the_stage_reports_feature_statistics_and_neighbours(evaluated, tmp_path):
+    """A folder of unlabelled images (images.csv: id, path): per backbone and baseline the spread of its features
+    (effective rank, mean cosine between images), PCA maps and nearest-neighbour examples of the trained one, the
+    same GX gate; the k-NN plot the pipeline declares is written empty."""
+    import pandas as pd
+
+    params, _, _ = evaluated
+    labelled = pd.read_csv(f"{params.eval.classification}/test.csv")
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    pd.DataFrame({"id": labelled["id"], "path": [f"{params.eval.classification}/{p}" for p in labelled["path"]]}
+                 ).to_csv(folder / "images.csv", index=False)
+    p = params.model_copy(deep=True)
+    p.eval.classification, p.eval.out, p.reports = str(folder), str(tmp_path / "out"), str(tmp_path / "r")
+    payload = run_eval(p)
+    assert payload["labels"] is False
+    assert {r["backbone"] for r in payload["table"]} == {"untrained-teacher", "random-init[untrained-teacher]",
+                                                        "raw-pixels"}
+    for r in payload["results"].values():
+        assert r["images"] == len(labelled) and r["effective_rank"] >= 1.0 and -1 <= r["mean_pair_cosine"] <= 1
+    figures = {f.name for f in (tmp_path / "r" / "figures" / "eval").iterdir()}
+    assert {"pca_untrained-teacher.png", "neighbours_untrained-teacher.png"} <= figures
+    assert (tmp_path / "r" / "plots" / "eval_knn.csv").read_text().strip() == "backbone,k,top1"
+    assert "without labels" in (tmp_path / "r" / "eval_summary.md").read_text()

@@ -74,8 +74,12 @@ def test_init_writes_the_inputs_and_an_overlay_profile_that_validates(tmp_path):
     assert (project / params.eval.classification / "test.csv").exists()
     overlay = yaml.safe_load(result.profile.read_text())
     assert overlay["extends"] == "params.yaml" and "model" not in overlay  # an overlay: only what differs
-    with pytest.raises(ValueError, match="--labels"):
-        init_project(str(tmp_path / "photos"), None, "x", project)
+    # no labels: a held-out sample of the images themselves for the label-free report, no k-NN monitor
+    unlabelled = init_project(str(tmp_path / "photos"), None, "bare", project, test_fraction=0.4)
+    bare = load_params(unlabelled.profile)
+    sample = pd.read_csv(project / bare.eval.classification / "images.csv")
+    assert len(sample) == 2 and sample["id"].is_unique and unlabelled.classes == []
+    assert bare.decontaminate.eval_sets[0].index.endswith("images.csv") and bare.pretrain.monitor.eval_dir is None
 
 
 def test_init_cli_says_what_to_run_next_and_refuses_in_one_line(tmp_path):
@@ -123,7 +127,11 @@ def _tiny_run() -> list[str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not OPENCV.is_dir() or not any(p.is_dir() for p in NATURE),
                     reason="needs Debian's opencv-doc and a wallpaper package (infra/setup-system.sh installs them)")
-def test_a_folder_of_real_photos_goes_to_an_evaluated_backbone_with_one_python_call(tmp_path):
+@pytest.mark.parametrize("with_labels", [True, False], ids=["labelled", "label-free"])
+def test_a_folder_of_real_photos_goes_to_an_evaluated_backbone_with_one_python_call(tmp_path, with_labels):
+    """Labelled: every stage, k-NN and linear on the held-out photos of each class. Label-free (a folder nobody
+    prepared): every stage, feature statistics and neighbours on a held-out sample. Both: the distilled student
+    back from one call."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.api import train
@@ -132,7 +140,8 @@ def test_a_folder_of_real_photos_goes_to_an_evaluated_backbone_with_one_python_c
     project = make_project(tmp_path / "project", [])
     params_before = (project / "params.yaml").read_bytes()
     with prefect_test_harness():
-        weights = train(str(crawl), labelled, name="photos", project=project, overrides=_tiny_run())
+        weights = train(str(crawl), labelled if with_labels else None, name="photos", project=project,
+                        overrides=_tiny_run())
     assert weights.is_file() and weights.name == "student_backbone.pth"
     reports = project / "reports" / "metrics"
     ingest = yaml.safe_load((reports / "ingest.json").read_text())
@@ -141,8 +150,13 @@ def test_a_folder_of_real_photos_goes_to_an_evaluated_backbone_with_one_python_c
     retrieve = yaml.safe_load((reports / "retrieve.json").read_text())
     assert retrieve["mode"] == "balanced" and retrieve["seeds"] == 0 and retrieve["curated"] > 0
     decontam = yaml.safe_load((reports / "decontaminate.json").read_text())
-    assert decontam["removed"] > 0  # the labelled test photos are in the crawl too: they leave the training pool
-    table = yaml.safe_load((reports / "eval.json").read_text())["table"]
-    assert {r["backbone"] for r in table} >= {"pretrain-teacher", "distill-student", "raw-pixels"}
-    assert all(r["seg_miou"] is None and 0.0 <= r["knn_top1_best"] <= 1.0 for r in table)
+    assert decontam["removed"] > 0  # the held-out photos are in the crawl too: they leave the training pool
+    evaluation = yaml.safe_load((reports / "eval.json").read_text())
+    names = {r["backbone"] for r in evaluation["table"]}
+    if with_labels:
+        assert names >= {"pretrain-teacher", "distill-student", "raw-pixels"}
+        assert all(r["seg_miou"] is None and 0.0 <= r["knn_top1_best"] <= 1.0 for r in evaluation["table"])
+    else:
+        assert evaluation["labels"] is False and names >= {"pretrain-teacher", "distill-student", "raw-pixels"}
+        assert all(r["effective_rank"] >= 1.0 for r in evaluation["table"])
     assert (project / "params.yaml").read_bytes() == params_before  # the run's params lived in the run view
