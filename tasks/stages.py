@@ -103,7 +103,9 @@ STAGES: dict[str, Stage] = {
         _training("distill", "distil the frozen adapted teacher into a smaller student (EMA kept)",
                   ("${distill.teacher}",)),
         Stage("eval", "tasks.eval:run_eval", "k-NN, linear probe, linear segmentation vs random-init and raw pixels",
-              deps=("${eval.backbones[0].weights}", "${eval.backbones[1].weights}", "${eval.backbones[2].weights}",
+              # the training stages' exports, not `${eval.backbones[i].weights}` (which would fix the list's length):
+              # any number of backbones; the list itself is a tracked param
+              deps=("${pretrain.out}/export", "${adapt.out}/export", "${distill.out}/export",
                     "${eval.classification}", "${eval.segmentation}"),
               outs=("${eval.out}",
                     DvcPath("${reports}/eval_summary.md",
