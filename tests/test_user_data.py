@@ -44,6 +44,22 @@ def test_list_images_walks_folders_and_globs_and_skips_other_files(tmp_path):
         list_images(str(tmp_path / "missing"))
 
 
+def test_list_images_reads_an_s3_prefix_from_the_s3_compatible_server(s3_bucket, s3_env, tmp_path):
+    """An `s3://` prefix (a real S3-compatible server, keys and endpoint from the environment): every image under
+    it, nested keys included, as s3:// URLs the ingest stage fetches; other objects are skipped."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
+    for key in ("crawl/a.jpg", "crawl/deep/b.PNG", "crawl/readme.txt", "other/c.jpg"):
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=b"bytes")
+    assert list_images(f"s3://{s3_bucket}/crawl") == [f"s3://{s3_bucket}/crawl/a.jpg",
+                                                      f"s3://{s3_bucket}/crawl/deep/b.PNG"]
+    # without labels the label-free report needs local images, and says so in one line
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
+    with pytest.raises(ValueError, match="pass --labels DIR for an s3:// crawl"):
+        init_project(f"s3://{s3_bucket}/crawl", None, "bucket", tmp_path)
+
+
 def test_labelled_split_keeps_every_class_in_train_and_test(tmp_path):
     _fake_images(tmp_path / "cats", 10, (255, 0, 0))
     _fake_images(tmp_path / "dogs", 2, (0, 0, 255))
