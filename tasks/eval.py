@@ -225,6 +225,20 @@ def has_segmentation(root: Path) -> bool:
     return all((root / name).is_file() for name in ("train.csv", "test.csv", "classes.txt"))
 
 
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+
+
+def _save_pca(c: Candidate, images: list[torch.Tensor], figures: Path):
+    """PCA map of a trained backbone's patch features, at twice the eval size (a finer patch grid makes a picture
+    worth looking at); images are resized one by one (a user's differ in size). Returns the resize it used."""
+    size = 2 * c.crop_size
+    to_size = EvalTransformConfig(resize_size=size, crop_size=size).build()
+    big = torch.stack([to_size(image) for image in images])
+    save_pca_grid(figures / f"pca_{_slug(c.name)}.png", big, pca_rgb(extract_patch_grid(c.model, big)))
+    return to_size
+
+
 def has_labels(root: Path) -> bool:
     """A labelled set is train.csv + test.csv (id, path, label); a folder with only images.csv (id, path) is a set
     of unlabelled images for the label-free report."""
@@ -249,15 +263,11 @@ def run_eval(params: Params) -> dict:
         log.info("eval: %s (%s)", c.name, c.arch)
         metrics, art = evaluate_candidate(c, p, params.seed, cache_dir)
         results[c.name] = metrics
-        slug = "".join(ch if ch.isalnum() else "-" for ch in c.name).strip("-")
         if "masks" in art:
-            save_segmentation_figure(figures / f"segmentation_{slug}.png", art["images"], art["masks"],
+            save_segmentation_figure(figures / f"segmentation_{_slug(c.name)}.png", art["images"], art["masks"],
                                      art["preds"], art["classes"])
-        if c.kind == "trained":  # at twice the eval size: a finer patch grid makes a picture worth looking at
-            size = 2 * c.crop_size
-            to_size = EvalTransformConfig(resize_size=size, crop_size=size).build()
-            big = torch.stack([to_size(image) for image in art["raw_images"]])  # a user's images differ in size
-            save_pca_grid(figures / f"pca_{slug}.png", big, pca_rgb(extract_patch_grid(c.model, big)))
+        if c.kind == "trained":
+            _save_pca(c, art["raw_images"], figures)
         seg = metrics["segmentation"]
         log.info("eval: %s k-NN top-1 %.3f, linear %.3f, seg mIoU %s", c.name, metrics["knn_top1_best"],
                  metrics["linear"]["test_top1"], f"{seg['miou']:.3f}" if seg else "n/a (no segmentation set)")
@@ -305,14 +315,9 @@ def run_label_free_eval(params: Params, storage: Storage, cache_dir: Path | None
         results[c.name] = {"kind": c.kind, "arch": c.arch, "crop_size": c.crop_size, "images": len(images),
                            **{k: round(v, 4) for k, v in stats.items()},
                            "seconds": round(time.perf_counter() - start, 2)}
-        slug = "".join(ch if ch.isalnum() else "-" for ch in c.name).strip("-")
         if c.kind == "trained":
-            size = 2 * c.crop_size
-            to_size = EvalTransformConfig(resize_size=size, crop_size=size).build()
-            big = torch.stack([to_size(image) for image in images[:p.n_figure_images]])
-            save_pca_grid(figures / f"pca_{slug}.png", big, pca_rgb(extract_patch_grid(c.model, big)))
-            thumbs = [to_size(image) for image in images]
-            save_retrieval_grid(figures / f"neighbours_{slug}.png", thumbs,
+            to_size = _save_pca(c, images[:p.n_figure_images], figures)
+            save_retrieval_grid(figures / f"neighbours_{_slug(c.name)}.png", [to_size(image) for image in images],
                                 nearest_neighbours(feats, p.n_figure_images, 5), f"{c.name}: nearest neighbours")
         log.info("eval: %s effective rank %.1f, mean pair cosine %.3f (no labels)", c.name,
                  stats["effective_rank"], stats["mean_pair_cosine"])
