@@ -31,7 +31,8 @@ from dinov2_core.curation.components import connected_components, knn_edges
 from dinov2_core.curation.decontaminate import decontaminate
 from dinov2_core.curation.dedup import view_edges
 from dinov2_core.curation.knn import knn_search
-from tasks.params import DecontaminateParams, DedupParams, default_params
+from tasks.params import default_params
+from tasks.stages import DecontaminateParams, DedupParams
 
 OUT = Path("reports/bench/copy_detection.json")
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from tasks.embeddings import embedder_cache_id
-from tasks.params import EmbedderParams
+from tasks.sections import EmbedderParams
 from tasks.storage import Storage, scheme_of
 
 

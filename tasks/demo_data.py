@@ -26,8 +26,9 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from tasks.log import get_logger
-from tasks.params import DemoDataParams, Params, params_record
+from tasks.params import Params, params_record
 from tasks.reports import write_metrics, write_parquet
+from tasks.stages import DemoDataParams
 
 log = get_logger("demo_data")
 

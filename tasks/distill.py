@@ -27,7 +27,8 @@ from dinov2_core.train.distill_meta_arch import DistillMetaArch
 from dinov2_core.train.engine import TrainSpec
 from dinov2_core.train.export import sub_state, write_model_json
 from tasks.log import get_logger
-from tasks.params import DistillParams, Params, ParamsError, params_record
+from tasks.params import Params, ParamsError, params_record
+from tasks.stages import DistillParams
 from tasks.storage import Storage, scheme_of
 from tasks.train_launch import (
     check_batch,

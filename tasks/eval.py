@@ -38,8 +38,9 @@ from dinov2_core.eval.unsupervised import feature_statistics, nearest_neighbours
 from tasks.backbones import load_backbone, read_sidecar
 from tasks.embeddings import source_digest
 from tasks.log import get_logger
-from tasks.params import EvalParams, Params, params_record
+from tasks.params import Params, params_record
 from tasks.reports import write_json, write_metrics, write_plot_csv
+from tasks.stages import EvalParams
 from tasks.storage import Storage
 from tasks.validation import TableCheck, validate_stage
 

@@ -28,9 +28,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from tasks.log import get_logger, progress_kwargs
-from tasks.params import IngestParams, Params, params_record
+from tasks.params import Params, params_record
 from tasks.reports import write_metrics, write_parquet
 from tasks.sources import Source, SourceRejected, parse_source, shown_cell
+from tasks.stages import IngestParams
 from tasks.storage import (
     CredentialsError,
     Storage,

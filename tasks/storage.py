@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlsplit, urlu
 import fsspec
 
 from dinov2_core.atomic import atomic_write_bytes
-from tasks.params import StorageParams
+from tasks.sections import StorageParams
 
 
 class StorageError(RuntimeError):

@@ -23,7 +23,8 @@ import yaml
 from dinov2_core.config import DataConfig, MultiCropConfig
 from dinov2_core.train.engine import TrainSpec, run_training
 from tasks.log import get_logger, progress_kwargs
-from tasks.params import LaunchParams, Params, ParamsError
+from tasks.params import Params, ParamsError
+from tasks.sections import LaunchParams
 from tasks.storage import Storage
 from tasks.validation import TableCheck
 

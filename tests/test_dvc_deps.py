@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
+from dinov2_core.config import PosInt
 from tasks.dvc_yaml import (
     CANNOT_CHANGE_OUTPUTS,
     NOT_OUTPUT_PARAMS,
@@ -16,6 +18,8 @@ from tasks.dvc_yaml import (
     params_read,
     render_dvc_yaml,
 )
+from tasks.params import compose_params, read_params_tree
+from tasks.sections import Section
 from tasks.stages import STAGES, DvcPath, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,23 +44,37 @@ def test_dvc_yaml_is_the_rendering_of_the_registry():
 
 
 def test_adding_a_stage_is_one_registry_entry(tmp_path):
-    """CONTRIBUTING's recipe: a module, its params section and one `Stage(...)`; the rendering gives DVC a complete
-    stage (cmd through the CLI, code deps from the module's imports, params it reads, metrics), which real DVC
-    parses and links after its upstream stage."""
+    """CONTRIBUTING's recipe: a module, its section + one `Stage(...)` in the registry, its values in params.yaml.
+    `Params` composed from that registry validates the new section (typos and bad values refused, the section
+    required); the rendering gives DVC a complete stage (cmd through the CLI, code deps from the module's imports,
+    params it reads, metrics), which real DVC parses and links after its upstream stage."""
     from dvc.repo import Repo
 
-    toy = Stage("toy", "tasks.shards:run_shards", "a new stage", deps=("${ingest.out}",),
-                outs=(DvcPath("out/toy", "what it writes"),))
-    (tmp_path / "dvc.yaml").write_text(render_dvc_yaml({"ingest": STAGES["ingest"], "toy": toy}))
-    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    class ToyParams(Section):
+        out: str
+        size: PosInt
+
+    toy = Stage("toy", "tasks.shards:run_shards", "a new stage", params=ToyParams, deps=("${ingest.out}",),
+                outs=(DvcPath("${toy.out}", "what it writes"),))
+    registry = {"ingest": STAGES["ingest"], "toy": toy}
+    tree = read_params_tree(ROOT / "params.yaml") | {"toy": {"out": "out/toy", "size": 3}}
+    params = compose_params({**STAGES, "toy": toy})
+    assert params.model_validate(tree).toy.size == 3
+    for bad in ({"out": "out/toy", "size": 0}, {"out": "out/toy", "size": 3, "sise": 3}, None):
+        broken = {k: v for k, v in tree.items() if k != "toy"} | ({"toy": bad} if bad else {})
+        with pytest.raises(ValidationError, match="toy"):
+            params.model_validate(broken)
+
+    (tmp_path / "dvc.yaml").write_text(render_dvc_yaml(registry))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
     Repo.init(str(tmp_path), no_scm=True)
     stages = {s.name: s for s in Repo(str(tmp_path)).index.stages}
     assert stages["toy"].cmd == "dinov2-pipeline stage toy"
     deps = [d.def_path for d in stages["toy"].deps]
     assert "tasks/shards.py" in deps and "tasks/storage.py" in deps and "data/ingest" in deps
     assert [o.def_path for o in stages["toy"].outs] == ["out/toy", "reports/metrics/toy.json"]
-    params = {key for p in stages["toy"].params for key in p.params}
-    assert {"shards", "storage"} <= params
+    params_read_by_toy = {key for p in stages["toy"].params for key in p.params}
+    assert {"shards", "storage"} <= params_read_by_toy
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
