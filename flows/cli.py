@@ -206,6 +206,8 @@ def run_cmd(
     credentials_block: Annotated[str | None, typer.Option(help="Prefect Secret block with S3 keys.")] = None,
     retries: Annotated[int, typer.Option(help="Retries for transient faults (network, S3).")] = 3,
     retry_delay: Annotated[float, typer.Option(help="First back-off delay in seconds (doubles).")] = 10.0,
+    experiment: Annotated[bool, typer.Option(help="Save the run as a DVC experiment (`dvc exp show`) when the "
+                                             "project is a git repository with a commit.")] = True,
 ) -> None:
     """Run the pipeline as a Prefect flow (one task per DVC stage, then `dvc push`; ephemeral Prefect when no
     server is configured), then print where the results are and the evaluation summary."""
@@ -219,7 +221,7 @@ def run_cmd(
     try:
         result = dinov2_pipeline(stages=stages, overrides=set_ or [], profile=profile, project_dir=str(project),
                                  force=force, push=push, remote=remote, credentials_block=credentials_block,
-                                 retries=retries, retry_delay_s=retry_delay)
+                                 retries=retries, retry_delay_s=retry_delay, experiment=experiment)
     except (StageFailed, TransientStageError, RemoteError) as exc:
         _fail(_one_line(exc))
     typer.echo(result["summary"])

@@ -56,6 +56,7 @@ from flows.artifacts import (
     validation_summary,
 )
 from flows.cli import EXIT_CREDENTIALS, EXIT_TRANSIENT, STAGE_RUN_LOG_ENV
+from flows.experiments import NoExperiment, save_experiment
 from flows.progress import ProgressRelay
 from flows.remote import (
     CredentialsRejected,
@@ -552,6 +553,29 @@ def _summary_table(results: list[dict]) -> str:
     return "\n".join(lines) + "".join(f"\n\n> WARNING: {w}" for w in warnings)
 
 
+def _experiment_name(flow_run_name: str | None, started: str) -> str:
+    """A git-ref-safe name: the flow run's (Prefect's `adjective-animal`), else the start time."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", flow_run_name or f"run-{started}").strip("-")
+
+
+@task(task_run_name="dvc exp save {name}")
+def save_run_experiment(project_dir: str, name: str, stages: list[str], params_text: str | None) -> str | None:
+    """The run as a DVC experiment (flows/experiments.py). Not saving one never fails a run that succeeded: the
+    reason is logged in one line."""
+    logger = get_run_logger()
+    try:
+        ref = save_experiment(Path(project_dir), name, stages, params_text)
+    except NoExperiment as exc:
+        logger.info("not saved as a DVC experiment: %s", exc)
+        return None
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        logger.warning("not saved as a DVC experiment (%s): %s", type(exc).__name__, first)
+        return None
+    logger.info("saved as DVC experiment '%s' (`dvc exp show`, `dvc plots diff %s <other>`)", name, name)
+    return ref
+
+
 def _git_rev(project: Path) -> str | None:
     proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, check=False)
     return proc.stdout.strip() if proc.returncode == 0 else None
@@ -569,6 +593,7 @@ def dinov2_pipeline(
     credentials_block: str | None = None,
     retries: int = 3,
     retry_delay_s: float = 10.0,
+    experiment: bool = True,
 ) -> dict:
     """Run the selected stages (default: all, in DAG order) as `dvc repro <stage>` tasks, then `dvc push`.
 
@@ -584,6 +609,8 @@ def dinov2_pipeline(
             default: the environment or the remote's `dvc remote modify --local` settings.
         retries: retries per stage/push for transient faults (network, S3); deterministic failures never retry.
         retry_delay_s: first back-off delay; doubles on each retry.
+        experiment: save the run as a DVC experiment named after the flow run (`dvc exp show`, `dvc plots diff`),
+            when the project is a git repository with a commit.
     """
     from prefect.runtime import flow_run
 
@@ -620,6 +647,8 @@ def dinov2_pipeline(
                        "git_rev": _git_rev(project), "profile": profile, "overrides": overrides,
                        "stages": results, "push": pushed}
             record = record_task(str(where), spec.name, run_id, payload, credentials_block)
+        exp_ref = save_run_experiment(str(project), _experiment_name(flow_run.name, started), selected,
+                                      params_text) if experiment else None
         outputs = [o for s in selected for o in project_outputs(where).get(s, [])]
         urls = remote_urls(where, [o.path for o in outputs if o.cached], spec) if pushed and spec else {}
         publish("outputs", "pipeline-outputs",
@@ -629,4 +658,4 @@ def dinov2_pipeline(
                 + (f"Run record: `{record}`" if record else ""),
                 "stage outputs, their hashes and where they live")
     return {"success": True, "stages": results, "summary": summary, "push": pushed, "run_record": record,
-            "run_id": run_id, "ignored": ignored}
+            "run_id": run_id, "ignored": ignored, "experiment": exp_ref}

@@ -66,5 +66,8 @@ def results_report(project: str | Path, reports: str | Path = "reports", result:
     if (result or {}).get("run_record"):
         lines.append(f"  {'run record':<14} {result['run_record']}   "
                      f"(`dinov2-pipeline fetch PATH --run {result['run_id']}`)")
+    if (result or {}).get("experiment"):
+        name = result["experiment"].rsplit("/", 1)[-1]
+        lines.append(f"  {'experiment':<14} {name}   (`dvc exp show`, `dvc plots diff {name} <other run>`)")
     lines += ["", eval_summary(reports)]
     return "\n".join(lines)

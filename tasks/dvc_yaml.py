@@ -148,7 +148,7 @@ def render_stage(stage: Stage, root: Path = ROOT) -> list[str]:
     lines += ["    params:", *(f"      - {p}" for p in stage_params(stage, root))]
     if stage.outs:
         lines += ["    outs:", *(line for o in stage.outs for line in _entry(o))]
-    lines += ["    metrics:", *_entry(stage.metrics, {"cache": False})]
+    lines += ["    metrics:", *(line for m in stage.metrics for line in _entry(m, {"cache": False}))]
     if stage.plots:
         lines += ["    plots:", *(line for p in stage.plots for line in _entry(p))]
     return lines

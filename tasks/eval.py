@@ -42,6 +42,7 @@ from tasks.params import Params, params_record
 from tasks.reports import write_json, write_metrics, write_plot_csv
 from tasks.stages import EvalParams
 from tasks.storage import Storage
+from tasks.tracking import track_results
 from tasks.validation import TableCheck, validate_stage
 
 log = get_logger("eval")
@@ -283,6 +284,7 @@ def run_eval(params: Params) -> dict:
     summary_md = summary_table(rows, warnings)
     atomic_write_bytes(reports / "eval_summary.md", summary_md.encode())
     payload = {"results": results, "table": rows, "warnings": warnings, "params": params_record(p)}
+    track_results(params.tracking, params.reports, "eval", rows, sorted(figures.glob("*.png")))
     write_metrics(reports, "eval", payload)
     write_json(Path(p.out) / "eval.json", payload)
     print(summary_md)
@@ -334,6 +336,7 @@ def run_label_free_eval(params: Params, storage: Storage, cache_dir: Path | None
                   + "\n".join(lines) + "\n" + "".join(f"\n> WARNING: {w}\n" for w in warnings))
     atomic_write_bytes(reports / "eval_summary.md", summary_md.encode())
     payload = {"results": results, "table": rows, "warnings": warnings, "labels": False, "params": params_record(p)}
+    track_results(params.tracking, params.reports, "eval", rows, sorted(figures.glob("*.png")))
     write_metrics(reports, "eval", payload)
     write_json(Path(p.out) / "eval.json", payload)
     print(summary_md)

@@ -22,7 +22,14 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError, create_model, field_serializer, model_validator
 
 from dinov2_core.config import BackboneConfig, NonNegInt
-from tasks.sections import STAGE_SETS_IMG_SIZE, LaunchParams, Section, StorageParams, backbone_params
+from tasks.sections import (
+    STAGE_SETS_IMG_SIZE,
+    LaunchParams,
+    Section,
+    StorageParams,
+    TrackingParams,
+    backbone_params,
+)
 from tasks.stages import STAGES, Stage
 
 
@@ -31,12 +38,14 @@ class ParamsError(ValueError):
 
 
 class ProjectParams(Section):
-    """What every stage shares: the profile's name and seed, where reports go, storage, the backbone, launching."""
+    """What every stage shares: the profile's name and seed, where reports go, storage, trackers, the backbone,
+    launching."""
 
     profile: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")]  # a name: tiny-cpu, quality-cpu, paper, yours
     seed: NonNegInt
     reports: str
     storage: StorageParams
+    tracking: TrackingParams
     model: BackboneConfig = Field(default_factory=BackboneConfig)
     launch: LaunchParams
 

@@ -37,6 +37,13 @@ class StorageParams(Section):
     s3_region: str
 
 
+class TrackingParams(Section):
+    """Experiment trackers besides DVCLive (always on: its files are DVC metrics and plots of the training and eval
+    stages, so `dvc exp show` / `dvc plots diff` compare runs)."""
+
+    tensorboard_dir: str | None  # TensorBoard event files, one folder per stage; None: off
+
+
 class EmbedderParams(Section):
     """Which embedder a curation stage uses: the model-free copy-detection descriptor (bootstrap round) or a
     DINOv2 backbone from an official-format checkpoint (the project's own exported teacher, or Meta's)."""

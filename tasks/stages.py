@@ -45,6 +45,7 @@ class Stage:
     plots: tuple[DvcPath, ...] = ()
     params: type[Section] = field(kw_only=True)  # its section of params.yaml, keyed by the name (`-` -> `_`)
     trains: bool = False  # runs torchrun workers: its module has build_spec(params) for tasks/train_worker.py
+    tracked: bool = False  # logs to DVCLive (tasks/tracking.py): its metrics.json is a metric of the stage too
 
     def __post_init__(self) -> None:
         for name in ("deps", "outs", "plots"):
@@ -59,10 +60,11 @@ class Stage:
         return self.target.split(":")[0]
 
     @property
-    def metrics(self) -> str:
-        """Every stage writes its numbers here (`tasks.reports.write_metrics`); never cached, so `dvc metrics`
-        reads them from the workspace."""
-        return f"${{reports}}/metrics/{self.name}.json"
+    def metrics(self) -> tuple[str, ...]:
+        """Every stage writes its numbers to `${reports}/metrics/<stage>.json` (`tasks.reports.write_metrics`), a
+        tracked one also DVCLive's summary; never cached, so `dvc metrics` and `dvc exp show` read the workspace."""
+        live = (f"${{reports}}/dvclive/{self.name}/metrics.json",) if self.tracked else ()
+        return (f"${{reports}}/metrics/{self.name}.json", *live)
 
     def load(self) -> Callable[[Params], Any]:
         module, func = self.target.split(":")
@@ -276,7 +278,7 @@ def _training(name: str, summary: str, params: type[Section], deps: tuple[str | 
     eval_dir = DvcPath("${demo_data.out}/eval/classification", f"{name}.monitor.eval_dir may be null")
     uncached = {"cache": False}
     return Stage(
-        name, f"tasks.{name}:run_{name}", summary, params=params, trains=True,
+        name, f"tasks.{name}:run_{name}", summary, params=params, trains=True, tracked=True,
         deps=(*deps, f"${{{name}.data.shards}}", eval_dir),
         outs=(DvcPath(f"${{{name}.out}}/run", "checkpoints survive a killed run, so `dvc repro` resumes",
                     {"persist": True, "cache": False}),
@@ -286,7 +288,9 @@ def _training(name: str, summary: str, params: type[Section], deps: tuple[str | 
                DvcPath(f"${{reports}}/plots/{name}_knn.csv", "the k-NN monitor during training",
                      uncached | {"x": "images_seen", "y": "knn_top1"}),
                DvcPath(f"${{reports}}/figures/{name}_learning.png",
-                     "teacher entropy vs ln K, feature spread, k-NN vs images seen", uncached)),
+                     "teacher entropy vs ln K, feature spread, k-NN vs images seen", uncached),
+               DvcPath(f"${{reports}}/dvclive/{name}/plots/metrics", "DVCLive: every iteration's numbers, by step",
+                     uncached | {"x": "step"})),
     )
 
 
@@ -324,7 +328,7 @@ STAGES: dict[str, Stage] = {
         _training("distill", "distil the frozen adapted teacher into a smaller student (EMA kept)",
                   DistillParams, ("${distill.teacher}",)),
         Stage("eval", "tasks.eval:run_eval", "k-NN, linear probe, linear segmentation vs random-init and raw pixels",
-              params=EvalParams,
+              params=EvalParams, tracked=True,
               # the training stages' exports, not `${eval.backbones[i].weights}` (which would fix the list's length):
               # any number of backbones; the list itself is a tracked param
               deps=("${pretrain.out}/export", "${adapt.out}/export", "${distill.out}/export",
@@ -335,6 +339,8 @@ STAGES: dict[str, Stage] = {
               plots=(DvcPath("${reports}/plots/eval_knn.csv", "",
                            {"cache": False, "x": "k", "y": "top1", "template": "linear"}),
                      DvcPath("${reports}/figures/eval", "PCA maps and segmentation samples, one per backbone; "
-                                                      "pushed with the run"))),
+                                                      "pushed with the run"),
+                     DvcPath("${reports}/dvclive/eval/plots/images", "the same figures through DVCLive: "
+                             "`dvc plots diff` shows two runs' side by side", {"cache": False}))),
     ]
 }

@@ -26,6 +26,7 @@ from tasks.log import get_logger, progress_kwargs
 from tasks.params import Params, ParamsError
 from tasks.sections import LaunchParams
 from tasks.storage import Storage
+from tasks.tracking import stage_sinks
 from tasks.validation import TableCheck
 
 log = get_logger("train")
@@ -144,7 +145,8 @@ def run_worker(spec: TrainSpec, params: Params) -> dict[str, Any]:
     storage = Storage.from_params(params.storage)
     ckpt_root = spec.checkpoint_dir or str(spec.out / "run" / "checkpoints")
     return run_training(spec, params.launch, opener=storage.open_read,
-                        storage_options=storage.fsspec_options(str(ckpt_root)), progress_kwargs=progress_kwargs())
+                        storage_options=storage.fsspec_options(str(ckpt_root)), progress_kwargs=progress_kwargs(),
+                        sinks=stage_sinks(params.tracking, params.reports, spec.stage))
 
 
 # ============================================================================================== inputs

@@ -31,10 +31,18 @@ def test_flow_runs_dvc_stages_then_skips_them(tmp_path):
     # The curation head of the DAG keeps this test quick; the full chain runs in the stack tests and `make run`.
     chosen = ["demo-data", "ingest", "dedup"]
     run = [str(BIN / "dinov2-pipeline"), "run"] + [f"--stage={s}" for s in chosen]
+    _run(["git", "add", "-A"], flow_project)
+    _run(["git", "commit", "-qm", "project"], flow_project)
     first = _run(run, flow_project)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     for stage in chosen:
         assert f"| {stage} | yes |" in first.stdout, first.stdout
+    # the run is a DVC experiment: `dvc exp show` lists it with the stages' metrics
+    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], flow_project).stdout)
+    exps = [rev for b in shown for e in b.get("experiments") or [] for rev in e.get("revs") or []]
+    assert len(exps) == 1 and f"experiment     {exps[0]['name']}" in first.stdout, first.stdout[-1500:]
+    metrics = exps[0]["data"]["metrics"]
+    assert metrics["reports/metrics/ingest.json"]["data"]["kept"] > 0, metrics.keys()
     assert (flow_project / "data" / "ingest" / "manifest.parquet").exists()
     assert (flow_project / "dvc.lock").exists()
 

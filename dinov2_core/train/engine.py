@@ -22,10 +22,10 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -88,6 +88,23 @@ def code_digest(extra: Iterable[Path] = ()) -> str:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+class MetricSink(Protocol):
+    """Somewhere a run's numbers go besides ``log.csv`` / ``knn.csv``: an experiment tracker (the pipeline's DVCLive
+    or TensorBoard), kept out of this library. Called on the main rank only; ``open(start_step)`` lets a resumed run
+    drop what a killed run logged past its checkpoint."""
+
+    def open(self, start_step: int) -> None: ...
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _numbers(record: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items()
+            if k not in ("step", "epoch") and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 class TrainLog:
@@ -169,8 +186,9 @@ class _KnnMonitorHook:
     """``monitor(n)`` of the training loop: gathers the monitored backbone (a collective, every rank) and, on the
     main rank, appends its k-NN top-1 to ``knn.csv``."""
 
-    def __init__(self, spec: TrainSpec, meta, info, run_dir: Path, start_step: int) -> None:
-        self.spec, self.meta, self.info = spec, meta, info
+    def __init__(self, spec: TrainSpec, meta, info, run_dir: Path, start_step: int,
+                 sinks: Sequence[MetricSink] = ()) -> None:
+        self.spec, self.meta, self.info, self.sinks = spec, meta, info, sinks
         img_size = meta.backbone_cfg.img_size
         self.probe = knn_probe(spec.monitor, img_size, meta.backbone_cfg.patch_size) if info.is_main else None
         self.log = KnnLog(run_dir / "knn.csv", start_step) if info.is_main else None
@@ -183,27 +201,46 @@ class _KnnMonitorHook:
         model = build_backbone(self.meta.backbone_cfg, with_drop_path=False)
         model.load_state_dict(state)
         top1 = self.probe(model)
-        self.log.write({"step": n, "images_seen": n * self.spec.data.global_batch_size, "knn_top1": round(top1, 4),
+        images_seen = n * self.spec.data.global_batch_size
+        self.log.write({"step": n, "images_seen": images_seen, "knn_top1": round(top1, 4),
                         "seconds": round(time.perf_counter() - started, 2)})
+        for sink in self.sinks:
+            sink.log({"knn_top1": top1, "images_seen": images_seen}, n)
 
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
 
 
-def _knn_monitor_hook(spec: TrainSpec, meta, info, run_dir: Path, start_step: int) -> _KnnMonitorHook | None:
+def _knn_monitor_hook(spec: TrainSpec, meta, info, run_dir: Path, start_step: int,
+                      sinks: Sequence[MetricSink]) -> _KnnMonitorHook | None:
     if spec.monitor is None or not spec.monitor.every or not spec.monitor.eval_dir:
         return None  # decided from the config alone: every rank must agree, the hook runs a collective
-    return _KnnMonitorHook(spec, meta, info, run_dir, start_step)
+    return _KnnMonitorHook(spec, meta, info, run_dir, start_step, sinks)
+
+
+class _Records:
+    """``on_record`` of the training loop on the main rank: ``log.csv`` and every sink."""
+
+    def __init__(self, train_log: TrainLog, sinks: Sequence[MetricSink]) -> None:
+        self.train_log, self.sinks = train_log, sinks
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.train_log.write(record)
+        numbers = _numbers(record)
+        for sink in self.sinks:
+            sink.log(numbers, int(record["step"]))
 
 
 def run_training(spec: TrainSpec, runtime: RuntimeConfig | None = None, *,
                  opener: Callable[[str], Any] | None = None, storage_options: dict[str, Any] | None = None,
-                 progress_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                 progress_kwargs: dict[str, Any] | None = None,
+                 sinks: Sequence[MetricSink] = ()) -> dict[str, Any]:
     """Train ``spec`` in this process (one rank of a torchrun group, or a one-process group of its own) and export
     it; returns the export summary on the main rank (``{}`` elsewhere). Raises ``SystemExit(3)`` with
     ``<out>/run/failure.txt`` written when a loss turns non-finite (the last good checkpoint is kept).
-    ``opener`` reads the shards, ``storage_options`` are fsspec options for a checkpoint URL."""
+    ``opener`` reads the shards, ``storage_options`` are fsspec options for a checkpoint URL, ``sinks`` receive
+    every iteration's numbers and the k-NN monitor (main rank)."""
     runtime = runtime or RuntimeConfig()
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # outputs are never modified in place
     info = fsdp.init_distributed(runtime.device, timeout_s=runtime.timeout_s)
@@ -245,7 +282,10 @@ def run_training(spec: TrainSpec, runtime: RuntimeConfig | None = None, *,
             torch.manual_seed(spec.seed * 1000 + info.rank + 1)  # drop-path etc. differ across ranks
         total = spec.optim.total_steps
         train_log = TrainLog(run_dir / "log.csv", start_step) if info.is_main else None
-        monitor = _knn_monitor_hook(spec, meta, info, run_dir, start_step)
+        sinks = tuple(sinks) if info.is_main else ()
+        for sink in sinks:
+            sink.open(start_step)
+        monitor = _knn_monitor_hook(spec, meta, info, run_dir, start_step, sinks)
         loader = make_loader(spec, meta.backbone_cfg.patch_size, info.rank, info.world_size, start_step,
                              pin_memory=info.device.type == "cuda", opener=opener)
 
@@ -262,8 +302,8 @@ def run_training(spec: TrainSpec, runtime: RuntimeConfig | None = None, *,
                 global_batch_size=spec.data.global_batch_size, clip_grad=spec.optim.clip_grad,
                 epoch_length=spec.optim.epoch_length, checkpoint_every=spec.checkpoint_every, save_checkpoint=save,
                 monitor_every=spec.monitor.every if spec.monitor else 0, monitor=monitor,
-                on_record=train_log.write if train_log else None, loss_hook=_fault_hook(), show_progress=info.is_main,
-                progress_kwargs=progress_kwargs, desc=spec.stage,
+                on_record=_Records(train_log, sinks) if train_log else None, loss_hook=_fault_hook(),
+                show_progress=info.is_main, progress_kwargs=progress_kwargs, desc=spec.stage,
             )
         except NonFiniteLossError as exc:
             last = ckpt.latest()
@@ -279,6 +319,8 @@ def run_training(spec: TrainSpec, runtime: RuntimeConfig | None = None, *,
                 train_log.close()
             if monitor is not None:
                 monitor.close()
+            for sink in sinks:
+                sink.close()
         if start_step >= total and latest is not None and info.is_main:
             log.info("%s: already complete at iteration %d; re-exporting", spec.stage, total)
         meta.flush_center_updates()
@@ -301,5 +343,5 @@ def run_training(spec: TrainSpec, runtime: RuntimeConfig | None = None, *,
         fsdp.destroy_distributed()
 
 
-__all__ = ["FAULT_ENV", "DataConfig", "KnnLog", "MultiCropConfig", "RuntimeConfig", "TrainLog", "TrainSpec",
+__all__ = ["FAULT_ENV", "DataConfig", "KnnLog", "MetricSink", "MultiCropConfig", "RuntimeConfig", "TrainLog", "TrainSpec",
            "code_digest", "digest", "make_loader", "run_training"]

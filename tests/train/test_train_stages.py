@@ -179,6 +179,10 @@ def test_kill_9_then_resume_continues_the_same_curve(train_params, fmnist_shards
     assert list(b["step"]) == list(range(steps))
     for col in ("loss_total", "loss_dino", "loss_ibot", "loss_koleo", "lr", "teacher_temp"):
         np.testing.assert_allclose(b[col], a[col], rtol=1e-4, atol=1e-5, err_msg=col)
+    # the DVCLive copy of the curve too: the rows the killed run logged past its checkpoint were dropped on resume
+    live = pd.read_csv(Path(victim.reports, "dvclive", "pretrain", "plots", "metrics", "loss_total.tsv"), sep="\t")
+    assert list(live["step"]) == list(range(steps))
+    np.testing.assert_allclose(live["loss_total"], b["loss_total"], rtol=1e-4)
     sa, sb = load_full(Path(ref.pretrain.out)), load_full(out)
     for k, v in sa["teacher"].items():
         torch.testing.assert_close(sb["teacher"][k], v, atol=1e-5, rtol=1e-4)
@@ -287,6 +291,11 @@ def test_pretrain_adapt_distill_chain(train_params, fmnist_shards, labelled_eval
     assert [p["images_seen"] for p in m["knn_vs_images_seen"]] == [20 * 16, 40 * 16]
     assert Path(pre.reports, "plots", "pretrain_knn.csv").exists()
     assert Path(pre.reports, "figures", "pretrain_learning.png").stat().st_size > 0
+    live = Path(pre.reports, "dvclive", "pretrain")  # DVCLive: what `dvc exp show` / `dvc plots diff` read
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["knn_top1"] == pytest.approx(m["knn_vs_images_seen"][-1]["top1"], abs=1e-3)
+    assert list(pd.read_csv(live / "plots" / "metrics" / "loss_total.tsv", sep="\t")["step"]) == list(range(40))
+    assert list(pd.read_csv(live / "plots" / "metrics" / "knn_top1.tsv", sep="\t")["step"]) == [20, 40]
     assert isinstance(m["warnings"], list) and m["ln_k_dino"] == pytest.approx(np.log(64))
     # the exported teacher is a plain official-format state dict that the hub constructors load strictly
     export = Path(pre.pretrain.out) / "export"

@@ -1,0 +1,128 @@
+"""Experiment tracking: where the training and eval stages' numbers go besides the run folder's CSVs.
+
+DVCLive always (its files are DVC metrics and plots of the stage, so `dvc exp show` and `dvc plots diff` compare
+runs); TensorBoard when `tracking.tensorboard_dir` is set (off by default). The training engine calls these as
+`dinov2_core.train.engine.MetricSink`s on the main rank.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tasks.sections import TrackingParams
+
+with warnings.catch_warnings():  # dvclive imports pynvml, which warns about its own name on import
+    warnings.simplefilter("ignore", FutureWarning)
+    from dvclive import Live
+
+logging.getLogger("dvclive").setLevel(logging.WARNING)  # "Logging to experiment ..." on every open
+
+LIVE_DIR = "dvclive"  # under `reports`: <reports>/dvclive/<stage>/{metrics.json, plots/metrics/*.tsv, plots/images}
+
+
+def live_dir(reports: str, stage: str) -> Path:
+    return Path(reports) / LIVE_DIR / stage
+
+
+def _truncate_tsv(folder: Path, start_step: int) -> None:
+    """A resumed run restarts at its checkpoint: rows a killed run logged at or past it are dropped, as in
+    log.csv, so no step appears twice."""
+    for path in folder.rglob("*.tsv"):
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh, delimiter="\t"))
+        if not rows or "step" not in rows[0]:
+            continue
+        col = rows[0].index("step")
+        kept = [rows[0]] + [r for r in rows[1:] if len(r) > col and r[col].isdigit() and int(r[col]) < start_step]
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh, delimiter="\t").writerows(kept)
+
+
+class DvcLiveSink:
+    """Per-step numbers into DVCLive's files (no dvc.yaml of its own: the stage's entry in ours declares them)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.live: Live | None = None
+
+    def open(self, start_step: int) -> None:
+        resume = start_step > 0 and (self.folder / "metrics.json").exists()
+        if resume:
+            _truncate_tsv(self.folder / "plots", start_step)
+        self.live = Live(str(self.folder), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        assert self.live is not None, "open() first"
+        self.live.step = step
+        for name, value in metrics.items():
+            self.live.log_metric(name, value)
+        self.live.make_summary()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.end()
+            self.live = None
+
+
+class TensorBoardSink:
+    """Per-step numbers as TensorBoard scalars (`tensorboard --logdir <tracking.tensorboard_dir>`)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.writer = None
+
+    def open(self, start_step: int) -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise RuntimeError("tracking.tensorboard_dir is set but TensorBoard is not installed: "
+                               "pip install 'dinov2-pipeline[tracking]', or set tracking.tensorboard_dir: null") from None
+        # purge_step: a resumed run hides the events a killed run wrote past its checkpoint
+        self.writer = SummaryWriter(str(self.folder), purge_step=start_step or None)
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def stage_sinks(tracking: TrackingParams, reports: str, stage: str) -> list[DvcLiveSink | TensorBoardSink]:
+    sinks: list[DvcLiveSink | TensorBoardSink] = [DvcLiveSink(live_dir(reports, stage))]
+    if tracking.tensorboard_dir:
+        sinks.append(TensorBoardSink(Path(tracking.tensorboard_dir) / stage))
+    return sinks
+
+
+def track_results(tracking: TrackingParams, reports: str, stage: str, table: list[dict],
+                  figures: list[Path]) -> None:
+    """A stage's result table (one row per `backbone`) and figures: DVCLive metrics `<backbone>/<column>` and
+    images (so `dvc plots diff` shows two runs' figures side by side), and the same in TensorBoard when on."""
+    numbers = {f"{row['backbone']}/{key}": float(value) for row in table for key, value in row.items()
+               if isinstance(value, int | float) and not isinstance(value, bool)}
+    folder = live_dir(reports, stage)
+    with Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for name, value in numbers.items():
+            live.log_metric(name, value, plot=False)
+        for path in figures:
+            live.log_image(path.name, path)
+    (folder / "plots" / "images").mkdir(parents=True, exist_ok=True)  # a declared DVC plot, even with no figure
+    if tracking.tensorboard_dir:
+        sink = TensorBoardSink(Path(tracking.tensorboard_dir) / stage)
+        sink.open(0)
+        sink.log(numbers, 0)
+        for path in figures:
+            sink.writer.add_image(path.stem, np.asarray(Image.open(path).convert("RGB")), 0, dataformats="HWC")
+        sink.close()
