@@ -339,8 +339,6 @@ STAGES: dict[str, Stage] = {
               plots=(DvcPath("${reports}/plots/eval_knn.csv", "",
                            {"cache": False, "x": "k", "y": "top1", "template": "linear"}),
                      DvcPath("${reports}/figures/eval", "PCA maps and segmentation samples, one per backbone; "
-                                                      "pushed with the run"),
-                     DvcPath("${reports}/dvclive/eval/plots/images", "the same figures through DVCLive: "
-                             "`dvc plots diff` shows two runs' side by side", {"cache": False}))),
+                                                      "pushed with the run"))),
     ]
 }

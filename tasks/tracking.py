@@ -108,17 +108,14 @@ def stage_sinks(tracking: TrackingParams, reports: str, stage: str) -> list[DvcL
 
 def track_results(tracking: TrackingParams, reports: str, stage: str, table: list[dict],
                   figures: list[Path]) -> None:
-    """A stage's result table (one row per `backbone`) and figures: DVCLive metrics `<backbone>/<column>` and
-    images (so `dvc plots diff` shows two runs' figures side by side), and the same in TensorBoard when on."""
+    """A stage's result table (one row per `backbone`) as DVCLive metrics `<backbone>/<column>` (a column of
+    `dvc exp show`), and table and figures in TensorBoard when it is on. The figures themselves are already DVC plots
+    of the stage (`dvc plots diff` shows two runs' side by side)."""
     numbers = {f"{row['backbone']}/{key}": float(value) for row in table for key, value in row.items()
                if isinstance(value, int | float) and not isinstance(value, bool)}
-    folder = live_dir(reports, stage)
-    with Live(str(folder), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    with Live(str(live_dir(reports, stage)), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         for name, value in numbers.items():
             live.log_metric(name, value, plot=False)
-        for path in figures:
-            live.log_image(path.name, path)
-    (folder / "plots" / "images").mkdir(parents=True, exist_ok=True)  # a declared DVC plot, even with no figure
     if tracking.tensorboard_dir:
         sink = TensorBoardSink(Path(tracking.tensorboard_dir) / stage)
         sink.open(0)

@@ -57,16 +57,22 @@ def test_tensorboard_only_when_asked_and_resume_purges(tmp_path):
     assert steps == list(range(10)), steps
 
 
-def test_results_table_and_figures_go_to_dvclive(tmp_path):
+def test_results_table_goes_to_dvclive_and_figures_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     figure = tmp_path / "pca_teacher.png"
     Image.new("RGB", (8, 8), (200, 10, 10)).save(figure)
     rows = [{"backbone": "teacher", "kind": "trained", "knn_top1_k20": 0.61, "seg_miou": None},
             {"backbone": "raw-pixels", "kind": "baseline", "knn_top1_k20": 0.55, "seg_miou": None}]
-    track_results(TrackingParams(tensorboard_dir=None), str(tmp_path / "reports"), "eval", rows, [figure])
+    board = tmp_path / "tb"
+    track_results(TrackingParams(tensorboard_dir=str(board)), str(tmp_path / "reports"), "eval", rows, [figure])
     live = tmp_path / "reports" / "dvclive" / "eval"
     assert json.loads((live / "metrics.json").read_text()) == {"teacher": {"knn_top1_k20": 0.61},
                                                                 "raw-pixels": {"knn_top1_k20": 0.55}}
-    assert Image.open(live / "plots" / "images" / "pca_teacher.png").size == (8, 8)
+    events = EventAccumulator(str(board / "eval"))
+    events.Reload()
+    assert events.Tags()["images"] == ["pca_teacher"]
+    assert [e.value for e in events.Scalars("teacher/knn_top1_k20")] == [pytest.approx(0.61)]
 
 
 def _git(cwd: Path, *args: str) -> str:
