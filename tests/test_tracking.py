@@ -87,11 +87,13 @@ def _toy_project(root: Path) -> Path:
         "import json, os, yaml\n"
         "x = yaml.safe_load(open('params.yaml'))['a']['x']\n"
         "os.makedirs('out', exist_ok=True); open('out/o.txt', 'w').write(str(x))\n"
-        "os.makedirs('rep', exist_ok=True); json.dump({'v': 2 * x}, open('rep/m.json', 'w'))\n")
+        "os.makedirs('rep', exist_ok=True); json.dump({'v': 2 * x}, open('rep/m.json', 'w'))\n"
+        "open('rep/curve.csv', 'w').write('step,loss\\n' + ''.join(f'{i},{x / (i + 1)}\\n' for i in range(3)))\n")
     (root / "params.yaml").write_text("a:\n  x: 1\n")
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {
         "cmd": f"{sys.executable} step.py", "deps": ["step.py"], "params": ["a"], "outs": ["out"],
-        "metrics": [{"rep/m.json": {"cache": False}}]}}}))
+        "metrics": [{"rep/m.json": {"cache": False}}],
+        "plots": [{"rep/curve.csv": {"cache": False, "x": "step", "y": "loss"}}]}}}))
     (root / ".gitignore").write_text("/rep/\n/out\n")
     _git(root, "init", "-q")
     subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True, env=project_env())
@@ -114,7 +116,8 @@ def _exp_show(root: Path) -> dict[str, dict]:
 
 def test_a_run_is_saved_as_an_experiment_with_the_params_it_used(tmp_path):
     """A run with the project's params and one in a view with other params (a profile/override run): both are
-    listed by `dvc exp show` with their own params and metrics; the project's tracked files never change."""
+    listed by `dvc exp show` with their own params and metrics, `dvc plots diff` draws both curves; the project's
+    tracked files never change."""
     root = _toy_project(tmp_path / "p")
     with pytest.raises(NoExperiment, match="no commit"):
         save_experiment(root, "early", ["s"])
@@ -137,5 +140,12 @@ def test_a_run_is_saved_as_an_experiment_with_the_params_it_used(tmp_path):
     shown = _exp_show(root)
     assert shown["plain-run"] == {"params": {"a": {"x": 1}}, "metrics": {"v": 2}}
     assert shown["view-run"] == {"params": {"a": {"x": 3}}, "metrics": {"v": 6}}
+    # `dvc plots diff` draws both runs' curves from their experiment commits
+    diff = subprocess.run([str(BIN / "dvc"), "plots", "diff", "plain-run", "view-run", "--json"],
+                          cwd=root, env=env, capture_output=True, text=True, check=True).stdout
+    values = json.loads(diff)["data"]["rep/curve.csv"][0]["content"]["data"]["values"]
+    curves = {(v["rev"], round(float(v["loss"]), 4)) for v in values}
+    assert curves == {("plain-run", 1.0), ("plain-run", 0.5), ("plain-run", 0.3333),
+                      ("view-run", 3.0), ("view-run", 1.5), ("view-run", 1.0)}
     assert not (root / ".dvc" / "tmp" / "exp-worktree").exists()
     assert "exp-worktree" not in _git(root, "worktree", "list")
