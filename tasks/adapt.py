@@ -34,6 +34,7 @@ from tasks.params import Params, ParamsError, params_record
 from tasks.train_launch import (
     check_batch,
     check_crops,
+    is_main_node,
     launch_workers,
     read_shard_index_table,
     shard_index_checks,
@@ -105,6 +106,8 @@ def run_adapt(params: Params) -> dict[str, Any]:
     del ckpt
 
     run_dir = launch_workers("adapt", params, Path(a.out))
+    if not is_main_node(params.launch):
+        return {"node_rank": params.launch.node_rank}  # node 0 reports the run
     export_dir = Path(a.out) / "export"
     summary = json.loads((export_dir / "summary.json").read_text())
     bb = replace(old_bb, img_size=a.crops.global_crops_size)

@@ -33,6 +33,7 @@ from tasks.storage import Storage, scheme_of
 from tasks.train_launch import (
     check_batch,
     check_crops,
+    is_main_node,
     launch_workers,
     read_shard_index_table,
     shard_index_checks,
@@ -148,6 +149,8 @@ def run_distill(params: Params) -> dict[str, Any]:
     validate_stage("distill-input", shard_index_checks(index, d.data.global_batch_size), params.reports)
 
     run_dir = launch_workers("distill", params, Path(d.out))
+    if not is_main_node(params.launch):
+        return {"node_rank": params.launch.node_rank}  # node 0 reports the run
     export_dir = Path(d.out) / "export"
     summary = json.loads((export_dir / "summary.json").read_text())
     s_bb = replace(d.student, img_size=d.crops.global_crops_size)

@@ -25,6 +25,7 @@ from tasks.params import Params, params_record
 from tasks.train_launch import (
     check_batch,
     check_crops,
+    is_main_node,
     launch_workers,
     read_shard_index_table,
     shard_index_checks,
@@ -70,6 +71,8 @@ def run_pretrain(params: Params) -> dict[str, Any]:
     validate_stage("pretrain-input", shard_index_checks(index, p.data.global_batch_size), params.reports)
 
     run_dir = launch_workers("pretrain", params, Path(p.out))
+    if not is_main_node(params.launch):
+        return {"node_rank": params.launch.node_rank}  # node 0 reports the run
     export_dir = Path(p.out) / "export"
     summary = _read_json(export_dir / "summary.json")
     bb = replace(params.model, img_size=p.crops.global_crops_size)

@@ -40,7 +40,14 @@ def stage_code(stage_file: str) -> tuple[Path, ...]:
 
 
 class TrainingFailed(RuntimeError):
-    """The torchrun workers failed; the message is the one line the failing rank wrote."""
+    """The torchrun workers failed; the message is the one line the failing rank wrote. `transient`: a retry may
+    succeed (the CLI exits 75 and the flow retries)."""
+
+    transient = False
+
+
+# the second line of <out>/run/failure.txt when the failing rank lost its peers (tasks/train_worker.py)
+TRANSIENT_MARK = "transient: a peer process or node was lost; a rerun resumes from the last complete checkpoint"
 
 
 # ============================================================================================== input checks
@@ -70,13 +77,21 @@ def _omp_threads(launch: LaunchParams) -> int:
 
 
 def torchrun_command(stage: str, params_file: Path, launch: LaunchParams) -> list[str]:
+    """One node: `--standalone`. Several: c10d rendezvous at master_addr:master_port, hosted by node 0 (set
+    explicitly: on one machine, or behind a Service name, every node would otherwise think it is the host)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.nproc_per_node)]
     if launch.nnodes == 1 and launch.master_port == 0:
         cmd += ["--standalone"]
     else:
         cmd += ["--nnodes", str(launch.nnodes), "--node_rank", str(launch.node_rank),
-                "--master_addr", launch.master_addr, "--master_port", str(launch.master_port)]
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{launch.master_addr}:{launch.master_port}",
+                "--rdzv_id", f"dinov2-{stage}", "--rdzv_conf", f"is_host={int(launch.node_rank == 0)}"]
     return cmd + ["-m", "tasks.train_worker", stage, "--params", str(params_file)]
+
+
+def is_main_node(launch: LaunchParams) -> bool:
+    """Node 0 writes the stage's reports; the other nodes of a multi-node run only run their workers."""
+    return launch.node_rank == 0
 
 
 def launch_workers(stage: str, params: Params, out: Path, extra_env: dict[str, str] | None = None) -> Path:
@@ -90,7 +105,8 @@ def launch_workers(stage: str, params: Params, out: Path, extra_env: dict[str, s
         Storage.from_params(params.storage).exists(ckpt_dir)
     run_dir = out / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    params_file = run_dir / "params.yaml"
+    # every node of a multi-node run writes its own (node_rank differs); on a shared volume one file would race
+    params_file = run_dir / ("params.yaml" if params.launch.nnodes == 1 else f"params.node{params.launch.node_rank}.yaml")
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     failure = run_dir / "failure.txt"
     failure.unlink(missing_ok=True)
@@ -120,8 +136,14 @@ def launch_workers(stage: str, params: Params, out: Path, extra_env: dict[str, s
             proc.kill()
         raise
     if code != 0:
-        reason = failure.read_text().strip().splitlines()[0] if failure.exists() else ""
-        raise TrainingFailed(reason or f"{stage}: torchrun exited with code {code} (see the log above)")
+        lines = failure.read_text().strip().splitlines() if failure.exists() else []
+        several_nodes = params.launch.nnodes > 1
+        error = TrainingFailed(lines[0] if lines else f"{stage}: torchrun exited with code {code}"
+                               + (" (a node was lost?)" if several_nodes else " (see the log above)"))
+        # a peer that vanished (a lost node, a broken connection, a collective timeout) is worth a retry: the rerun
+        # resumes from the last complete checkpoint; so is a multi-node agent that failed without a worker's word
+        error.transient = TRANSIENT_MARK in lines[1:] or (several_nodes and not lines)
+        raise error
     return run_dir
 
 

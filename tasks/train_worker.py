@@ -6,12 +6,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
+import torch.distributed
+
 from dinov2_core.atomic import atomic_write_text
 from tasks.params import load_params
-from tasks.train_launch import die_with_parent, run_worker
+from tasks.train_launch import TRANSIENT_MARK, die_with_parent, run_worker
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank or node went away: torch's distributed errors (NCCL, store,
+    timeouts), and gloo's transport errors, which reach Python as a plain RuntimeError naming its transport
+    ("Connection closed by peer", measured with a killed node)."""
+    return isinstance(exc, torch.distributed.DistError) or (
+        isinstance(exc, RuntimeError) and "gloo/transport" in str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         failure = Path(getattr(params, args.stage).out) / "run" / "failure.txt"
         if not failure.exists():
             first = str(exc).splitlines()[0] if str(exc) else ""
+            lost_peer = _lost_peer(exc)
+            if lost_peer:  # gloo: "[/path/pair.cc:545] Read error [addr]: Connection reset by peer. This is ..."
+                first = "lost a peer: " + re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
             atomic_write_text(failure, f"{args.stage} (rank {os.environ.get('RANK', '0')}): "
-                                       f"{type(exc).__name__}: {first}\n")
+                                       f"{type(exc).__name__}: {first}\n" + (f"{TRANSIENT_MARK}\n" if lost_peer else ""))
         raise
     return 0
 
