@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev,export,tracking]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[cpu,dev,export,tracking,cluster]' 2>&1 | grep -v "^WARNING: Location" || true
 	@$(BIN)/python -c "import torch, prefect, dvc, great_expectations, faiss, webdataset" || { echo "install failed" >&2; exit 1; }
 	@touch $(STAMP)
 

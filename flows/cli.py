@@ -20,6 +20,7 @@ import typer
 import yaml
 
 from dinov2_core.atomic import atomic_write_text
+from flows import submit
 from flows.fetch import fetch
 from flows.remote import (
     CredentialsRejected,
@@ -348,6 +349,38 @@ def export_cmd(
     name = name or next((f for f in files if f.endswith("_backbone.pth")), None)
     result = _guarded(lambda: export(load_export(model_json, name), to, out))
     typer.echo(f"{to}: {result['path']} (features match ours: max abs diff {result['max_abs_diff']:.1e})")
+
+
+@app.command("submit")
+def submit_cmd(
+    stage: Annotated[str, typer.Argument(help="A training stage: pretrain, adapt or distill.")],
+    params_file: ParamsOpt = Path("params.paper.yaml"),
+    nnodes: Annotated[int | None, typer.Option(help="Nodes (pods); default: the profile's launch.nnodes.")] = None,
+    gpus: Annotated[int | None, typer.Option(help="Processes (GPUs) per node; default launch.nproc_per_node.")] = None,
+    image: Annotated[str, typer.Option(help="Container image (infra/docker/Dockerfile.gpu).")] = "",
+    namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "dinov2",
+    name: Annotated[str | None, typer.Option(help="Job name (default dinov2-<stage>).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the manifests here.")] = None,
+    apply: Annotated[bool, typer.Option(help="Create them in the current kubeconfig's cluster.")] = False,
+) -> None:
+    """Render a training stage as a multi-node Kubernetes Indexed Job + headless Service (each pod runs this
+    stage for its node under one torchrun), check it against the Kubernetes API models, print or apply it."""
+    request = _guarded(submit.job_request, stage, params_file, nnodes, gpus, image=image or submit.IMAGE,
+                       namespace=namespace, name=name)
+    try:
+        docs = submit.render(request)
+    except submit.ManifestError as exc:
+        _fail(str(exc), 2)
+    text = yaml.safe_dump_all(docs, sort_keys=False)
+    if output:
+        output.write_text(text)
+        typer.echo(f"wrote {output}: Service + Indexed Job '{request.job}', {request.nnodes} node(s) x "
+                   f"{request.gpus} process(es)")
+    elif not apply:
+        typer.echo(text, nl=False)
+    if apply:
+        for created in _guarded(submit.apply, docs):
+            typer.echo(f"created {created}")
 
 
 @app.command("deploy")

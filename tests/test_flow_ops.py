@@ -444,14 +444,52 @@ def test_gpu_pool_template_passes_the_servers_validation_and_renders_a_gpu_job()
     assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "dinov2-s3"}}]  # keys only via a Secret
 
 
-def test_torchrun_job_template_is_an_indexed_multi_node_job():
-    docs = list(yaml.safe_load_all((ROOT / "infra" / "k8s" / "torchrun-indexed-job.yaml").read_text()))
-    service, job = docs
+def test_submit_renders_a_checked_indexed_job_that_runs_the_stage_per_node(tmp_path):
+    """`dinov2-pipeline submit`: Service + Indexed Job that pass the Kubernetes API models; each pod runs the stage
+    entry point once (no torchrun around it: the stage starts one per node) with its index as the node rank."""
+    from flows.submit import ManifestError, check_manifest, job_request, render
+
+    out = tmp_path / "job.yaml"
+    res = subprocess.run([str(BIN / "dinov2-pipeline"), "submit", "pretrain", "--nnodes", "4", "--gpus", "8",
+                          "-o", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    service, job = yaml.safe_load_all(out.read_text())
     assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
     assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
-    args = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
-    for flag in ("--nnodes=${NNODES}", "--node-rank=$(JOB_COMPLETION_INDEX)", "--rdzv-backend=c10d"):
-        assert flag in args
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == "dinov2-pretrain"
+    container = pod["containers"][0]
+    assert container["command"] == ["dinov2-pipeline", "stage", "pretrain", "--params", "params.paper.yaml"]
+    assert "torchrun" not in " ".join(container["command"] + container["args"])
+    overrides = dict(a.split("=", 1) for a in container["args"] if a != "-S")
+    assert overrides == {"launch.nnodes": "4", "launch.nproc_per_node": "8",
+                         "launch.node_rank": "$(JOB_COMPLETION_INDEX)",
+                         "launch.master_addr": "dinov2-pretrain-0.dinov2-pretrain", "launch.master_port": "29500"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    # the pods' params are valid for every node rank (the stage would refuse them otherwise)
+    from tasks.params import load_params
+
+    load_params(ROOT / "params.paper.yaml", [f"{k}={v}" for k, v in overrides.items()
+                                              if k != "launch.node_rank"] + ["launch.node_rank=3"])
+
+    # what the API would refuse or silently drop is refused here, naming the field
+    bad = dict(job, spec=dict(job["spec"], completionz=4))
+    with pytest.raises(ManifestError, match="completionz"):
+        check_manifest(bad)
+    with pytest.raises(ManifestError, match="int"):
+        check_manifest(dict(job, spec=dict(job["spec"], completions="four")))
+    broken = tmp_path / "template.yaml"
+    broken.write_text((ROOT / "infra" / "k8s" / "torchrun-indexed-job.yaml").read_text()
+                      .replace("restartPolicy: Never", "restartPolicy: Never\n      restartPolcy: Never"))
+    with pytest.raises(ManifestError, match="restartPolcy"):
+        render(job_request("pretrain", ROOT / "params.paper.yaml", 4, 8), broken)
+    # a node count the batch cannot be split over, or a stage that does not train: one line, before any pod
+    for args, needle in ((["pretrain", "--nnodes", "3", "--gpus", "8"], "streams: 256 must be a multiple"),
+                         (["eval"], "not a training stage")):
+        res = subprocess.run([str(BIN / "dinov2-pipeline"), "submit", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120, check=False)
+        assert res.returncode == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 def test_scale_doc_covers_the_paper_scale_plan_and_leaves_slots_for_benchmarks():
@@ -491,3 +529,29 @@ def test_cost_model_marks_missing_measurements_as_slots_and_reads_them_when_pres
     assert rows["measured: knn_ivf_queries_s"].value == 5000.0 and rows["measured: knn_ivf_queries_s"].source == "measured"
     assert rows["k-means 100k clusters on GPUs"].source == "ASSUMED"
     assert "| **SLOT** |" in cost_model.markdown(empty)
+
+
+def test_gpu_image_dockerfile_copies_what_exists_and_is_the_image_deployments_name():
+    """No docker daemon here: the build is checked as far as this machine allows. Every path it copies exists, the
+    extras it installs exist, it is the image `submit` and the GPU deployments name, and faiss comes from exactly one
+    of the cpu/gpu extras."""
+    import shlex
+    import tomllib
+
+    from flows.submit import IMAGE
+
+    text = (ROOT / "infra" / "docker" / "Dockerfile.gpu").read_text()
+    sources = [src for line in text.splitlines() if line.startswith("COPY ") for src in shlex.split(line)[1:-1]]
+    assert sources and all((ROOT / src).exists() for src in sources), [s for s in sources if not (ROOT / s).exists()]
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not any(src.split("/")[0] in ignored for src in sources)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    installed = text.split("pip install -e '.[")[1].split("]")[0].split(",")
+    assert set(installed) <= set(extras) and "gpu" in installed and "cpu" not in installed
+    assert f"-t {IMAGE} " in text
+    deployments = yaml.safe_load((ROOT / "infra" / "k8s" / "prefect.gpu.yaml").read_text())["definitions"]
+    assert {node["job_variables"]["image"] for node in deployments.values()} == {IMAGE}
+    faiss = {name for name, deps in extras.items() if any(d.startswith("faiss") for d in deps)}
+    assert faiss == {"cpu", "gpu"}
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not any(d.startswith("faiss") for d in core)
