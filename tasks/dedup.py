@@ -16,6 +16,7 @@ import pandas as pd
 from dinov2_core.curation import PairVerifier, deduplicate, knn_search
 from tasks.backbones import copy_detection_views_embedder, make_embedder, views_array
 from tasks.curation_scores import dedup_quality, load_truth
+from tasks.embed_job import parallel_embedder
 from tasks.embeddings import embed_keys, save_embeddings
 from tasks.image_store import ImageStore
 from tasks.log import get_logger
@@ -63,12 +64,16 @@ def run_dedup(params: Params) -> pd.DataFrame:
     embedder = make_embedder(p.embedder, storage)
 
     start = time.perf_counter()
-    vectors, emb_stats = embed_keys(keys, store.load, embedder, p.cache_dir, desc="dedup embed")
+    vectors, emb_stats = embed_keys(keys, store.load, embedder, p.cache_dir, desc="dedup embed",
+                                    parallel=parallel_embedder(p.embedder, p.images, params.storage, p.cache_dir,
+                                                               embedder.id))
     views = None
     views_stats = None
     if p.crop_views and p.embedder.kind == "copy-detection":
         view_embedder = copy_detection_views_embedder()
-        flat, views_stats = embed_keys(keys, store.load, view_embedder, p.cache_dir, desc="dedup views")
+        flat, views_stats = embed_keys(keys, store.load, view_embedder, p.cache_dir, desc="dedup views",
+                                       parallel=parallel_embedder(p.embedder, p.images, params.storage, p.cache_dir,
+                                                                  view_embedder.id, views=True))
         views = views_array(flat, embedder.dim)
     embed_seconds = time.perf_counter() - start
 

@@ -81,8 +81,11 @@ def embedder_cache_id(name: str, config: dict) -> str:
 
 
 def embed_keys(keys: Sequence[str], load: Callable[[str], Image.Image], embedder: Embedder,
-               cache_dir: str | Path | None, batch_size: int = 256, desc: str = "embed") -> tuple[np.ndarray, EmbeddingStats]:
-    """Vectors for `keys` (in order), reusing the cache; `load(key)` returns the RGB image for a key."""
+               cache_dir: str | Path | None, batch_size: int = 256, desc: str = "embed",
+               parallel: Callable[[list[str]], np.ndarray] | None = None) -> tuple[np.ndarray, EmbeddingStats]:
+    """Vectors for `keys` (in order), reusing the cache; `load(key)` returns the RGB image for a key.
+    `parallel(missing)`, when given, computes the missing vectors instead (the data-parallel job of
+    tasks/embed_job.py), so the cache works the same whichever computed them."""
     stats = EmbeddingStats(embedder.id, requested=len(keys))
     cache_path = Path(cache_dir) / f"{embedder.id}.npz" if cache_dir else None
     cached: dict[str, int] = {}
@@ -95,16 +98,11 @@ def embed_keys(keys: Sequence[str], load: Callable[[str], Image.Image], embedder
     new_vecs = np.zeros((0, embedder.dim), dtype=np.float32)
     if missing:
         start = time.perf_counter()
-        parts = []
-        with tqdm(total=len(missing), desc=desc, unit="img", **progress_kwargs()) as bar:
-            for i in range(0, len(missing), batch_size):
-                batch = missing[i: i + batch_size]
-                vecs = np.asarray(embedder.embed([load(k) for k in batch]), dtype=np.float32)
-                if vecs.shape != (len(batch), embedder.dim):
-                    raise ValueError(f"embedder {embedder.id} returned {vecs.shape}, expected ({len(batch)}, {embedder.dim})")
-                parts.append(vecs)
-                bar.update(len(batch))
-        new_vecs = np.concatenate(parts)
+        new_vecs = _compute(missing, load, embedder, batch_size, desc) if parallel is None \
+            else np.asarray(parallel(missing), dtype=np.float32)
+        if new_vecs.shape != (len(missing), embedder.dim):
+            raise ValueError(f"embedder {embedder.id} returned {new_vecs.shape}, expected "
+                             f"({len(missing)}, {embedder.dim})")
         stats.seconds = time.perf_counter() - start
         stats.computed = len(missing)
         if cache_path:
@@ -120,6 +118,17 @@ def embed_keys(keys: Sequence[str], load: Callable[[str], Image.Image], embedder
     for row, k in enumerate(keys):
         out[row] = new_vecs[new_index[k]] if k in new_index else cached_vecs[cached[k]]
     return out, stats
+
+
+def _compute(keys: list[str], load: Callable[[str], Image.Image], embedder: Embedder, batch_size: int,
+             desc: str) -> np.ndarray:
+    parts = []
+    with tqdm(total=len(keys), desc=desc, unit="img", **progress_kwargs()) as bar:
+        for i in range(0, len(keys), batch_size):
+            batch = keys[i: i + batch_size]
+            parts.append(np.asarray(embedder.embed([load(k) for k in batch]), dtype=np.float32))
+            bar.update(len(batch))
+    return np.concatenate(parts)
 
 
 def save_embeddings(path: str | Path, keys: Sequence[str], vectors: np.ndarray, embedder_id: str) -> Path:

@@ -18,6 +18,7 @@ from dinov2_core.curation import balanced_sampling, cluster_based_retrieval, sam
 from tasks.backbones import make_embedder
 from tasks.curation_scores import load_truth, retrieval_quality
 from tasks.dedup import embedding_checks
+from tasks.embed_job import parallel_embedder
 from tasks.embeddings import embed_keys, load_embeddings
 from tasks.image_store import ImageStore, load_indexed_images, open_rgb
 from tasks.log import get_logger
@@ -64,7 +65,9 @@ def run_retrieve(params: Params) -> pd.DataFrame:
             pool_vectors = vectors[[index[k] for k in pool_keys]]
             reused_from_dedup = True
     if not reused_from_dedup:
-        pool_vectors, pool_stats = embed_keys(pool_keys, store.load, embedder, p.cache_dir, desc="pool embed")
+        pool_vectors, pool_stats = embed_keys(pool_keys, store.load, embedder, p.cache_dir, desc="pool embed",
+                                              parallel=parallel_embedder(p.embedder, p.images, params.storage,
+                                                                         p.cache_dir, embedder.id))
     mode = choose_mode(p.mode, len(seed_ids), p.large_seed_set)
     checks = [embedding_checks("pool_embeddings", pool_vectors, embedder.dim)]
     seed_stats = None

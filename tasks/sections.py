@@ -54,6 +54,8 @@ class EmbedderParams(Section):
     hub_kwargs: dict[str, Any]  # e.g. {depth: 6, img_size: 56}; a model.json beside the weights wins
     image_size: PosInt
     batch_size: PosInt
+    processes: PosInt  # above 1: torchrun ranks embed disjoint slices of the pool (tasks/embed_job.py)
+    slice_size: PosInt  # keys per slice: the unit a rerun after a killed rank redoes
 
     @model_validator(mode="after")
     def _weights(self) -> EmbedderParams:
