@@ -300,11 +300,16 @@ def run_ingest(params: Params) -> IngestResult:
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    outcomes: list[Outcome] = [None] * len(urls)  # type: ignore[list-item]
-    with ThreadPoolExecutor(max_workers=p.workers) as pool:
-        futures = pool.map(lambda item: ingestor.process(*item), enumerate(urls))
-        for outcome in tqdm(futures, total=len(urls), desc="ingest", unit="img", **progress_kwargs()):
-            outcomes[outcome.row] = outcome
+    if p.parts > 1:
+        from tasks import ingest_parts  # it imports this module: the per-row ingestor is the same code
+
+        outcomes = ingest_parts.ingest_in_parts(params, urls)
+    else:
+        outcomes: list[Outcome] = [None] * len(urls)  # type: ignore[no-redef]
+        with ThreadPoolExecutor(max_workers=p.workers) as pool:
+            futures = pool.map(lambda item: ingestor.process(*item), enumerate(urls))
+            for outcome in tqdm(futures, total=len(urls), desc="ingest", unit="img", **progress_kwargs()):
+                outcomes[outcome.row] = outcome
     elapsed = time.perf_counter() - start
     _fail_on_outage(outcomes, p, resume)
 
@@ -333,6 +338,8 @@ def run_ingest(params: Params) -> IngestResult:
     write_parquet(out / "quarantine.parquet", quarantine)
 
     resume.clear()  # outputs are complete: a later run fetches afresh
+    if p.parts > 1:
+        ingest_parts.clear_parts(params, urls)
     by_reason = quarantine["reason"].value_counts().sort_index().to_dict()
     schemes = [scheme_of(u) if isinstance(u, str) and u.strip() else "empty" for u in urls]
     by_scheme = pd.Series(schemes).value_counts().sort_index().to_dict() if urls else {}
@@ -352,6 +359,7 @@ def run_ingest(params: Params) -> IngestResult:
         "seconds": round(elapsed, 3),
         "images_per_second": round(len(urls) / elapsed, 1) if elapsed > 0 else None,
         "workers": p.workers,
+        "parts": p.parts,
         "params": params_record(p),
     }
     write_metrics(params.reports, "ingest", metrics)

@@ -103,6 +103,7 @@ class IngestParams(Section):
     out: str
     url_column: str
     workers: Annotated[int, Field(ge=1, le=256)]
+    parts: PosInt  # above 1: the rows split into that many parts, one torchrun rank each (tasks/ingest_parts.py)
     min_side: PosInt
     max_side: PosInt
     max_pixels: PosInt  # decompression-bomb guard, checked from the header before decoding
