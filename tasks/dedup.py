@@ -85,7 +85,9 @@ def run_dedup(params: Params) -> pd.DataFrame:
     start = time.perf_counter()
     result, algo_metrics = deduplicate(vectors, keys, store.resolution(keys), k=p.k, threshold=p.threshold,
                                        views=views, verifier=verifier, verify_k=p.verify_k,
-                                       exact_threshold=p.exact_search_max, nlist=p.nlist, nprobe=p.nprobe)
+                                       exact_threshold=p.exact_search_max, nlist=p.nlist, nprobe=p.nprobe,
+                                       factory=p.index_factory, shards=p.index_shards,
+                                       recall_sample=p.check_sample)
     graph_seconds = time.perf_counter() - start
     result = result[DEDUP_COLUMNS].reset_index(drop=True)
 

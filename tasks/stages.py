@@ -143,6 +143,8 @@ class DedupParams(Section):
     verify_min_ncc: Annotated[float, Field(ge=-1.0, le=1.0)]  # ... and aligned-pixel correlation: a copy
     verify_min_dense: Annotated[float, Field(ge=-1.0, le=1.0)] | None  # or dense alignment + detail correlation
     exact_search_max: PosInt  # exact faiss search up to this many images, IVF above
+    index_factory: str | None  # any faiss index, e.g. "IVF{nlist},PQ32" (IVF-PQ); None: flat / IVF-Flat as above
+    index_shards: PosInt  # the database split over this many indexes searched together (IndexShards)
     nlist: PosInt | None
     nprobe: PosInt
     check_sample: PosInt  # kept images re-searched by the GX boundary check

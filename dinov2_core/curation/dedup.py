@@ -140,6 +140,9 @@ def deduplicate(
     exact_threshold: int = DEFAULT_EXACT_THRESHOLD,
     nlist: int | None = None,
     nprobe: int = 32,
+    factory: str | None = None,
+    shards: int = 1,
+    recall_sample: int = 0,
     progress: bool = False,
 ) -> CurationResult:
     """One row per image: key, component, component_size, kept, duplicate_of, similarity.
@@ -175,9 +178,10 @@ def deduplicate(
         return CurationResult(df, {"n_images": 0, "n_components": 0, "n_removed": 0})
     index = None
     if (knn is None or views is not None) and n > 1:
-        index = build_index(emb, exact_threshold=exact_threshold, nlist=nlist, nprobe=nprobe)
+        index = build_index(emb, exact_threshold=exact_threshold, nlist=nlist, nprobe=nprobe, factory=factory,
+                            shards=shards)
     if knn is None and n > 1:
-        knn = knn_search(emb, k=min(k, n - 1), index=index, progress=progress)
+        knn = knn_search(emb, k=min(k, n - 1), index=index, progress=progress, recall_sample=recall_sample)
     if knn is not None:
         src, dst, sim = knn_edges(knn.sims, knn.ids, threshold)
     else:
