@@ -1,0 +1,28 @@
+"""The GPU check script's dry run: every section runs on the CPU at toy size and writes its report (issue 16: a
+lent GPU session runs the same script at full size)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_fills_every_section(tmp_path):
+    out = tmp_path / "gpu_check"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["environment"]["dry_run"] and report["passed"]
+    for section in ("attention", "bf16_step", "fsdp", "speed", "faiss"):
+        assert report[section]["passed"] and "error" not in report[section], section
+    backends = {row["backend"] for row in report["attention"]["rows"]}
+    assert {"sdpa", "packed_sdpa", "eager"} <= backends
+    assert all(0 < row["mfu"] < 1 for row in report["speed"]["rows"])
+    assert report["faiss"]["rows"][0]["recall_at_64"] > 0.3
+    md = out.with_suffix(".md").read_text()
+    assert all(f"| {s} | True |" in md for s in ("attention", "bf16_step", "fsdp", "speed", "faiss"))
