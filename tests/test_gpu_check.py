@@ -18,11 +18,14 @@ def test_gpu_check_dry_run_fills_every_section(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["environment"]["dry_run"] and report["passed"]
-    for section in ("attention", "bf16_step", "fsdp", "speed", "faiss"):
+    for section in ("attention", "bf16_step", "fsdp", "speed", "faiss", "quality"):
         assert report[section]["passed"] and "error" not in report[section], section
     backends = {row["backend"] for row in report["attention"]["rows"]}
     assert {"sdpa", "packed_sdpa", "eager"} <= backends
     assert all(0 < row["mfu"] < 1 for row in report["speed"]["rows"])
     assert report["faiss"]["rows"][0]["recall_at_64"] > 0.3
+    q = report["quality"]  # the pretrain stage really ran, and the three k-NN figures sit side by side
+    assert q["iterations"] == 4 and all(0 < q[k] <= 1 for k in ("teacher_knn_top1", "random_init_knn_top1",
+                                                               "raw_pixels_knn_top1"))
     md = out.with_suffix(".md").read_text()
-    assert all(f"| {s} | True |" in md for s in ("attention", "bf16_step", "fsdp", "speed", "faiss"))
+    assert all(f"| {s} | True |" in md for s in ("attention", "bf16_step", "fsdp", "speed", "faiss", "quality"))
