@@ -17,6 +17,12 @@ Sections (each records what it ran, its numbers and pass/fail; a failing section
                (k=20) of its teacher next to raw pixels and a random init on the test split (whether the teacher
                beats the pixels is reported, not required: at toy size it does not).
 Writes reports/bench/gpu_check.{json,md}.
+
+On a lent device machine the code runs under that machine's own python3 and packages (../.library/device: no
+registry there, missing packages travel as wheels in a carried `.whl` folder): `PYTHONPATH=. python3 -m
+benchmarks.gpu_check --out $OUT/gpu_check`, after installing the carried wheels into a --target folder. Which
+wheels that image lacks (webdataset, great-expectations, faiss-gpu, ...) is for the first lent session to find out
+with one cheap call; that step is not scripted yet.
 """
 
 from __future__ import annotations
