@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import numpy as np
 
 from tasks.backbones import copy_detection_views_embedder, make_embedder
 from tasks.image_store import ImageStore
+from tasks.local_ranks import run_local_ranks
 from tasks.log import get_logger
 from tasks.sections import EmbedderParams, StorageParams
 from tasks.storage import Storage
@@ -134,11 +134,7 @@ def embed_parallel(job: EmbedJob) -> tuple[np.ndarray, dict[str, float]]:
             job_file = ROOT / ".dvc" / "tmp" / f"embed-job-{os.getpid()}.json"
         job_file.parent.mkdir(parents=True, exist_ok=True)
         job_file.write_text(job.to_json())
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "tasks.embed_job", str(job_file)]
-        env = dict(os.environ, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-        proc = subprocess.run(cmd, env=env, cwd=os.getcwd(), capture_output=True, text=True, check=False)
+        proc = run_local_ranks("tasks.embed_job", [str(job_file)], processes)
         if proc.returncode != 0:
             missing = sum(not storage.exists(job.slice_url(i)) for i in range(job.n_slices))
             raise RuntimeError(f"embedding workers failed (exit {proc.returncode}); {missing} of {job.n_slices} "

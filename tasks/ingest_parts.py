@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ import yaml
 from dinov2_core.atomic import atomic_path
 from tasks.embeddings import source_digest
 from tasks.ingest import Outcome, ResumeStore, _Ingestor, read_crawl_manifest
+from tasks.local_ranks import run_local_ranks
 from tasks.log import get_logger
 from tasks.params import Params, load_params, params_record
 from tasks.storage import CredentialsError, Storage
@@ -35,7 +35,6 @@ from tasks.storage import CredentialsError, Storage
 log = get_logger("ingest")
 
 FAULT_ENV = "DINOV2_FAULT_INGEST_PART"  # test-only: that part's rank dies before writing its outcomes
-ROOT = Path(__file__).resolve().parents[1]
 # what decides a row's outcome; threads and the number of parts do not
 _NOT_OUTCOME = {"workers", "parts", "out", "resume_dir"}
 
@@ -108,12 +107,8 @@ def ingest_in_parts(params: Params, urls: list) -> list[Outcome]:
     if done < p.parts:
         params_file = folder / "params.yaml"
         params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(p.parts),
-               "-m", "tasks.ingest_parts", str(params_file), str(folder)]
-        env = dict(os.environ, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
         log.info("ingest: %d rows in %d parts (%d already done), one process each", len(urls), p.parts, done)
-        proc = subprocess.run(cmd, env=env, cwd=os.getcwd(), capture_output=True, text=True, check=False)
+        proc = run_local_ranks("tasks.ingest_parts", [str(params_file), str(folder)], p.parts)
         refused = folder / "credentials.txt"
         if refused.exists():  # every part would fail the same way: not worth a retry
             message = refused.read_text().strip()
