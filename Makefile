@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test test-fast bench sweep clean lint stack stack-stop stack-status deploy cost-model
+.PHONY: setup run test test-fast bench sweep clean lint stack stack-stop stack-status deploy cost-model official
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks
+
+official:   # the official implementation's source, for the benchmarks' ratio against it (needs github.com)
+	@test -d third_party/dinov2 || git clone -q --depth 1 https://github.com/facebookresearch/dinov2 third_party/dinov2
 
 sweep: setup   # the pretraining recipe sweep behind params.yaml (needs the shards: dvc repro shards)
 	$(BIN)/dvc repro shards

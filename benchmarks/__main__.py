@@ -9,7 +9,7 @@ import time
 
 import benchmarks
 
-SKIP = {"common", "copy_detection_corpora", "__main__"}
+SKIP = {"common", "copy_detection_corpora", "device_bundle", "__main__"}
 LONG = {"recipe_sweep": "trains every row of the pretraining sweep (~35 min): `make sweep`"}
 
 

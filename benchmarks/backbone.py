@@ -9,13 +9,16 @@ Measures forward+backward images/s of
 and reports achieved GFLOP/s against the float32 matmul peak measured in the same run. FLOPs are the useful model
 FLOPs (torch.utils.flop_counter on the meta device, forward+backward, attention per sequence), identical for all
 rows of one workload. Memory: each row's activation memory, the bytes its forward keeps for the backward pass
-(counted with saved-tensor hooks; weights excluded). If DINOV2_OFFICIAL_SRC points at a checkout of the reference implementation, its ViT-S/14 is
-timed in the same run (interleaved with ours) and the ratio printed. Writes reports/bench/backbone.json.
+(counted with saved-tensor hooks; weights excluded). The official implementation (facebookresearch/dinov2, from
+$DINOV2_OFFICIAL_SRC or third_party/dinov2: `make official`) runs the dense rows with the same weights, alternating
+with ours step by step, at batch 4 and 8; the ratios ours/official (eager, and with compiled blocks) are printed.
+Without its source those rows are skipped with a message. Writes reports/bench/backbone.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -29,7 +32,7 @@ import torch
 
 from benchmarks.common import machine_info, measure_matmul_peak_gflops, time_fn, write_json
 from dinov2_core.cost import count_saved_activations, measure_flops
-from dinov2_core.layers import xformers_available
+from dinov2_core.layers import compile_blocks, xformers_available
 from dinov2_core.models import deterministic_state_dict, vit_small
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +104,19 @@ def _meta_flops(inputs: Any, masks: Any) -> int:
     return measure_flops(m, to_meta(inputs), backward=True, masks=to_meta(masks))
 
 
+OFFICIAL_DIR = REPO / "third_party" / "dinov2"  # git-ignored; `make official` clones it
+OFFICIAL_HINT = f"set DINOV2_OFFICIAL_SRC or run `make official` to clone it into {OFFICIAL_DIR.relative_to(REPO)}"
+OFFICIAL_DENSE = "official ViT-S/14 (facebookresearch/dinov2)"
+
+
+def official_source() -> str | None:
+    """Where the official implementation's source is: $DINOV2_OFFICIAL_SRC, else third_party/dinov2 if cloned."""
+    src = os.environ.get("DINOV2_OFFICIAL_SRC")
+    if src:
+        return src
+    return str(OFFICIAL_DIR) if (OFFICIAL_DIR / "dinov2" / "models").is_dir() else None
+
+
 def _load_official(src: str):
     if not torch.cuda.is_available():
         os.environ.setdefault("XFORMERS_DISABLED", "1")
@@ -131,17 +147,18 @@ def _row(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8, help="images for the dense 224 px benchmark")
+    ap.add_argument("--batches", type=int, nargs="+", default=[4, 8], help="batch sizes of the dense 224 px rows")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled-blocks rows")
     ap.add_argument("--mc-batch", type=int, default=2, help="images per multi-crop step")
     ap.add_argument("--local-crops", type=int, default=8)
-    ap.add_argument("--iters", type=int, default=3, help="timed steps per row")
+    ap.add_argument("--iters", type=int, default=8, help="timed steps per row (alternating with the others)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "reports" / "bench" / "backbone.json"))
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
-    official_src = os.environ.get("DINOV2_OFFICIAL_SRC")
+    official_src = official_source()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = measure_matmul_peak_gflops(device=device)
 
@@ -149,29 +166,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sd = deterministic_state_dict(ours, 0)
     ours.load_state_dict(sd)
     ours.to(device).train()
+    compiled = None
+    if args.compile:  # the same weights, every block torch.compiled (runtime.compile in the training stages)
+        compiled = copy.deepcopy(ours)
+        compiled.attn_backend = "sdpa"
+        compile_blocks(compiled)
     ref_model = None
     if official_src:
         ref_vits = _load_official(official_src)
         ref_model = ref_vits.vit_small(**VIT_KW)
         ref_model.load_state_dict(sd, strict=True)
         ref_model.to(device).train()
+    else:
+        print(f"official implementation not found ({OFFICIAL_HINT}): no ratio against it in this run")
 
     rows: list[dict[str, Any]] = []
     backends = ["sdpa", "eager"] + (["xformers"] if device == "cuda" and xformers_available() else [])
-
-    # 1. dense ViT-S/14 @ 224
-    wl = f"ViT-S/14 224px x{args.batch}"
-    x = torch.randn(args.batch, 3, 224, 224, device=device)
-    variants: list[tuple[str, Callable[[], None]]] = []
-    for b in backends:
-        variants.append((f"ours: {b}", _step(ours, x, None, backend=b)))
-    if ref_model is not None:
-        variants.append(("reference (official) ViT-S/14", _step(ref_model, x, None)))
-    flops = _meta_flops(x, None)
     params = [*ours.parameters(), *(ref_model.parameters() if ref_model is not None else [])]
-    saved = _saved_mb(variants, params)
-    for name, times in _interleaved(variants, args.iters, args.warmup, device).items():
-        rows.append({**_row(name, wl, args.batch, times, flops, peak), "saved_activation_mb": saved[name]})
+
+    # 1. dense ViT-S/14 @ 224, ours next to the official model, alternating, at each batch size
+    for batch in args.batches:
+        wl = f"ViT-S/14 224px x{batch}"
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        variants: list[tuple[str, Callable[[], None]]] = []
+        for b in backends if batch == max(args.batches) else ["sdpa"]:
+            variants.append((f"ours: {b}", _step(ours, x, None, backend=b)))
+        if compiled is not None:
+            variants.append(("ours: sdpa, compiled blocks", _step(compiled, x, None)))
+        if ref_model is not None:
+            variants.append((OFFICIAL_DENSE, _step(ref_model, x, None)))
+        flops = _meta_flops(x, None)
+        saved = _saved_mb([v for v in variants if "compiled" not in v[0]], params)
+        for name, times in _interleaved(variants, args.iters, args.warmup, device).items():
+            rows.append({**_row(name, wl, batch, times, flops, peak), "saved_activation_mb": saved.get(name)})
 
     # 2. multi-crop student step
     nb, nl = args.mc_batch, args.local_crops
@@ -198,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if ref_model is not None:
         variants.append(
-            ("reference (official): per-size loop", _step(ref_model, inputs, mlist, separate=True))
+            ("official: per-size loop", _step(ref_model, inputs, mlist, separate=True))
         )
     flops = _meta_flops(inputs, mlist)
     saved = _saved_mb(variants, params)
@@ -213,14 +240,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in rows:
         r["fraction_of_peak"] = r["achieved_gflops"] / peak
 
-    ratio = None
+    ratios: dict[str, float] = {}
     if ref_model is not None:
         by = {(r["workload"], r["variant"]): r for r in rows}
-        dense = f"ViT-S/14 224px x{args.batch}"
-        ratio = (
-            by[(dense, "ours: sdpa")]["images_per_s"]
-            / by[(dense, "reference (official) ViT-S/14")]["images_per_s"]
-        )
+        for batch in args.batches:
+            dense = f"ViT-S/14 224px x{batch}"
+            for ours_row, key in (("ours: sdpa", "eager"), ("ours: sdpa, compiled blocks", "compiled")):
+                if (dense, ours_row) in by:
+                    ratios[f"{key} x{batch}"] = (
+                        by[(dense, ours_row)]["images_per_s"] / by[(dense, OFFICIAL_DENSE)]["images_per_s"]
+                    )
 
     result = {
         "benchmark": "backbone",
@@ -228,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine_info(),
         "matmul_peak_gflops_fp32": peak,
         "official_src": official_src,
-        "official_ratio_ours_over_reference_dense": ratio,
+        "official_ratio_ours_over_reference_dense": ratios or None,
         "rows": rows,
         "runtime_s": time.perf_counter() - t_start,
     }
@@ -260,14 +289,12 @@ def _print(result: dict[str, Any]) -> None:
             f"{r['gflop_per_step']:.0f}",
             f"{r['achieved_gflops']:.1f}",
             f"{100 * r['fraction_of_peak']:.0f}%",
-            f"{r['saved_activation_mb']:.0f}",
+            "-" if r["saved_activation_mb"] is None else f"{r['saved_activation_mb']:.0f}",
         )
     c = Console(width=150)
     c.print(t)
-    if result["official_ratio_ours_over_reference_dense"] is not None:
-        c.print(
-            f"ours / reference (dense ViT-S/14, sdpa): {result['official_ratio_ours_over_reference_dense']:.3f}x"
-        )
+    for key, ratio in (result["official_ratio_ours_over_reference_dense"] or {}).items():
+        c.print(f"ours ({key}) / official, dense ViT-S/14 fwd+bwd, median of alternating steps: {ratio:.3f}x")
     c.print(f"total runtime {result['runtime_s']:.0f} s")
 
 

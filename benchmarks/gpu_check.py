@@ -11,25 +11,25 @@ Sections (each records what it ran, its numbers and pass/fail; a failing section
                same weights and batches: finite, and the losses close;
   fsdp         FSDP2 on a one-process group (NCCL on CUDA, gloo on CPU) and one step;
   speed        training-step images/s and model-FLOP utilisation for ViT-S/14 and ViT-L/14 at 224 px with 2+8
-               crops; next to the official implementation when DINOV2_OFFICIAL_SRC points at its source;
+               crops (the whole SSL step: backbones, heads, losses, optimizer, EMA);
+  vs_official  backbone forward+backward on the same crops, ours (default, and compiled blocks) next to the
+               official implementation, same weights, alternating (source from $DINOV2_OFFICIAL_SRC or
+               third_party/dinov2: `make official`; skipped with a message without it);
   faiss        IVF-PQ build + k=64 search, faiss-gpu next to faiss-cpu when a GPU is visible, recall@64 vs exact;
   quality      the pretrain stage on all 60k Fashion-MNIST training images (1,500 iterations of 512), then k-NN
                (k=20) of its teacher next to raw pixels and a random init on the test split (whether the teacher
                beats the pixels is reported, not required: at toy size it does not).
 Writes reports/bench/gpu_check.{json,md}.
 
-On a lent device machine the code runs under that machine's own python3 and packages (../.library/device: no
-registry there, missing packages travel as wheels in a carried `.whl` folder): `PYTHONPATH=. python3 -m
-benchmarks.gpu_check --out $OUT/gpu_check`, after installing the carried wheels into a --target folder. Which
-wheels that image lacks (webdataset, great-expectations, faiss-gpu, ...) is for the first lent session to find out
-with one cheap call; that step is not scripted yet.
+On a bare GPU machine with its own python and torch and no package registry (the lent H200), `python -m
+benchmarks.device_bundle` here first: it writes the wheels the check imports and the quality run's data into
+.device/ and prints the one device command and what to carry. `--sections NAME ...` reruns some sections only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.backbone import OFFICIAL_HINT, official_source
 from benchmarks.common import measure_matmul_peak_gflops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,15 +55,18 @@ def _device(dry_run: bool) -> torch.device:
 
 
 def environment(device: torch.device, dry_run: bool) -> dict[str, Any]:
-    import faiss
-
     from dinov2_core.layers import xformers_available
+
+    try:
+        import faiss
+    except ImportError:  # a bare GPU machine without its wheel: the faiss section says so
+        faiss = None
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None) if device.type == "cuda" else None
     return {"device": str(device), "name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "xformers": xformers_available(), "faiss": faiss.__version__,
-            "faiss_gpus": int(getattr(faiss, "get_num_gpus", lambda: 0)()), "bf16_peak_tflops": peak,
+            "xformers": xformers_available(), "faiss": faiss.__version__ if faiss else None,
+            "faiss_gpus": int(getattr(faiss, "get_num_gpus", lambda: 0)()) if faiss else 0, "bf16_peak_tflops": peak,
             "dry_run": dry_run, "passed": True}
 
 
@@ -204,13 +208,94 @@ def speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
         rows.append({"model": name, "batch": batch, "crops": "2+8" if not dry_run else "2+2",
                      "dtype": str(dtype).split(".")[-1], "step_s": seconds, "images_per_s": batch / seconds,
                      "mfu": flops / seconds / peak if peak else None})
-    official = os.environ.get("DINOV2_OFFICIAL_SRC")
-    return {"rows": rows, "peak_flops": peak, "official": official or "not run: DINOV2_OFFICIAL_SRC unset",
+    return {"rows": rows, "peak_flops": peak, "passed": all(np.isfinite(r["images_per_s"]) for r in rows)}
+
+
+def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:
+    """Backbone forward+backward on multi-crop batches (2 x 224 + 8 x 98 px per image), ours next to the official
+    implementation with the same weights, alternating step by step; bf16 autocast on CUDA. Ours runs its default
+    path (packed stream, xformers when it imports, else per-size SDPA) and with compiled blocks; the official model
+    its list path when xformers imports (its only way to pack crops), else one pass per crop size."""
+    import copy
+    import functools
+    import statistics
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.backbone import _load_official
+    from benchmarks.common import time_fn
+    from dinov2_core.layers import MemEffAttention, NestedTensorBlock, compile_blocks, xformers_available
+    from dinov2_core.models import DinoVisionTransformer, deterministic_state_dict
+
+    src = official_source()
+    if src is None:
+        return {"skipped": f"official implementation not found: {OFFICIAL_HINT}", "passed": True, "rows": []}
+    ref_vits = _load_official(src)
+    from dinov2.layers import MemEffAttention as RefAttention  # type: ignore
+    from dinov2.layers import NestedTensorBlock as RefBlock  # type: ignore
+
+    archs = {"ViT-S/14": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+             "ViT-L/14": {"embed_dim": 1024, "depth": 24, "num_heads": 16}}
+    if dry_run:
+        archs = {"ViT-tiny/14 (dry run)": {"embed_dim": 64, "depth": 2, "num_heads": 4}}
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    peak = (next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(0)), None) * 1e12
+            if cuda else measure_matmul_peak_gflops() * 1e9)
+    official_lists = cuda and xformers_available()  # its nested path needs xformers
+    rows = []
+    for name, arch in archs.items():
+        images = 2 if dry_run else 32
+        g, lc = (56, 28) if dry_run else (224, 98)
+        kw = {"img_size": g, "patch_size": 14, "mlp_ratio": 4, "init_values": 1e-5, "block_chunks": 0, **arch}
+        ours = DinoVisionTransformer(block_fn=functools.partial(NestedTensorBlock, attn_class=MemEffAttention), **kw)
+        ref = ref_vits.DinoVisionTransformer(block_fn=functools.partial(RefBlock, attn_class=RefAttention), **kw)
+        state = deterministic_state_dict(ours, 0)
+        ours.load_state_dict(state)
+        ref.load_state_dict(state)
+        ours.to(device).train()
+        ref.to(device).train()
+        ours.pack_sequences = cuda
+        compiled = copy.deepcopy(ours)
+        compile_blocks(compiled)
+        crops = [torch.randn(2 * images, 3, g, g, device=device), torch.randn(8 * images, 3, lc, lc, device=device)]
+
+        def step(model, as_list: bool = True, crops=crops) -> None:
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+                outs = model.forward_features(crops) if as_list else [model.forward_features(c) for c in crops]
+                loss = sum(o["x_norm_clstoken"].float().pow(2).mean() + o["x_norm_patchtokens"].float().pow(2).mean()
+                           for o in outs)
+            loss.backward()
+
+        variants = {"ours": lambda m=ours, s=step: s(m), "ours, compiled blocks": lambda m=compiled, s=step: s(m),
+                    "official": lambda m=ref, s=step: s(m, official_lists)}
+        with FlopCounterMode(display=False) as counter:
+            step(ours)
+        flops = counter.get_total_flops()
+        for fn in variants.values():  # warm-up, compiles
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(3 if dry_run else 10):
+            for k, fn in variants.items():
+                times[k] += time_fn(fn, warmup=0, iters=1, device=device.type)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for k, sec in med.items():
+            rows.append({"model": name, "variant": k, "images": images, "step_s": sec, "images_per_s": images / sec,
+                         "mfu": flops / sec / peak if peak else None,
+                         "speedup_vs_official": med["official"] / sec})
+    best_l = max((r["speedup_vs_official"] for r in rows if r["model"] == "ViT-L/14" and r["variant"] != "official"),
+                 default=None)
+    return {"rows": rows, "official_src": src, "official_path": "lists (xformers)" if official_lists
+            else "one pass per crop size", "dtype": str(dtype).split(".")[-1], "headline_vit_l_speedup": best_l,
             "passed": all(np.isfinite(r["images_per_s"]) for r in rows)}
 
 
 def faiss_check(device: torch.device, dry_run: bool) -> dict[str, Any]:
-    from dinov2_core.curation.knn import build_index, knn_search
+    try:
+        from dinov2_core.curation.knn import build_index, knn_search
+    except ImportError as exc:  # a bare GPU machine: see benchmarks/device_bundle.py
+        return {"skipped": f"faiss is not installed here ({exc})", "passed": None, "rows": []}
 
     n, d = (20_000, 64) if dry_run else (1_000_000, 384)
     rng = np.random.default_rng(0)
@@ -283,7 +368,7 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
 
 
 SECTIONS = {"attention": lambda dev, dry: attention(dev), "bf16_step": bf16_step,
-            "fsdp": lambda dev, dry: fsdp_check(dev), "speed": speed, "faiss": faiss_check, "quality": quality}
+            "fsdp": lambda dev, dry: fsdp_check(dev), "speed": speed, "vs_official": vs_official, "faiss": faiss_check, "quality": quality}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -292,13 +377,14 @@ def markdown(report: dict[str, Any]) -> str:
              (f"torch {env['torch']}, CUDA {env['cuda']}, xformers {env['xformers']}, faiss {env['faiss']} "
               f"({env['faiss_gpus']} GPU(s)), {report['seconds']:.0f} s"), "", "| section | passed | figures |",
              "|---|---|---|"]
-    for name in SECTIONS:
+    for name in (n for n in SECTIONS if n in report):
         sec = report[name]
-        figures = sec.get("error") or "; ".join(
+        figures = sec.get("error") or sec.get("skipped") or "; ".join(
             ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             for row in sec.get("rows", [])) or json.dumps({k: v for k, v in sec.items() if k != "passed"})[:300]
         lines.append(f"| {name} | {sec.get('passed')} | {figures} |")
-    lines += ["", "Pending: " + "; ".join(report["pending"])]
+    if report["pending"]:
+        lines += ["", "Pending: " + "; ".join(report["pending"])]
     return "\n".join(lines) + "\n"
 
 
@@ -306,15 +392,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="every check on the CPU at toy size")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+                    help="run only these (e.g. a rerun of one that failed)")
     if argv is None:
         argv = sys.argv[1:] if __name__ == "__main__" else ["--dry-run"]  # `make bench` has no GPU: the dry run
     args = ap.parse_args(argv)
     start = time.perf_counter()
     device = _device(args.dry_run)
     report: dict[str, Any] = {"environment": environment(device, args.dry_run),
-                              "pending": ["the official implementation's speed unless DINOV2_OFFICIAL_SRC is set",
-                                          "an install step for a bare GPU machine"]}
-    for name, fn in SECTIONS.items():
+                              "pending": [] if official_source() else [f"the official comparison: {OFFICIAL_HINT}"]}
+    for name in args.sections:
+        fn = SECTIONS[name]
         t0 = time.perf_counter()
         try:
             report[name] = fn(device, args.dry_run)
@@ -324,7 +412,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report[name]["seconds"] = round(time.perf_counter() - t0, 2)
         print(f"{name}: passed={report[name].get('passed')} ({report[name]['seconds']} s)", flush=True)
     report["seconds"] = time.perf_counter() - start
-    report["passed"] = all(report[name].get("passed") for name in SECTIONS)
+    # a section that could not run here (passed None, with the reason) is no failure
+    report["passed"] = all(report[name].get("passed") is not False for name in args.sections)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))

@@ -258,6 +258,9 @@ class RuntimeConfig:
     fsdp: Literal["auto", "on"] = "auto"  # auto: FSDP2 only with several processes; on: also with one
     pack_sequences: Literal["auto", "on", "off"] = "auto"  # auto: packed multi-crop stream on GPU only
     timeout_s: PosFloat = 1800.0  # collective operations (a hung rank fails the run instead of waiting forever)
+    # torch.compile every transformer block (one shared graph): pays on GPUs and for long CPU runs; costs a
+    # one-off compile (~25 s for ViT-S/14 on 2 CPU cores, again for each new crop layout)
+    compile: bool = False
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,9 @@ class Attention(nn.Module):
             q, k, v = qkv.unbind(2)  # (B, N, H, d), the layout xformers wants
             out = xops.memory_efficient_attention(q, k, v, attn_bias=attn_mask, p=p)
             return out.reshape(b, n, h * d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
+        # (B, H, N, d) views; unbinding dim 2 first makes the backward stack the three grads straight into qkv's
+        # (B, N, 3, H, d) layout (a permute of the stacked qkv would cost one more copy of it per block)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         if backend == "eager":
             out = eager_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         else:

@@ -33,6 +33,7 @@ from dinov2_core.config import DataConfig, MonitorConfig, MultiCropConfig, Runti
 from dinov2_core.data.batch_augment import BatchMultiCrop
 from dinov2_core.data.loader import SSLDataLoader, read_shard_index
 from dinov2_core.eval.monitor import knn_probe
+from dinov2_core.layers import compile_blocks
 from dinov2_core.models import build_backbone
 
 from ..atomic import atomic_write_text
@@ -265,6 +266,8 @@ def run_training(spec: TrainSpec, runtime: RuntimeConfig | None = None, *,
         pack = runtime.pack_sequences
         meta.set_pack_sequences(info.device.type == "cuda" if pack == "auto" else pack == "on")
         meta.to(info.device)
+        if runtime.compile:  # before sharding: FSDP's hooks stay outside the compiled graphs
+            compile_blocks(meta)
         meta.compute_dtype = fsdp.shard_meta_arch(meta, info, runtime.precision,
                                                   shard_single_process=runtime.fsdp == "on")
         optimizer = build_optimizer(meta, spec.optim)
