@@ -10,7 +10,9 @@ import time
 import benchmarks
 
 SKIP = {"common", "copy_detection_corpora", "device_bundle", "__main__"}
-LONG = {"recipe_sweep": "trains every row of the pretraining sweep (~35 min): `make sweep`"}
+LONG = {"recipe_sweep": "trains every row of the pretraining sweep (~35 min): `make sweep`",
+        "curation_loop": "runs both rounds of the curation loop in a fresh project (~25 min): "
+                         "`python -m benchmarks.curation_loop`"}
 
 
 def main(argv: list[str]) -> int:

@@ -31,6 +31,7 @@ from flows.remote import (
 )
 from flows.results import results_report
 from tasks.dvc_yaml import DVC_YAML, render_dvc_yaml
+from tasks.loop import ROUND_STAGES, dvc_stage, round_params, write_round_report
 from tasks.params import ParamsError, load_params
 from tasks.stages import STAGES
 from tasks.storage import CredentialsError, StorageError, scheme_of
@@ -98,14 +99,22 @@ def stage_cmd(
     name: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}")],
     params_file: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    round_: Annotated[str | None, typer.Option("--round", help="Run it as part of a later curation-loop round "
+                                               "(a name in loop.rounds, e.g. round-2): tasks/loop.py.")] = None,
 ) -> None:
     """Run one stage outside DVC (e.g. on your own data with --set ingest.manifest=crawl.csv)."""
     if name not in STAGES:
         _fail(f"unknown stage '{name}'; stages: {', '.join(STAGES)}", 2)
-    _log_stage_run(name, "start")
+    if round_ is not None and name not in ROUND_STAGES:
+        _fail(f"stage '{name}' is not redone in later rounds; those are: {', '.join(ROUND_STAGES)}", 2)
+    logged = dvc_stage(name, round_) if round_ else name
+    _log_stage_run(logged, "start")
     code: int | str = 1  # an exception that is neither an Exit nor a SystemExit ends the process with 1
     try:
-        _run_stage(name, params_file, set_)
+        if round_:
+            _run_round_stage(name, round_, params_file, set_)
+        else:
+            _run_stage(name, params_file, set_)
         code = 0
     except typer.Exit as exc:
         code = exc.exit_code
@@ -114,7 +123,15 @@ def stage_cmd(
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
         raise
     finally:
-        _log_stage_run(name, f"exit {code}")
+        _log_stage_run(logged, f"exit {code}")
+
+
+def _run_round_stage(name: str, round_: str, params_file: Path, set_: list[str] | None) -> None:
+    base = _guarded(load_params, params_file, list(set_ or []))
+    params = _guarded(round_params, params_file, round_, list(set_ or []))
+    _guarded(STAGES[name].load(), params)
+    if name == ROUND_STAGES[-1]:  # the round's last stage: its table against the earlier rounds
+        write_round_report(base, round_)
 
 
 def _run_stage(name: str, params_file: Path, set_: list[str] | None) -> None:
@@ -209,6 +226,8 @@ def run_cmd(
     retry_delay: Annotated[float, typer.Option(help="First back-off delay in seconds (doubles).")] = 10.0,
     experiment: Annotated[bool, typer.Option(help="Save the run as a DVC experiment (`dvc exp show`) when the "
                                              "project is a git repository with a commit.")] = True,
+    rounds: Annotated[int | None, typer.Option(help="Curation-loop rounds: 2 re-curates with round 1's teacher, "
+                                               "then trains and evaluates again (sets loop.rounds).")] = None,
 ) -> None:
     """Run the pipeline as a Prefect flow (one task per DVC stage, then `dvc push`; ephemeral Prefect when no
     server is configured), then print where the results are and the evaluation summary."""
@@ -222,7 +241,8 @@ def run_cmd(
     try:
         result = dinov2_pipeline(stages=stages, overrides=set_ or [], profile=profile, project_dir=str(project),
                                  force=force, push=push, remote=remote, credentials_block=credentials_block,
-                                 retries=retries, retry_delay_s=retry_delay, experiment=experiment)
+                                 retries=retries, retry_delay_s=retry_delay, experiment=experiment,
+                                 rounds=rounds)
     except (StageFailed, TransientStageError, RemoteError) as exc:
         _fail(_one_line(exc))
     typer.echo(result["summary"])

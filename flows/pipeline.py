@@ -68,6 +68,7 @@ from flows.remote import (
     remote_urls,
     resolve_remote,
 )
+from tasks.loop import ROUND_STAGES, dvc_stage, rounds_setting
 from tasks.params import ParamsError, load_params, parse_override, read_params_tree
 from tasks.stages import STAGES
 
@@ -381,20 +382,24 @@ def classify_stage_failure(stage: str, exit_code: int, lines: list[str], stage_e
 # ----------------------------------------------------------------------------------------------- tasks
 @task(task_run_name="dvc repro {stage}", retries=2, retry_delay_seconds=[5, 20],
       retry_condition_fn=_retry_transient, log_prints=True)
-def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials_block: str | None = None) -> dict:
-    """`dvc repro <stage>` with its output in the task's logs; publishes the stage's GX result and metrics."""
+def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials_block: str | None = None,
+                  round_: str | None = None) -> dict:
+    """`dvc repro <stage>` (in a later curation-loop round: its `<stage>-round@<round>`) with its output in the
+    task's logs; publishes the stage's GX result and metrics."""
     logger = get_run_logger()
     project = Path(project_dir)
-    reports = _reports_dir(project)
+    reports = _reports_dir(project) / round_ if round_ else _reports_dir(project)
+    target = dvc_stage(stage, round_) if round_ else stage
+    label = f"{stage}-{round_}" if round_ else stage  # artifact keys
     run_log = project / ".dvc" / "tmp" / f"stage-runs-{uuid.uuid4().hex}.txt"
     env = _env({**_block_env(project, credentials_block), STAGE_RUN_LOG_ENV: str(run_log)})
-    locked_before = _lock_entry(project, stage)
-    cmd = [_dvc(), "repro", stage] + (["--force"] if force else [])
+    locked_before = _lock_entry(project, target)
+    cmd = [_dvc(), "repro", target] + (["--force"] if force else [])
     start = time.perf_counter()
     started_at = time.time()
     run_log.parent.mkdir(parents=True, exist_ok=True)
     try:
-        code, lines, _ = _stream(cmd, project, env, logger, relay=ProgressRelay(report=progress_publisher(stage)))
+        code, lines, _ = _stream(cmd, project, env, logger, relay=ProgressRelay(report=progress_publisher(label)))
         ran, exits = read_stage_runs(run_log)
     finally:
         run_log.unlink(missing_ok=True)
@@ -404,37 +409,37 @@ def run_dvc_stage(stage: str, project_dir: str, force: bool = False, credentials
     if code != 0:
         fresh = [p for p in gx_files if p.stat().st_mtime >= started_at - 1]  # not a previous run's report
         if fresh:
-            publish("validation", f"{stage}-validation", validation_markdown(stage, fresh),
-                    f"{stage}: great-expectations results (failed run)")
-        failed = next((s for s in reversed(ran) if exits.get(s, 0) != 0), stage)  # the stage (or upstream) that failed
+            publish("validation", f"{label}-validation", validation_markdown(stage, fresh),
+                    f"{label}: great-expectations results (failed run)")
+        failed = next((s for s in reversed(ran) if exits.get(s, 0) != 0), target)  # it, or an upstream stage
         raise classify_stage_failure(failed, code, lines, stage_exit=exits.get(failed))
-    if stage in ran:
+    if target in ran:
         status = "yes"
-    elif _lock_entry(project, stage) != locked_before:  # DVC brought it up to date without running its command
+    elif _lock_entry(project, target) != locked_before:  # DVC brought it up to date without running its command
         status = "restored from run-cache"
     else:
         status = "skipped (up to date)"
-    also_ran = list(dict.fromkeys(s for s in ran if s != stage))
+    also_ran = list(dict.fromkeys(s for s in ran if s != target))
     note = "" if status == "yes" else " (unchanged since the run that produced it)"
     if gx_markdown:
-        publish("validation", f"{stage}-validation", gx_markdown, f"{stage}: great-expectations results{note}")
+        publish("validation", f"{label}-validation", gx_markdown, f"{label}: great-expectations results{note}")
     metrics_path = reports / "metrics" / f"{stage}.json"
     markdown = metrics_markdown(stage, metrics_path)
     if markdown:
-        publish("metrics", f"{stage}-metrics", markdown, f"{stage}: metrics{note}")
+        publish("metrics", f"{label}-metrics", markdown, f"{label}: metrics{note}")
     summary = summary_markdown(stage, reports)
     if summary:
-        publish("summary", f"{stage}-summary", summary, f"{stage}: summary and figures{note}")
+        publish("summary", f"{label}-summary", summary, f"{label}: summary and figures{note}")
     figures = figures_markdown(stage, reports)
     if figures:
-        publish("figures", f"{stage}-figures", figures, f"{stage}: figures{note}")
+        publish("figures", f"{label}-figures", figures, f"{label}: figures{note}")
     table = metrics_table(metrics_path)
     if table:
-        publish_table(f"{stage}-table", table, f"{stage}: summary table{note}")
+        publish_table(f"{label}-table", table, f"{label}: summary table{note}")
     warnings = metric_warnings(metrics_path)
     for w in warnings:
         logger.warning(w)
-    return {"stage": stage, "ran": status == "yes", "status": status, "seconds": seconds,
+    return {"stage": target, "ran": status == "yes", "status": status, "seconds": seconds,
             "also_ran": also_ran, "validation": validation_summary(gx_files),
             "metrics": headline_metrics(metrics_path), "warnings": warnings}
 
@@ -581,6 +586,20 @@ def _git_rev(project: Path) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
+@flow(name="curation-round", flow_run_name="{round_}", log_prints=True)
+def curation_round(round_: str, project_dir: str, force: bool, credentials_block: str | None, retries: int,
+                   delays: list[float]) -> list[dict]:
+    """A later round of the curation loop (tasks/loop.py): retrieval with the previous round's teacher, shards,
+    pre-training and evaluation, each a `dvc repro` task, then the round-against-round table as an artifact."""
+    task_ = run_dvc_stage.with_options(retries=retries, retry_delay_seconds=delays or 0, retry_jitter_factor=0.2,
+                                       task_run_name=f"dvc repro {{stage}} ({round_})")
+    results = [task_(stage, project_dir, force, credentials_block, round_) for stage in ROUND_STAGES]
+    table = _reports_dir(Path(project_dir)) / round_ / "loop.md"
+    if table.is_file():
+        publish("summary", f"loop-{round_}", table.read_text(), f"curation loop up to {round_}: round against round")
+    return results
+
+
 @flow(name="dinov2-pipeline", log_prints=True)
 def dinov2_pipeline(
     stages: list[str] | None = None,
@@ -594,6 +613,7 @@ def dinov2_pipeline(
     retries: int = 3,
     retry_delay_s: float = 10.0,
     experiment: bool = True,
+    rounds: int | None = None,
 ) -> dict:
     """Run the selected stages (default: all, in DAG order) as `dvc repro <stage>` tasks, then `dvc push`.
 
@@ -611,16 +631,24 @@ def dinov2_pipeline(
         retry_delay_s: first back-off delay; doubles on each retry.
         experiment: save the run as a DVC experiment named after the flow run (`dvc exp show`, `dvc plots diff`),
             when the project is a git repository with a commit.
+        rounds: curation-loop rounds (tasks/loop.py): 2 and more re-curate with the previous round's teacher,
+            train and evaluate again, each later round a sub-flow; None: `loop.rounds` of the params.
     """
     from prefect.runtime import flow_run
 
     logger = get_run_logger()
     project = Path(project_dir).resolve()
     overrides = list(overrides or [])
+    if rounds is not None:
+        try:
+            base = load_params(project / profile, overrides)
+            overrides.append(rounds_setting(rounds, base.pretrain.out, base.loop.out))
+        except (ParamsError, ValueError) as exc:
+            raise StageFailed(f"params: {exc}") from None
     selected, ignored = select_stages(stages, project_stages(project))
     if ignored:
         logger.warning("not in this project's registry/dvc.yaml yet, ignored: %s", ", ".join(ignored))
-    params_text, _ = resolve_run_params(project, profile, overrides)
+    params_text, run_params = resolve_run_params(project, profile, overrides)
     spec = _remote_spec(project, remote, credentials_block) if push else None
     if push and spec is None:
         logger.info("no DVC remote configured: outputs stay in the local DVC cache (`dvc remote add -d ...`)")
@@ -638,6 +666,9 @@ def dinov2_pipeline(
     with project_lock(project), run_view(project, params_text) as where:
         for stage in selected:
             results.append(stage_task(stage, str(where), force, credentials_block))
+        if not stages:  # a stage selection runs round 1's stages only
+            for name in run_params.loop.rounds:
+                results += curation_round(name, str(where), force, credentials_block, retries, delays)
         summary = _summary_table(results)
         publish("summary", "pipeline-summary", summary, "stages run by this flow run")
         if spec is not None:

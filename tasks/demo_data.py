@@ -4,6 +4,8 @@ Everything is materialised deterministically from `demo_data.seed` out of images
 - in-domain: real Fashion-MNIST product photos (Debian `dataset-fashion-mnist`, MIT);
 - off-domain: crops of natural photos shipped inside scikit-image, scikit-learn and matplotlib, and rendered
   text/page images (synthetic: no package ships page scans at this scale);
+- near-domain distractors (off-domain for the ground truth): handwritten digits and grey 28 px photo thumbnails in
+  Fashion-MNIST's own format;
 - planted exact and near-duplicates, planted copies of evaluation test images and a corpus of broken files, so
   that every curation stage's quality is measured against a ground-truth sidecar instead of assumed.
 
@@ -157,10 +159,18 @@ def decompression_bomb_png(side: int = 30000) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- builder
+def _digit_images() -> np.ndarray:
+    """scikit-learn's 1,797 handwritten digits (8x8, 0-16) as uint8 images."""
+    from sklearn.datasets import load_digits
+
+    return (load_digits().images * (255 / 16)).clip(0, 255).astype(np.uint8)
+
+
 @dataclass
 class CrawlRow:
     url: str
-    kind: str  # in_domain | off_domain_photo | off_domain_text | exact_duplicate | near_duplicate | eval_copy | broken
+    kind: str  # in_domain | off_domain_photo | off_domain_text | near_domain | exact_duplicate | near_duplicate |
+    #           eval_copy | broken
     label: int = -1
     original: str = ""  # for duplicates: the url of the original; for eval copies: the eval image id
     transform: str = ""
@@ -332,6 +342,28 @@ def build_demo_data(p: DemoDataParams) -> dict:
             row = crawl.add(data, "jpg", CrawlRow("", "off_domain_photo", original=name))
             originals.append((row, crop, data))
             n_photo += 1
+
+    # near-domain distractors: Fashion-MNIST's own format (28 px grey, a bright object on black) without its
+    # content, which low-level descriptors cannot tell from the in-domain items: handwritten digits (scikit-learn's
+    # 8x8 scans, upscaled the way MNIST is framed) and grey 28 px thumbnails of the natural photos
+    digits = _digit_images() if p.n_near_domain else None
+    for k in range(p.n_near_domain):
+        if k % 2 == 0:
+            arr = digits[int(rng.integers(len(digits)))]
+            img = Image.fromarray(arr, mode="L").resize((20, 20), Image.Resampling.BICUBIC)
+            img = ImageOps.expand(img, border=4, fill=0).rotate(float(rng.uniform(-12, 12)))
+            source = "digit"
+        else:
+            name, arr = photo_list[int(rng.integers(len(photo_list)))]
+            h, w = arr.shape[:2]
+            side = int(min(h, w) * rng.uniform(0.2, 0.5))
+            y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            img = ImageOps.grayscale(Image.fromarray(arr[y0:y0 + side, x0:x0 + side])).resize(
+                (28, 28), Image.Resampling.BICUBIC)
+            source = name
+        data = encode(img, "PNG")
+        row = crawl.add(data, "png", CrawlRow("", "near_domain", original=source))
+        originals.append((row, img, data))
 
     for _ in range(p.n_off_domain_text):
         img = _text_image(rng, _VOCAB)

@@ -12,6 +12,7 @@ import ast
 from functools import cache
 from pathlib import Path
 
+from tasks.loop import FOREACH_SUFFIX, ROUND_DROPPED_DEPS, ROUND_EXTRA_DEPS, ROUND_STAGES, round_dvc_path
 from tasks.params import Params
 from tasks.stages import STAGES, DvcPath, Stage
 
@@ -154,8 +155,39 @@ def render_stage(stage: Stage, root: Path = ROOT) -> list[str]:
     return lines
 
 
+def _round_entry(item: DvcPath | str) -> DvcPath:
+    item = item if isinstance(item, DvcPath) else DvcPath(item)
+    return DvcPath(round_dvc_path(item.path), item.note, item.options)
+
+
+def render_round_stage(stage: Stage, root: Path = ROOT) -> list[str]:
+    """The stage once per later curation-loop round (tasks/loop.py): a DVC foreach over `loop.rounds`, each
+    iteration's paths moved into its round's folder; no stage at all while `loop.rounds` is empty."""
+    deps = [_round_entry(d) for d in stage.deps if not any(x in str(d.path) for x in ROUND_DROPPED_DEPS)]
+    deps += [DvcPath(d) for d in ROUND_EXTRA_DEPS.get(stage.name, ())]
+    code = sorted(set(code_deps(stage, root)) | {"tasks/loop.py"})
+    outs = [_round_entry(o) for o in stage.outs]
+    metrics = [_round_entry(m) for m in stage.metrics]
+    if stage.name == ROUND_STAGES[-1]:  # the round's table against the earlier rounds
+        outs.append(DvcPath("${reports}/${key}/loop.md", "this round next to the earlier ones", {"cache": False}))
+        metrics.append(DvcPath("${reports}/${key}/metrics/loop.json"))
+    lines = [f"  {stage.name}{FOREACH_SUFFIX}:", "    foreach: ${loop.rounds}   # round name: the export curating it",
+             "    do:", f"      cmd: dinov2-pipeline stage {stage.name} --round ${{key}}"]
+    lines += ["      deps:", *(f"  {x}" for d in deps for x in _entry(d)), *(f"        - {f}" for f in code)]
+    lines += ["      params:", *(f"        - {p}" for p in [*stage_params(stage, root), "loop.out"])]
+    lines += ["      outs:", *(f"  {x}" for o in outs for x in _entry(o))]
+    lines += ["      metrics:", *(f"  {x}" for m in metrics for x in _entry(m, {"cache": False}))]
+    if stage.plots:
+        lines += ["      plots:", *(f"  {x}" for p in stage.plots for x in _entry(_round_entry(p)))]
+    return lines
+
+
 def render_dvc_yaml(stages: dict[str, Stage] | None = None, root: Path = ROOT) -> str:
+    stages = stages or STAGES
     body = ["stages:"]
-    for i, stage in enumerate((stages or STAGES).values()):
+    for i, stage in enumerate(stages.values()):
         body += ([""] if i else []) + render_stage(stage, root)
+    for name in ROUND_STAGES:
+        if name in stages:
+            body += ["", *render_round_stage(stages[name], root)]
     return _HEADER + "\n".join(body) + "\n"

@@ -25,6 +25,7 @@ from dinov2_core.config import BackboneConfig, NonNegInt
 from tasks.sections import (
     STAGE_SETS_IMG_SIZE,
     LaunchParams,
+    LoopParams,
     Section,
     StorageParams,
     TrackingParams,
@@ -48,6 +49,7 @@ class ProjectParams(Section):
     tracking: TrackingParams
     model: BackboneConfig = Field(default_factory=BackboneConfig)
     launch: LaunchParams
+    loop: LoopParams
 
     @field_serializer("model")
     def _no_img_size(self, cfg: BackboneConfig) -> dict[str, Any] | None:

@@ -44,6 +44,22 @@ class TrackingParams(Section):
     tensorboard_dir: str | None  # TensorBoard event files, one folder per stage; None: off
 
 
+class LoopParams(Section):
+    """The curation loop (tasks/loop.py): rounds after the first, each curated with an earlier round's export."""
+
+    out: str  # round N's outputs go to <out>/round-N/{retrieve,shards,pretrain,eval}
+    # round name -> the export folder whose teacher curates it, e.g. {round-2: data/pretrain/export}; {}: no loop
+    rounds: dict[Annotated[str, Field(pattern=r"^round-[1-9][0-9]*$")], str]
+
+    @model_validator(mode="after")
+    def _consecutive(self) -> LoopParams:
+        numbers = [int(name.split("-")[1]) for name in self.rounds]
+        if numbers != list(range(2, 2 + len(numbers))):
+            raise ValueError(f"rounds must be round-2, round-3, ... in order (round 1 is the pipeline itself), "
+                             f"got {', '.join(self.rounds)}")
+        return self
+
+
 class EmbedderParams(Section):
     """Which embedder a curation stage uses: the model-free copy-detection descriptor (bootstrap round) or a
     DINOv2 backbone from an official-format checkpoint (the project's own exported teacher, or Meta's)."""

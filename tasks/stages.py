@@ -82,6 +82,7 @@ class DemoDataParams(Section):
     n_in_domain: PosInt  # Fashion-MNIST train items in the raw crawl
     n_off_domain_photos: NonNegInt  # crops of natural photos shipped with scikit-image/scikit-learn/matplotlib
     n_off_domain_text: NonNegInt  # rendered text/page images (synthetic: no package ships page scans at scale)
+    n_near_domain: NonNegInt  # digits and grey photo thumbnails in Fashion-MNIST's format (off-domain, look-alike)
     n_exact_duplicates: NonNegInt  # byte-for-byte copies of crawl items
     n_near_duplicates: NonNegInt  # resized / re-encoded / cropped / flipped copies
     n_eval_copies: NonNegInt  # copies of evaluation test images planted in the crawl

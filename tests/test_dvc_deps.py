@@ -4,6 +4,7 @@ or editing it would leave `dvc status` at "up to date" over stale outputs."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tasks.dvc_yaml import (
     params_read,
     render_dvc_yaml,
 )
+from tasks.loop import FOREACH_SUFFIX, ROUND_STAGES, dvc_stage
 from tasks.params import compose_params, read_params_tree
 from tasks.sections import Section
 from tasks.stages import STAGES, DvcPath, Stage
@@ -34,7 +36,49 @@ def _dvc_stages() -> dict:
 
 
 def test_every_dvc_stage_is_a_registered_stage():
-    assert list(_dvc_stages()) == list(STAGES)
+    """The registry's stages, then the curation loop's per-round stages (foreach over loop.rounds)."""
+    assert list(_dvc_stages()) == [*STAGES, *(f"{s}{FOREACH_SUFFIX}" for s in ROUND_STAGES)]
+
+
+def test_dvc_runs_a_later_round_after_round_one(tmp_path):
+    """Real DVC with `loop.rounds: {round-2: data/pretrain/export}`: one stage per round stage, its outputs and
+    reports in the round's folders, and the DAG round 1 pretrain -> round 2 retrieve -> shards -> pretrain -> eval
+    (which also waits for round 1's eval: the round table). With no rounds, no round stage."""
+    from dvc.repo import Repo
+
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    tree = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert tree["loop"]["rounds"] == {}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+    Repo.init(str(tmp_path), no_scm=True)
+    assert {s.name for s in Repo(str(tmp_path)).index.stages} == set(STAGES)
+    tree["loop"]["rounds"] = {"round-2": "data/pretrain/export"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tree))
+    repo = Repo(str(tmp_path))
+    stages = {s.name: s for s in repo.index.stages}
+    assert set(stages) - set(STAGES) == {dvc_stage(s, "round-2") for s in ROUND_STAGES}
+    retrieve = stages[dvc_stage("retrieve", "round-2")]
+    assert retrieve.cmd == "dinov2-pipeline stage retrieve --round round-2"
+    assert [o.def_path for o in retrieve.outs] == ["data/round-2/retrieve", "reports/round-2/metrics/retrieve.json"]
+    eval_outs = [o.def_path for o in stages[dvc_stage("eval", "round-2")].outs]
+    assert "reports/round-2/loop.md" in eval_outs and "data/round-2/eval" in eval_outs
+    edges = {(a.name, b.name) for a, b in repo.index.graph.edges()}
+    chain = ["pretrain", *(dvc_stage(s, "round-2") for s in ROUND_STAGES)]
+    assert all((later, earlier) in edges for earlier, later in itertools.pairwise(chain))
+    assert (dvc_stage("eval", "round-2"), "eval") in edges
+
+
+@pytest.mark.parametrize("stage", ROUND_STAGES)
+def test_round_stage_code_and_paths(stage):
+    """A round stage depends on the same code as the stage plus the loop's, and every data path is interpolated."""
+    body = _dvc_stages()[f"{stage}{FOREACH_SUFFIX}"]["do"]
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in body.get("deps", [])]
+    missing = sorted(f for f in imported_files(STAGES[stage].module) | {"tasks/loop.py"}
+                     if f not in CANNOT_CHANGE_OUTPUTS and not _covered(f, deps))
+    assert not missing, missing
+    literal = [p for kind in ("deps", "outs", "metrics", "plots") for p in _paths(body, kind)
+               if "${" not in p and not p.startswith(CODE_DEPS)]
+    assert not literal, literal
 
 
 def test_dvc_yaml_is_the_rendering_of_the_registry():
