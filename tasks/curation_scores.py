@@ -109,4 +109,7 @@ def retrieval_quality(pool_keys: list[str], curated_keys: list[str], truth: pd.D
         "pool_in_domain_share": round(float(pool.mean()), 4) if len(pool) else None,
         "curated_in_domain_share": round(float(cur.mean()), 4) if len(cur) else None,
         "in_domain_recall": round(float(cur.sum()) / in_pool, 4) if in_pool else None,
+        # what the off-domain part of the curated set is made of (the demo crawl's kinds)
+        "curated_off_domain_by_kind": {k: int(v) for k, v in truth["kind"].reindex(curated_keys)[~cur.to_numpy()]
+                                       .value_counts().items()},
     }

@@ -93,8 +93,10 @@ def round_rows(params: Params, upto: str | None = None) -> list[dict[str, Any]]:
         q = retrieve.get("quality") or {}
         kind = ((retrieve.get("params") or {}).get("embedder") or {}).get("kind", "?")
         rows.append(_row(name, kind, retrieve, q, teacher))
-    for baseline in ("raw-pixels", "random-init"):  # random init is named after the architecture it copies
-        match = next((n for n in first_eval if n == baseline or n.startswith(f"{baseline}[")), None)
+    for baseline in ("raw-pixels", "random-init"):  # random init is named after the backbone it copies
+        names = (baseline, f"{baseline}[pretrain-teacher]")  # the rounds' teachers have the pretrain architecture
+        match = next((n for n in first_eval if n in names), None) or next(
+            (n for n in first_eval if n.startswith(f"{baseline}[")), None)
         if match:
             rows.append(_row(match, "-", {}, {}, first_eval[match]))
     return rows
@@ -106,6 +108,8 @@ def _row(name: str, embedder: str, retrieve: dict, quality: dict, result: dict |
             "pool": retrieve.get("pool"),
             "curated_in_domain_share": quality.get("curated_in_domain_share"),
             "in_domain_recall": quality.get("in_domain_recall"),
+            "off_domain_kept": ", ".join(f"{k} {v}" for k, v in (quality.get("curated_off_domain_by_kind") or {})
+                                         .items()) or None,
             "pool_in_domain_share": quality.get("pool_in_domain_share"),
             "knn_top1": (result or {}).get("knn_top1_best"),
             "linear_top1": ((result or {}).get("linear") or {}).get("test_top1"),
@@ -117,10 +121,10 @@ def _fmt(value: Any) -> str:
 
 
 def round_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["round", "curated_with", "pool", "curated", "curated_in_domain_share", "in_domain_recall", "knn_top1",
-            "linear_top1", "seg_miou"]
+    cols = ["round", "curated_with", "pool", "curated", "curated_in_domain_share", "in_domain_recall",
+            "off_domain_kept", "knn_top1", "linear_top1", "seg_miou"]
     head = ["round", "curated with", "pool", "curated", "in-domain share of curated", "in-domain recall",
-            "k-NN top-1", "linear top-1", "seg mIoU"]
+            "off-domain kept, by kind", "k-NN top-1 (best k)", "linear top-1", "seg mIoU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
