@@ -402,7 +402,7 @@ def test_s3_errors_become_one_line_without_secrets():
 def test_prefect_yaml_declares_nightly_weekly_and_on_demand_on_the_process_pool():
     conf = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in conf["deployments"]}
-    assert set(deps) == {"nightly-curation", "weekly-full", "on-demand"}
+    assert set(deps) == {"nightly-curation", "weekly-full", "on-demand", "curation-loop"}
     for d in deps.values():
         assert d["entrypoint"] == "flows/pipeline.py:dinov2_pipeline" and d["work_pool"]["name"] == "dinov2-local"
         module, func = d["entrypoint"].split(":")
@@ -411,6 +411,7 @@ def test_prefect_yaml_declares_nightly_weekly_and_on_demand_on_the_process_pool(
     assert deps["nightly-curation"]["schedules"][0]["cron"] == "0 2 * * *"
     assert deps["weekly-full"]["schedules"][0]["cron"] == "0 4 * * 0"
     assert "schedules" not in deps["on-demand"]
+    assert deps["curation-loop"]["parameters"]["rounds"] == 2 and "schedules" not in deps["curation-loop"]
     # the registry is the one stage list: every stage subset a deployment or GPU deployment names is registered
     # stages in the registry's DAG order, so a renamed or reordered stage fails here, not at 2 a.m.
     gpu = yaml.safe_load((ROOT / "infra" / "k8s" / "prefect.gpu.yaml").read_text())["deployments"]

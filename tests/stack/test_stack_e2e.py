@@ -197,7 +197,7 @@ def test_stack_start_is_idempotent_healthy_and_keeps_its_state_in_one_folder(sta
 def test_prefect_deploy_all_registers_the_scheduled_and_on_demand_deployments(stack, deployed):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
 
-    names = ["nightly-curation", "weekly-full", "on-demand"]
+    names = ["nightly-curation", "weekly-full", "on-demand", "curation-loop"]
     found = api(stack, lambda c: c.read_deployments(deployment_filter=DeploymentFilter(
         name=DeploymentFilterName(any_=names))))
     by_name = {d.name: d for d in found}
@@ -207,9 +207,11 @@ def test_prefect_deploy_all_registers_the_scheduled_and_on_demand_deployments(st
         assert d.parameters.get("remote") == "stack"
         assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
     crons = {n: [s.schedule.cron for s in by_name[n].schedules] for n in names}  # registered (paused by the fixture)
-    assert crons == {"nightly-curation": ["0 2 * * *"], "weekly-full": ["0 4 * * 0"], "on-demand": []}
+    assert crons == {"nightly-curation": ["0 2 * * *"], "weekly-full": ["0 4 * * 0"], "on-demand": [],
+                     "curation-loop": []}
     assert by_name["nightly-curation"].parameters["stages"][0] == "ingest"
     assert by_name["nightly-curation"].parameters["stages"][-1] == "shards"
+    assert by_name["curation-loop"].parameters["rounds"] == 2  # the flow's own parameter, schema-checked
     pool = api(stack, lambda c: c.read_work_pool("dinov2-local"))
     assert pool.type == "process" and pool.concurrency_limit == 1
 
