@@ -15,6 +15,7 @@ import contextlib
 import logging
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from dvc.config import Config
@@ -53,13 +54,24 @@ def _remove_worktree(project: Path, where: Path) -> None:
     subprocess.run(["git", "worktree", "prune"], cwd=project, capture_output=True, check=False)
 
 
-def stage_outputs(repo_root: Path) -> tuple[list[str], list[str]]:
+def stage_outputs(repo_root: Path, params_text: str | None = None) -> tuple[list[str], list[str]]:
     """(every output of the stages, the uncached metrics and plots among them that exist: what `dvc exp show` /
-    `dvc plots diff` read from an experiment's commit), as relative paths."""
-    with Repo(str(repo_root)) as repo:
+    `dvc plots diff` read from an experiment's commit), as relative paths. With `params_text`, the stages DVC
+    resolves from those params (a run with other params may have more: the curation loop's later rounds)."""
+    if params_text is None:
+        return _outputs(repo_root, repo_root)
+    with tempfile.TemporaryDirectory() as tmp:  # dvc.yaml resolved against the run's params, nothing else
+        shutil.copy(repo_root / "dvc.yaml", Path(tmp) / "dvc.yaml")
+        (Path(tmp) / "params.yaml").write_text(params_text)
+        Repo.init(tmp, no_scm=True)
+        return _outputs(Path(tmp), repo_root)
+
+
+def _outputs(dvc_root: Path, workspace: Path) -> tuple[list[str], list[str]]:
+    with Repo(str(dvc_root)) as repo:
         outs = [(str(Path(out.fs_path).relative_to(repo.root_dir)), not out.use_cache and (out.metric or out.plot))
                 for stage in repo.index.stages for out in stage.outs]
-    return sorted({p for p, _ in outs}), sorted({p for p, result in outs if result and (repo_root / p).exists()})
+    return sorted({p for p, _ in outs}), sorted({p for p, result in outs if result and (workspace / p).exists()})
 
 
 def save_experiment(project: Path, name: str, stages: list[str], params_text: str | None = None) -> str:
@@ -72,7 +84,7 @@ def save_experiment(project: Path, name: str, stages: list[str], params_text: st
         _git(project, "rev-parse", "--verify", "HEAD")
     except NoExperiment:
         raise NoExperiment("the project's git repository has no commit yet") from None
-    outputs, results = stage_outputs(project)
+    outputs, results = stage_outputs(project, params_text)
     where = project / _WORKTREE
     _remove_worktree(project, where)  # a killed run's
     _git(project, "worktree", "add", "--detach", "--force", str(where), "HEAD")

@@ -678,7 +678,8 @@ def dinov2_pipeline(
                        "git_rev": _git_rev(project), "profile": profile, "overrides": overrides,
                        "stages": results, "push": pushed}
             record = record_task(str(where), spec.name, run_id, payload, credentials_block)
-        exp_ref = save_run_experiment(str(project), _experiment_name(flow_run.name, started), selected,
+        later = [dvc_stage(s, name) for name in run_params.loop.rounds for s in ROUND_STAGES] if not stages else []
+        exp_ref = save_run_experiment(str(project), _experiment_name(flow_run.name, started), [*selected, *later],
                                       params_text) if experiment else None
         outputs = [o for s in selected for o in project_outputs(where).get(s, [])]
         urls = remote_urls(where, [o.path for o in outputs if o.cached], spec) if pushed and spec else {}

@@ -48,8 +48,10 @@ def _run(cmd, cwd):
 @pytest.mark.slow
 def test_two_rounds_from_one_command_then_dvc_repro_is_a_no_op(tmp_path):
     project = make_project(tmp_path / "proj", [])
+    _run(["git", "add", "-A"], project)
+    _run(["git", "commit", "-qm", "project"], project)
     sets = [f"-S{o}" for o in _tiny_run()]
-    res = _run([str(BIN / "dinov2-pipeline"), "run", "--rounds", "2", "--no-experiment", *sets], project)
+    res = _run([str(BIN / "dinov2-pipeline"), "run", "--rounds", "2", *sets], project)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for stage in ROUND_STAGES:
         assert f"| {dvc_stage(stage, 'round-2')} | yes |" in res.stdout, res.stdout[-3000:]
@@ -64,6 +66,14 @@ def test_two_rounds_from_one_command_then_dvc_repro_is_a_no_op(tmp_path):
         assert 0.0 <= by_round[name]["curated_in_domain_share"] <= 1.0 and 0.0 <= by_round[name]["knn_top1"] <= 1.0
     assert (project / "data" / "round-2" / "pretrain" / "export" / "teacher_backbone.pth").is_file()
     assert "| round-2 | dinov2 |" in (project / "reports" / "round-2" / "loop.md").read_text()
+    # the run is one DVC experiment holding both rounds: `dvc exp show` lists round 2's table with the loop params
+    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], project).stdout)
+    exps = [rev for b in shown for e in b.get("experiments") or [] for rev in e.get("revs") or []]
+    assert len(exps) == 1, shown
+    data = exps[0]["data"]
+    assert data["metrics"]["reports/round-2/metrics/retrieve.json"]["data"]["curated"] == retrieve2["curated"]
+    assert "reports/round-2/metrics/loop.json" in data["metrics"] and "reports/metrics/eval.json" in data["metrics"]
+    assert data["params"]["params.yaml"]["data"]["loop"]["rounds"] == {"round-2": "data/pretrain/export"}
 
     # The finished loop, as a project whose params.yaml states it: DVC finds nothing to redo, round 2 included.
     tree = yaml.safe_load((project / "params.yaml").read_text())
