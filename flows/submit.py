@@ -19,7 +19,6 @@ import yaml
 
 from tasks.params import ParamsError, load_params
 from tasks.stages import STAGES
-from tasks.train_launch import check_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "infra" / "k8s" / "torchrun-indexed-job.yaml"
@@ -58,6 +57,9 @@ def job_request(stage: str, params_file: Path, nnodes: int | None = None, gpus: 
     # what every pod will run with: refused here, not by N pods after scheduling
     params = load_params(params_file, [f"launch.nnodes={nnodes}", f"launch.nproc_per_node={gpus}",
                                        "launch.master_port=29500"])
+    # imported here, not at the top: the module imports torch, which every other CLI call (a stage of DVC's) paid
+    from tasks.train_launch import check_batch
+
     check_batch(stage, getattr(params, STAGES[stage].section).data, params.launch)
     name = kw.get("name")
     if name is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?", name):
