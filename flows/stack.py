@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -50,9 +51,23 @@ def _bin(name: str) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A free port for a server that starts later (a stack, a torchrun rendezvous). Drawn below the kernel's
+    ephemeral range, where port-0 binds and every outgoing connection take theirs: the seconds until the server
+    listens cannot lose the port to some other process's connection, as a port-0 pick can."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default range starts here
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.randrange(10_000, max(low, 10_001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port found on {host} below {low}")
 
 
 def port_open(host: str, port: int) -> bool:

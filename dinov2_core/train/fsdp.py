@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +27,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
@@ -55,13 +48,15 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)}
+        timeout = datetime.timedelta(seconds=timeout_s)
+        kwargs = {"timeout": timeout}
         if dev.type == "cuda":
             kwargs["device_id"] = dev
+        if "RANK" not in os.environ:
+            # A store on the port the OS hands out while it listens (port 0): a port chosen first and bound later can
+            # be taken in between by another process. Nothing goes into os.environ for later code to inherit.
+            kwargs.update(store=dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timeout),
+                          rank=0, world_size=1)
         dist.init_process_group(backend=backend, **kwargs)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 

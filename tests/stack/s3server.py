@@ -16,17 +16,13 @@ from pathlib import PurePosixPath
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
 from werkzeug.serving import make_server
 
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+from flows.stack import free_port
 
 
 class CrashableS3:
     def __init__(self, host: str = "127.0.0.1", port: int | None = None):
         self.host = host
-        self.port = port or _free_port(host)
+        self.port = port or free_port(host)
         self.crash_on_put: int | None = None  # crash when this many object PUTs have arrived
         self.puts = 0
         self.crash_on_get: int | None = None  # crash when this many GETs of paths containing get_path arrived

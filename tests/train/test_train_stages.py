@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from flows.stack import free_port
 from tests.train._shards import fashion_items, png_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -349,14 +350,6 @@ def test_pretrain_adapt_distill_chain(train_params, fmnist_shards, labelled_eval
 
 
 # ---------------------------------------------------------------------------------------------- two nodes
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_node(params, params_file: Path) -> subprocess.Popen:
     """One "node": the stage through the CLI, as a pod of the Indexed Job runs it."""
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
@@ -368,7 +361,7 @@ def _start_node(params, params_file: Path) -> subprocess.Popen:
 
 def _two_nodes(train_params, shards, tmp_path, out: Path, steps: int, extra: list[str], **kw):
     """Node 0 and node 1 of one run (one process each), c10d rendezvous on loopback."""
-    port = _free_port()
+    port = free_port()
     nodes = []
     for rank in (0, 1):
         p = train_params("pretrain", shards, steps=steps, out=out, extra=extra + [
