@@ -24,6 +24,15 @@ with warnings.catch_warnings():  # dvclive imports pynvml, which warns about its
 
 logging.getLogger("dvclive").setLevel(logging.WARNING)  # "Logging to experiment ..." on every open
 
+
+class _FilesOnlyLive(Live):
+    """DVCLive's files, without its repository hooks. Our dvc.yaml declares these files as the stage's metrics and
+    plots and the flow saves the experiment, so the hooks add nothing here; and they run `dvc init` in a plain git
+    checkout and fail in one with no commit yet (dvclive 3.48 asks for HEAD before its no-commit check)."""
+
+    def _init_dvc(self) -> None:
+        return None
+
 LIVE_DIR = "dvclive"  # under `reports`: <reports>/dvclive/<stage>/{metrics.json, plots/metrics/*.tsv, plots/images}
 
 
@@ -50,13 +59,13 @@ class DvcLiveSink:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.live: Live | None = None
+        self.live: _FilesOnlyLive | None = None
 
     def open(self, start_step: int) -> None:
         resume = start_step > 0 and (self.folder / "metrics.json").exists()
         if resume:
             _truncate_tsv(self.folder / "plots", start_step)
-        self.live = Live(str(self.folder), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+        self.live = _FilesOnlyLive(str(self.folder), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         assert self.live is not None, "open() first"
@@ -113,7 +122,7 @@ def track_results(tracking: TrackingParams, reports: str, stage: str, table: lis
     of the stage (`dvc plots diff` shows two runs' side by side)."""
     numbers = {f"{row['backbone']}/{key}": float(value) for row in table for key, value in row.items()
                if isinstance(value, int | float) and not isinstance(value, bool)}
-    with Live(str(live_dir(reports, stage)), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    with _FilesOnlyLive(str(live_dir(reports, stage)), save_dvc_exp=False, dvcyaml=None, report=None) as live:
         for name, value in numbers.items():
             live.log_metric(name, value, plot=False)
     if tracking.tensorboard_dir:

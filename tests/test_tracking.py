@@ -41,6 +41,19 @@ def test_dvclive_resume_drops_what_a_killed_run_logged_past_its_checkpoint(tmp_p
     assert list(pd.read_csv(folder / "plots" / "metrics" / "loss_total.tsv", sep="\t")["step"]) == [0, 1, 2]
 
 
+def test_dvclive_writes_its_files_in_a_git_checkout_with_no_commit_and_leaves_it_alone(tmp_path, monkeypatch):
+    """A user's fresh `git init` (no commit, no DVC): DVCLive's own repository hooks ran `dvc init` there, then
+    failed the training stage with "SCMError: Empty git repo"."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True, env=project_env())
+    monkeypatch.chdir(tmp_path)
+    folder = Path("reports") / "dvclive" / "pretrain"
+    _run_steps(DvcLiveSink(folder), 0, 3)
+    track_results(TrackingParams(tensorboard_dir=None), "reports", "eval", [{"backbone": "t", "knn": 0.5}], [])
+    assert json.loads((folder / "metrics.json").read_text())["step"] == 2
+    assert json.loads(Path("reports/dvclive/eval/metrics.json").read_text()) == {"t": {"knn": 0.5}}
+    assert not (tmp_path / ".dvc").exists()
+
+
 def test_tensorboard_only_when_asked_and_resume_purges(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
