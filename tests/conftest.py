@@ -160,8 +160,3 @@ def s3_bucket(s3_env):
     boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1").create_bucket(Bucket=name)
     return name
 
-
-def pytest_collection_modifyitems(items):
-    """End-to-end (slow) tests first. `make test` spreads the files over processes in this order: the longest files
-    then start at once, instead of the last of them running alone on one core while the other cores sit idle."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
