@@ -385,7 +385,19 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {sec.get('passed')} | {figures} |")
     if report["pending"]:
         lines += ["", "Pending: " + "; ".join(report["pending"])]
+    if report.get("unfinished"):
+        lines += ["", "Not reached (the run stopped before them): " + ", ".join(report["unfinished"])]
     return "\n".join(lines) + "\n"
+
+
+def _write(report: dict[str, Any], out: Path, sections: list[str], start: float, done: bool = False) -> None:
+    report["seconds"] = time.perf_counter() - start
+    # a section that could not run here (passed None, with the reason) is no failure; one not reached yet is pending
+    report["passed"] = all(report[name].get("passed") is not False for name in sections if name in report)
+    report["unfinished"] = [] if done else [name for name in sections if name not in report]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -411,12 +423,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "traceback": traceback.format_exc(limit=3)}
         report[name]["seconds"] = round(time.perf_counter() - t0, 2)
         print(f"{name}: passed={report[name].get('passed')} ({report[name]['seconds']} s)", flush=True)
-    report["seconds"] = time.perf_counter() - start
-    # a section that could not run here (passed None, with the reason) is no failure
-    report["passed"] = all(report[name].get("passed") is not False for name in args.sections)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+        _write(report, args.out, args.sections, start)  # after every section: a run cut short keeps what it measured
+    _write(report, args.out, args.sections, start, done=True)
     print(f"wrote {args.out.with_suffix('.json')} and .md: passed={report['passed']} ({report['seconds']:.0f} s)")
     return report
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +20,7 @@ def test_gpu_check_dry_run_fills_every_section(tmp_path):
                          capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads(out.with_suffix(".json").read_text())
-    assert report["environment"]["dry_run"] and report["passed"]
+    assert report["environment"]["dry_run"] and report["passed"] and report["unfinished"] == []
     for section in ("attention", "bf16_step", "fsdp", "speed", "vs_official", "faiss", "quality"):
         assert report[section]["passed"] and "error" not in report[section], section
     backends = {row["backend"] for row in report["attention"]["rows"]}
@@ -54,3 +56,22 @@ def test_gpu_check_runs_without_what_the_device_bundle_leaves_out(tmp_path):
     assert report["faiss"]["passed"] is None and "faiss is not installed" in report["faiss"]["skipped"]
     assert report["quality"]["passed"] and report["quality"]["iterations"] == 4
     assert "attention" not in report and report["passed"]
+
+
+def test_gpu_check_killed_mid_run_keeps_the_sections_it_finished(tmp_path):
+    """The device call has a hard time limit: a run cut short there must still bring back what it measured."""
+    out = tmp_path / "gpu_check"
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out),
+                             "--sections", "attention", "quality"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not out.with_suffix(".json").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the quality run (a torchrun pretrain stage, >10 s) has just started
+    finally:
+        proc.wait(timeout=60)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["attention"]["passed"] and "quality" not in report
+    assert report["unfinished"] == ["quality"]
+    assert "Not reached (the run stopped before them): quality" in out.with_suffix(".md").read_text()
