@@ -26,7 +26,7 @@ from tasks.image_store import ImageStore
 from tasks.local_ranks import run_local_ranks
 from tasks.log import get_logger
 from tasks.sections import EmbedderParams, StorageParams
-from tasks.storage import Storage
+from tasks.storage import Storage, scheme_of
 
 log = get_logger("embed_job")
 
@@ -129,7 +129,7 @@ def embed_parallel(job: EmbedJob) -> tuple[np.ndarray, dict[str, float]]:
     if processes == 1:
         run_rank(job, 0, 1)
     else:
-        job_file = Path(job.out) / "job.json" if "://" not in job.out else None
+        job_file = Path(job.out) / "job.json" if scheme_of(job.out) == "local" else None
         if job_file is None:  # the workers need the job on a local path: a temporary file beside the cache
             job_file = ROOT / ".dvc" / "tmp" / f"embed-job-{os.getpid()}.json"
         job_file.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dinov2_core.atomic import atomic_write_bytes
+from tasks.storage import scheme_of
 
 if TYPE_CHECKING:
     from tasks.params import Params
@@ -50,7 +51,7 @@ def round_overrides(params: Params, name: str) -> list[str]:
     curate_with = params.loop.rounds[name].rstrip("/")
     sets = [f"{key}={root}/{rel}" for key, rel in ROUND_PATHS.items()]
     shards_out = params.shards.out
-    sets.append(f"shards.out={shards_out.rstrip('/')}/{name}" if "://" in shards_out else f"shards.out={root}/shards")
+    sets.append(f"shards.out={shards_out.rstrip('/')}/{name}" if scheme_of(shards_out) != "local" else f"shards.out={root}/shards")
     sets += [
         "retrieve.embedder.kind=dinov2",
         f"retrieve.embedder.weights={curate_with}/{EXPORT_WEIGHTS}",  # its model.json beside it says the arch

@@ -25,7 +25,7 @@ from dinov2_core.train.engine import TrainSpec, run_training
 from tasks.log import get_logger, progress_kwargs
 from tasks.params import Params, ParamsError
 from tasks.sections import LaunchParams
-from tasks.storage import Storage
+from tasks.storage import Storage, scheme_of
 from tasks.tracking import stage_sinks
 from tasks.validation import TableCheck
 
@@ -100,7 +100,7 @@ def launch_workers(stage: str, params: Params, out: Path, extra_env: dict[str, s
     Raises TrainingFailed with the failing rank's one-line reason.
     """
     ckpt_dir = getattr(params, stage).checkpoint.dir
-    if ckpt_dir and "://" in ckpt_dir:
+    if ckpt_dir and scheme_of(ckpt_dir) != "local":
         # before any worker starts: an unreachable store or rejected keys is one line here, not N rank tracebacks
         Storage.from_params(params.storage).exists(ckpt_dir)
     run_dir = out / "run"
