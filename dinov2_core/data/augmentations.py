@@ -32,13 +32,13 @@ def gaussian_blur(p: float, radius_min: float = 0.1, radius_max: float = 2.0) ->
     return v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(radius_min, radius_max))], p=p)
 
 
-class DataAugmentationDINO:
-    """image (PIL, uint8 or float [0, 1] tensor) -> dict with ``global_crops`` (2 x (3, G, G) float tensors),
-    ``global_crops_teacher`` (the same two), ``local_crops`` (N x (3, L, L)), ``offsets`` (empty; official key).
+class MultiCropSpec:
+    """The multi-crop recipe's settings, shared by the per-image transform below and the batched one
+    (:class:`~dinov2_core.data.batch_augment.BatchMultiCrop`), so both take the same arguments and defaults.
 
     Defaults: global scale (0.32, 1.0) at 224 px, 8 local crops of scale (0.05, 0.32) at 98 px (the size DINOv2
-    uses with patch 14). Calling with ``generator=`` (a ``torch.Generator``) or ``seed=`` makes the crops a
-    deterministic function of it without touching the global RNG.
+    uses with patch 14); blur probabilities as in the paper (module docstring), solarisation 0.2 on the second global
+    crop, ImageNet normalisation.
     """
 
     def __init__(
@@ -60,13 +60,32 @@ class DataAugmentationDINO:
         self.local_crops_size = int(local_crops_size)
         self.blur_probs = tuple(blur_probs)
         self.solarize_prob = solarize_prob
+        self.mean = tuple(mean)
+        self.std = tuple(std)
 
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(global={self.global_crops_size}px {self.global_crops_scale}, "
+            f"local={self.local_crops_number}x{self.local_crops_size}px {self.local_crops_scale}, "
+            f"blur={self.blur_probs}, solarize={self.solarize_prob})"
+        )
+
+
+class DataAugmentationDINO(MultiCropSpec):
+    """image (PIL, uint8 or float [0, 1] tensor) -> dict with ``global_crops`` (2 x (3, G, G) float tensors),
+    ``global_crops_teacher`` (the same two), ``local_crops`` (N x (3, L, L)), ``offsets`` (empty; official key).
+    Arguments and defaults: :class:`MultiCropSpec`. Calling with ``generator=`` (a ``torch.Generator``) or ``seed=`` makes the crops a
+    deterministic function of it without touching the global RNG.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         bicubic = v2.InterpolationMode.BICUBIC
         self.to_uint8 = v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)])
         self.geometric_augmentation_global = v2.Compose(
             [
                 v2.RandomResizedCrop(
-                    global_crops_size, scale=self.global_crops_scale, interpolation=bicubic, antialias=True
+                    self.global_crops_size, scale=self.global_crops_scale, interpolation=bicubic, antialias=True
                 ),
                 v2.RandomHorizontalFlip(p=0.5),
             ]
@@ -74,7 +93,7 @@ class DataAugmentationDINO:
         self.geometric_augmentation_local = v2.Compose(
             [
                 v2.RandomResizedCrop(
-                    local_crops_size, scale=self.local_crops_scale, interpolation=bicubic, antialias=True
+                    self.local_crops_size, scale=self.local_crops_scale, interpolation=bicubic, antialias=True
                 ),
                 v2.RandomHorizontalFlip(p=0.5),
             ]
@@ -88,7 +107,7 @@ class DataAugmentationDINO:
             ]
         )
         self.normalize = v2.Compose(
-            [v2.ToDtype(torch.float32, scale=True), make_normalize_transform(mean, std)]
+            [v2.ToDtype(torch.float32, scale=True), make_normalize_transform(self.mean, self.std)]
         )
         p_g1, p_g2, p_loc = self.blur_probs
         self.global_transfo1 = v2.Compose([color_jittering, gaussian_blur(p_g1), self.normalize])
@@ -96,7 +115,7 @@ class DataAugmentationDINO:
             [
                 color_jittering,
                 gaussian_blur(p_g2),
-                v2.RandomSolarize(threshold=128, p=solarize_prob),
+                v2.RandomSolarize(threshold=128, p=self.solarize_prob),
                 self.normalize,
             ]
         )
@@ -128,13 +147,6 @@ class DataAugmentationDINO:
             torch.manual_seed(seed)
             return self._apply(image)
 
-    def __repr__(self) -> str:
-        return (
-            f"DataAugmentationDINO(global={self.global_crops_size}px {self.global_crops_scale}, "
-            f"local={self.local_crops_number}x{self.local_crops_size}px {self.local_crops_scale}, "
-            f"blur={self.blur_probs}, solarize={self.solarize_prob})"
-        )
-
 
 MultiCropAugmentation = DataAugmentationDINO
 
@@ -145,6 +157,7 @@ __all__ = [
     "RELEASED_CHECKPOINTS_BLUR_PROBS",
     "DataAugmentationDINO",
     "MultiCropAugmentation",
+    "MultiCropSpec",
     "gaussian_blur",
     "make_normalize_transform",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from .augmentations import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PAPER_BLUR_PROBS
+from .augmentations import MultiCropSpec
 
 _LUMA = (0.299, 0.587, 0.114)
 # RGB <-> YIQ (NTSC); a hue shift is a rotation of the (I, Q) plane.
@@ -81,37 +82,20 @@ def _resized_crop_box(rng: np.random.Generator, height: int, width: int, scale: 
     return float(left), float(top), float(left + w), float(top + h)
 
 
-class BatchMultiCrop:
+class BatchMultiCrop(MultiCropSpec):
     """Two global and ``local_crops_number`` local crops of each image of a batch.
 
     ``__call__(images, seeds)``: ``images`` are uint8 tensors (3, H_i, W_i) of any sizes, ``seeds`` one integer per
     image. Returns ``{"global": (2, B, 3, G, G), "local": (N, B, 3, L, L) or None}`` float tensors, normalised.
-    Arguments and defaults are those of :class:`~dinov2_core.data.augmentations.DataAugmentationDINO`.
+    Arguments and defaults: :class:`~dinov2_core.data.augmentations.MultiCropSpec`.
     """
 
     batched = True
 
-    def __init__(
-        self,
-        global_crops_scale: tuple[float, float] = (0.32, 1.0),
-        local_crops_scale: tuple[float, float] = (0.05, 0.32),
-        local_crops_number: int = 8,
-        global_crops_size: int = 224,
-        local_crops_size: int = 98,
-        blur_probs: tuple[float, float, float] = PAPER_BLUR_PROBS,
-        solarize_prob: float = 0.2,
-        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    ) -> None:
-        self.global_crops_scale = tuple(global_crops_scale)
-        self.local_crops_scale = tuple(local_crops_scale)
-        self.local_crops_number = int(local_crops_number)
-        self.global_crops_size = int(global_crops_size)
-        self.local_crops_size = int(local_crops_size)
-        self.blur_probs = tuple(blur_probs)
-        self.solarize_prob = solarize_prob
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
 
     @property
     def max_side(self) -> int:
@@ -173,7 +157,7 @@ class BatchMultiCrop:
         if sol.any():
             y = x[sol]
             x[sol] = torch.where(y >= 128 / 255, 1.0 - y, y)
-        return (x - self.mean) / self.std
+        return (x - self._mean) / self._std
 
     @staticmethod
     def _jitter(x: Tensor, factors: list[tuple[float, float, float, float] | None]) -> Tensor:
@@ -212,11 +196,6 @@ class BatchMultiCrop:
             flat = [(i, crops[2 + c]) for c in range(n) for i, crops in enumerate(per_image)]  # crop-major
             loc = self._render(canvas, flat, self.local_crops_size).unflatten(0, (n, len(images)))
         return {"global": torch.stack(g), "local": loc}
-
-    def __repr__(self) -> str:
-        return (f"BatchMultiCrop(global={self.global_crops_size}px {self.global_crops_scale}, "
-                f"local={self.local_crops_number}x{self.local_crops_size}px {self.local_crops_scale}, "
-                f"blur={self.blur_probs}, solarize={self.solarize_prob})")
 
 
 def _luma(x: Tensor) -> Tensor:

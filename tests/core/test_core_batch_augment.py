@@ -80,7 +80,7 @@ def test_identity_parameters_reproduce_a_plain_resize(size):
     img = _images([(28, 28)])[0]
     canvas = aug._pad_stack([img])
     plain = CropParams((0.0, 0.0, 28.0, 28.0), False, None, False, None, False)
-    out = aug._render(canvas, [(0, plain)], size) * aug.std[0] + aug.mean[0]
+    out = aug._render(canvas, [(0, plain)], size) * torch.tensor(aug.std).view(3, 1, 1) + torch.tensor(aug.mean).view(3, 1, 1)
     ref = TF.resize(img.float()[None] / 255, [size, size], interpolation=TF.InterpolationMode.BILINEAR,
                     antialias=False)[0]
     assert torch.allclose(out[0], ref, atol=1e-4)
