@@ -16,7 +16,7 @@ from PIL import Image
 
 from dinov2_core.curation import PairVerifier, decontaminate, knn_search
 from tasks.backbones import copy_detection_views_embedder, make_embedder, views_array
-from tasks.curation_scores import decontamination_quality, load_truth
+from tasks.curation_scores import decontamination_quality, load_truth, pixel_ncc
 from tasks.dedup import embedding_checks
 from tasks.embeddings import embed_keys, load_embeddings
 from tasks.image_store import ImageStore, load_indexed_images, open_rgb
@@ -113,21 +113,13 @@ def run_decontaminate(params: Params) -> pd.DataFrame:
     truth = load_truth(p.ground_truth, store.manifest)
     if truth is not None:
         metrics["quality"] = decontamination_quality(
-            result, truth, lambda key, eval_id: _pixel_ncc(store.load(key), open_rgb(by_id[eval_id])))
+            result, truth, lambda key, eval_id: pixel_ncc(store.load(key), open_rgb(by_id[eval_id])))
     write_metrics(params.reports, "decontaminate", metrics)
     q = metrics.get("quality", {})
     log.info("decontaminate: %d removed (%d direct), %d kept; planted eval copies removed %s/%s",
              metrics["removed"], metrics["removed_direct"], metrics["kept"],
              q.get("planted_eval_copies_removed"), q.get("planted_eval_copies_in_pool"))
     return result
-
-
-def _pixel_ncc(a: Image.Image, b: Image.Image, side: int = 32) -> float:
-    """Correlation of two images' grey pixels at ``side`` x ``side``."""
-    x, y = (np.asarray(im.convert("L").resize((side, side), Image.Resampling.BILINEAR), np.float64) for im in (a, b))
-    x, y = x - x.mean(), y - y.mean()
-    den = float(np.sqrt((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / den) if den > 0 else 1.0
 
 
 def _checks(result: pd.DataFrame, n_in: int, nearest: np.ndarray, threshold: float, eval_vectors: np.ndarray,

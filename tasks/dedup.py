@@ -15,7 +15,7 @@ import pandas as pd
 
 from dinov2_core.curation import PairVerifier, deduplicate, knn_search
 from tasks.backbones import copy_detection_views_embedder, make_embedder, views_array
-from tasks.curation_scores import dedup_quality, load_truth
+from tasks.curation_scores import dedup_quality, load_truth, pixel_ncc
 from tasks.embed_job import parallel_embedder
 from tasks.embeddings import embed_keys, save_embeddings
 from tasks.image_store import ImageStore
@@ -124,11 +124,12 @@ def run_dedup(params: Params) -> pd.DataFrame:
     }
     truth = load_truth(p.ground_truth, store.manifest)
     if truth is not None:
-        metrics["quality"] = dedup_quality(result, truth)
+        metrics["quality"] = dedup_quality(result, truth, lambda a, b: pixel_ncc(store.load(a), store.load(b)))
     write_metrics(params.reports, "dedup", metrics)
     q = metrics.get("quality", {})
-    log.info("dedup: %d images -> %d kept, %d near-duplicates removed (recall %s, precision %s vs ground truth)",
-             metrics["images"], metrics["kept"], metrics["removed"], q.get("recall"), q.get("precision"))
+    log.info("dedup: %d images -> %d kept, %d near-duplicates removed (recall %s, precision %s vs ground truth; "
+             "%s counting the crawl's own pixel copies)", metrics["images"], metrics["kept"], metrics["removed"],
+             q.get("recall"), q.get("precision"), q.get("precision_pixel_copies_counted"))
     return result
 
 

@@ -50,6 +50,9 @@ def test_dedup_finds_planted_near_duplicates(curated):
     q = metrics["dedup"]["quality"]
     assert q["planted_pairs"] >= 20
     assert q["recall"] >= 0.85 and q["precision"] >= 0.95, q
+    # wrong merges split into the crawl's own pixel copies and look-alikes lost; counting the copies only adds
+    assert 0 <= q["wrongly_removed_pixel_near_copies"] <= q["distinct_images_wrongly_removed"]
+    assert q["precision"] <= q["precision_pixel_copies_counted"] <= 1.0
     dedup = pd.read_parquet(root / "dedup" / "dedup.parquet")
     kept = set(dedup.loc[dedup["kept"], "key"])
     assert dedup.loc[~dedup["kept"], "duplicate_of"].isin(kept).all()
@@ -141,3 +144,26 @@ def test_corrupt_embeddings_fail_the_boundary_check(curated, tmp_path):
         params.decontaminate.dedup = str(root / "dedup")
         params.decontaminate.out = str(root / "decontam")
     assert not (tmp_path / "out" / "decontam.parquet").exists()
+
+
+def test_dedup_quality_tells_the_crawls_own_pixel_copies_from_look_alikes():
+    """Two crawl items the sidecar calls distinct but whose pixels are the same picture (Fashion-MNIST has such) are
+    counted apart from a look-alike lost; the plain precision still counts both as wrong."""
+    from PIL import Image
+
+    from tasks.curation_scores import dedup_quality, pixel_ncc
+
+    a, b, b_like, c = np.random.default_rng(0).integers(0, 255, (4, 28, 28), dtype=np.uint8)
+    a_copy = np.clip(a.astype(int) + 3, 0, 255).astype(np.uint8)  # the same picture, a little brighter
+    images = {"a": a, "a_copy": a_copy, "b": b, "b_like": b_like, "c": c, "c_dup": c}
+    truth = pd.DataFrame({"sha256": list(images), "kind": ["in_domain"] * 5 + ["near_duplicate"],
+                          "identity": ["a", "a2", "b", "b2", "c", "c"]}).set_index("sha256")
+    dedup = pd.DataFrame({"key": list(images), "component": [0, 0, 1, 1, 2, 2],
+                          "kept": [True, False, True, False, True, False],
+                          "duplicate_of": [None, "a", None, "b", None, "c"]})
+    ncc = lambda k, r: pixel_ncc(Image.fromarray(images[k]), Image.fromarray(images[r]))
+    q = dedup_quality(dedup, truth, ncc)
+    assert q["removed"] == 3 and q["removed_correctly"] == 1 and q["distinct_images_wrongly_removed"] == 2
+    assert q["precision"] == round(1 / 3, 4)
+    assert q["wrongly_removed_pixel_near_copies"] == 1 and q["precision_pixel_copies_counted"] == round(2 / 3, 4)
+    assert "wrongly_removed_pixel_near_copies" not in dedup_quality(dedup, truth)
