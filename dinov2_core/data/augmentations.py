@@ -74,8 +74,8 @@ class MultiCropSpec:
 class DataAugmentationDINO(MultiCropSpec):
     """image (PIL, uint8 or float [0, 1] tensor) -> dict with ``global_crops`` (2 x (3, G, G) float tensors),
     ``global_crops_teacher`` (the same two), ``local_crops`` (N x (3, L, L)), ``offsets`` (empty; official key).
-    Arguments and defaults: :class:`MultiCropSpec`. Calling with ``generator=`` (a ``torch.Generator``) or ``seed=`` makes the crops a
-    deterministic function of it without touching the global RNG.
+    Arguments and defaults: :class:`MultiCropSpec`. Calling with ``generator=`` (a ``torch.Generator``) or ``seed=``
+    makes the crops a deterministic function of it without touching the global RNG.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
