@@ -86,7 +86,7 @@ def dedup_quality(dedup: pd.DataFrame, truth: pd.DataFrame,
 PIXEL_COPY_NCC = 0.98
 
 
-def pixel_ncc(a: Image.Image, b: Image.Image, side: int = 32) -> float:
+def grey_pixel_ncc(a: Image.Image, b: Image.Image, side: int = 32) -> float:
     """Correlation of two images' grey pixels at ``side`` x ``side``."""
     x, y = (np.asarray(im.convert("L").resize((side, side), Image.Resampling.BILINEAR), np.float64) for im in (a, b))
     x, y = x - x.mean(), y - y.mean()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dinov2_core.curation import PairVerifier, decontaminate, knn_search
 from tasks.backbones import copy_detection_views_embedder, make_embedder, views_array
-from tasks.curation_scores import decontamination_quality, load_truth, pixel_ncc
+from tasks.curation_scores import decontamination_quality, grey_pixel_ncc, load_truth
 from tasks.dedup import embedding_checks
 from tasks.embeddings import embed_keys, load_embeddings
 from tasks.image_store import ImageStore, load_indexed_images, open_rgb
@@ -113,7 +113,7 @@ def run_decontaminate(params: Params) -> pd.DataFrame:
     truth = load_truth(p.ground_truth, store.manifest)
     if truth is not None:
         metrics["quality"] = decontamination_quality(
-            result, truth, lambda key, eval_id: pixel_ncc(store.load(key), open_rgb(by_id[eval_id])))
+            result, truth, lambda key, eval_id: grey_pixel_ncc(store.load(key), open_rgb(by_id[eval_id])))
     write_metrics(params.reports, "decontaminate", metrics)
     q = metrics.get("quality", {})
     log.info("decontaminate: %d removed (%d direct), %d kept; planted eval copies removed %s/%s",

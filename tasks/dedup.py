@@ -15,7 +15,7 @@ import pandas as pd
 
 from dinov2_core.curation import PairVerifier, deduplicate, knn_search
 from tasks.backbones import copy_detection_views_embedder, make_embedder, views_array
-from tasks.curation_scores import dedup_quality, load_truth, pixel_ncc
+from tasks.curation_scores import dedup_quality, grey_pixel_ncc, load_truth
 from tasks.embed_job import parallel_embedder
 from tasks.embeddings import embed_keys, save_embeddings
 from tasks.image_store import ImageStore
@@ -124,7 +124,7 @@ def run_dedup(params: Params) -> pd.DataFrame:
     }
     truth = load_truth(p.ground_truth, store.manifest)
     if truth is not None:
-        metrics["quality"] = dedup_quality(result, truth, lambda a, b: pixel_ncc(store.load(a), store.load(b)))
+        metrics["quality"] = dedup_quality(result, truth, lambda a, b: grey_pixel_ncc(store.load(a), store.load(b)))
     write_metrics(params.reports, "dedup", metrics)
     q = metrics.get("quality", {})
     log.info("dedup: %d images -> %d kept, %d near-duplicates removed (recall %s, precision %s vs ground truth; "

@@ -151,7 +151,7 @@ def test_dedup_quality_tells_the_crawls_own_pixel_copies_from_look_alikes():
     counted apart from a look-alike lost; the plain precision still counts both as wrong."""
     from PIL import Image
 
-    from tasks.curation_scores import dedup_quality, pixel_ncc
+    from tasks.curation_scores import dedup_quality, grey_pixel_ncc
 
     a, b, b_like, c = np.random.default_rng(0).integers(0, 255, (4, 28, 28), dtype=np.uint8)
     a_copy = np.clip(a.astype(int) + 3, 0, 255).astype(np.uint8)  # the same picture, a little brighter
@@ -161,7 +161,7 @@ def test_dedup_quality_tells_the_crawls_own_pixel_copies_from_look_alikes():
     dedup = pd.DataFrame({"key": list(images), "component": [0, 0, 1, 1, 2, 2],
                           "kept": [True, False, True, False, True, False],
                           "duplicate_of": [None, "a", None, "b", None, "c"]})
-    ncc = lambda k, r: pixel_ncc(Image.fromarray(images[k]), Image.fromarray(images[r]))
+    ncc = lambda k, r: grey_pixel_ncc(Image.fromarray(images[k]), Image.fromarray(images[r]))
     q = dedup_quality(dedup, truth, ncc)
     assert q["removed"] == 3 and q["removed_correctly"] == 1 and q["distinct_images_wrongly_removed"] == 2
     assert q["precision"] == round(1 / 3, 4)
