@@ -38,7 +38,8 @@ def sinkhorn_knopp(
     scores = scores.float()
     # Subtracting the global max changes nothing after the first normalisation but keeps exp() finite for sharp
     # teachers (logits / 0.04 overflow float32 beyond ~3.5); the reference code has no such guard.
-    shift = scores.max().detach().clone()
+    # A rank without samples (no masked patch this step) still joins every collective; its max is -inf.
+    shift = scores.max().detach().clone() if scores.numel() else scores.new_full((), float("-inf"))
     all_reduce_(shift, op=dist.ReduceOp.MAX)
     q = torch.exp((scores - shift) / temp).t()  # (K, B) as in the paper's notation
     k = q.shape[0]

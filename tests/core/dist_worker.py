@@ -33,6 +33,9 @@ def main(rank: int, world: int, init: str, out: str) -> None:
     rows = patches[:5] if rank == 0 else patches[5:]
     il = iBOTPatchLoss(10)
     res["ibot_sk"] = il.sinkhorn_knopp_teacher(rows, 0.1, torch.tensor([rows.shape[0]]))
+    # a rank without masked patches this step still joins the collectives; rank 0 holds all 14 rows
+    lopsided = patches if rank == 0 else patches[:0]
+    res["ibot_sk_empty_peer"] = il.sinkhorn_knopp_teacher(lopsided, 0.1, torch.tensor([lopsided.shape[0]]))
     il.update_center(rows.unsqueeze(0))
     il.apply_center_update()
     res["ibot_center"] = il.center

@@ -36,6 +36,7 @@ def test_two_rank_losses_and_sharded_ema(tmp_path: Path):
     il = iBOTPatchLoss(10)
     q = il.sinkhorn_knopp_teacher(patches, 0.1, torch.tensor([14]))
     torch.testing.assert_close(res["ibot_sk"], q[:5], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(res["ibot_sk_empty_peer"], q, atol=1e-6, rtol=1e-5)
     # iBOT centre: per-rank token mean, averaged over ranks (the reference semantics)
     expected_center = 0.1 * (patches[:5].mean(0) + patches[5:].mean(0)) / 2
     torch.testing.assert_close(res["ibot_center"].flatten(), expected_center)

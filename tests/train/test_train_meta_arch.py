@@ -81,9 +81,11 @@ def test_tiny_and_degenerate_batches_stay_finite(centering, b, identical):
     assert all(torch.isfinite(p).all() for p in meta.parameters())
 
 
-def test_no_masked_patch_and_tied_heads():
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
+def test_no_masked_patch_and_tied_heads(centering):
+    """mask_sample_probability 0 (iBOT off): Sinkhorn-Knopp gets no patch rows and must neither fail nor poison."""
     torch.manual_seed(0)
-    meta = SSLMetaArch(BB, loss_cfg(centering="centering", ibot_separate_head=False), n_local_crops=0)
+    meta = SSLMetaArch(BB, loss_cfg(centering=centering, ibot_separate_head=False), n_local_crops=0)
     assert "ibot_head" not in meta.student
     for step in range(2):  # no masked patch at all: iBOT is 0 and the EMA centre must not become NaN
         b = batch(2, n_local=0, mask_p=0.0, step=step)
