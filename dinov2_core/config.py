@@ -24,6 +24,7 @@ NonNegFloat = Annotated[float, Ge(0.0)]
 Fraction = Annotated[float, Interval(ge=0.0, le=1.0)]
 Momentum = Annotated[float, Interval(ge=0.0, lt=1.0)]
 FloatPair = tuple[float, float]
+PAPER_BLUR_PROBS = (1.0, 0.1, 0.5)  # multi-crop blur (global 1, global 2, local), BYOL Table 6 as cited by DINOv2
 STRICT = {"extra": "forbid"}
 
 # The official factories (dinov2_core.models.ARCHS) and their hub constructors (dinov2_core.hub).
@@ -238,6 +239,9 @@ class MultiCropConfig:
     local_crops_number: NonNegInt = 8
     global_crops_scale: FloatPair = (0.32, 1.0)
     local_crops_scale: FloatPair = (0.05, 0.32)
+    # (global 1, global 2, local): the paper follows BYOL (Table 6), 1.0 / 0.1 / 0.5 (dinov2_core.data.augmentations)
+    blur_probs: tuple[Fraction, Fraction, Fraction] = PAPER_BLUR_PROBS
+    solarize_prob: Fraction = 0.2  # second global crop only (BYOL / DINO)
 
     def check_patch_multiple(self, patch_size: int) -> None:
         """Crops must tile into whole patches."""

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from dinov2_core.config import PAPER_BLUR_PROBS
+
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
-PAPER_BLUR_PROBS = (1.0, 0.1, 0.5)  # (global 1, global 2, local), BYOL Table 6 as cited by DINO/DINOv2
 RELEASED_CHECKPOINTS_BLUR_PROBS = (0.0, 0.9, 0.5)  # what the reference code effectively applies
 
 

@@ -157,7 +157,8 @@ def make_loader(spec: TrainSpec, patch_size: int, rank: int, world: int, start_s
     transform = BatchMultiCrop(
         global_crops_scale=tuple(crops.global_crops_scale), local_crops_scale=tuple(crops.local_crops_scale),
         local_crops_number=crops.local_crops_number, global_crops_size=crops.global_crops_size,
-        local_crops_size=crops.local_crops_size,
+        local_crops_size=crops.local_crops_size, blur_probs=tuple(crops.blur_probs),
+        solarize_prob=crops.solarize_prob,
     )
     return SSLDataLoader(
         index, transform, global_batch_size=spec.data.global_batch_size, streams=spec.data.streams,

@@ -138,3 +138,17 @@ def test_real_multicrop_transform_through_s3(fmnist_shards, s3_bucket):
     b = take(make_loader(remote, transform=aug, opener=storage.open_read, size=56), 1)[0]
     assert a["collated_global_crops"].shape == (16, 3, 56, 56) and a["collated_local_crops"].shape == (16, 3, 28, 28)
     assert a["keys"] == b["keys"] and torch.equal(a["collated_global_crops"], b["collated_global_crops"])
+
+
+def test_augmentation_strengths_are_params(fmnist_shards, train_params):
+    """crops.blur_probs / solarize_prob reach the stage's batched transform (e.g. no blur for tiny grey images)."""
+    from dinov2_core.train.engine import make_loader as stage_loader
+    from tasks.pretrain import build_spec
+
+    params = train_params("pretrain", fmnist_shards, 1, extra=["pretrain.crops.blur_probs=[0.0,0.0,0.3]",
+                                                             "pretrain.crops.solarize_prob=0.0"])
+    aug = stage_loader(build_spec(params), 14, 0, 1, 0, False).dataset.transform
+    crops = [aug.sample(s, 28, 28) for s in range(2000)]
+    assert not any(c[i].blur_sigma is not None for c in crops for i in (0, 1))
+    assert not any(c[1].solarize for c in crops)
+    assert abs(np.mean([c[2].blur_sigma is not None for c in crops]) - 0.3) < 0.04

@@ -30,6 +30,8 @@ def test_profiles_validate_with_training_sections():
     ("launch.node_rank=3", "launch"),
     ("pretrain.loss.centering=sk", "pretrain.loss.centering"),
     ("distill.crops.global_crops_size=50", "distill"),
+    ("pretrain.crops.blur_probs=[1.0,0.1]", "pretrain.crops.blur_probs"),
+    ("pretrain.crops.solarize_prob=1.5", "pretrain.crops.solarize_prob"),
 ])
 def test_bad_training_values_are_one_line_errors(override, key):
     with pytest.raises(ParamsError) as err:
