@@ -93,7 +93,7 @@ def test_library_configs_carry_their_constraints_and_defaults():
 
     params = load_params(ROOT / "params.yaml")
     assert type(params.pretrain.optim) is OptimConfig and type(params.pretrain.crops) is MultiCropConfig
-    assert params.pretrain.optim.base_lr == OptimConfig().base_lr  # not stated in params.yaml
+    assert params.pretrain.optim.weight_decay == OptimConfig().weight_decay  # not stated in params.yaml
     assert params.pretrain.crops.global_crops_scale == MultiCropConfig().global_crops_scale
     with pytest.raises(ParamsError, match="pretrain.optim.momentum_teacher"):
         load_params(ROOT / "params.yaml", ["pretrain.optim.momentum_teacher=1.5"])
