@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -312,11 +313,16 @@ def export_onnx(model: DinoVisionTransformer, out_dir: str | Path, opset: int = 
         model.attn_backend = "eager"  # plain matmul/softmax ops: every ONNX runtime has them
     model.interpolate_pos_encoding = _traceable_pos_encoding(model)  # instance attribute: shadows the method
     try:
-        torch.onnx.export(wrapper, (torch.zeros(2, 3, size, size),), str(out_dir / "model.onnx"),
-                          input_names=["pixel_values"], output_names=["cls", "patch_tokens"],
-                          dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"},
-                                        "cls": {0: "batch"}, "patch_tokens": {0: "batch", 1: "tokens"}},
-                          opset_version=opset, dynamo=False)
+        with warnings.catch_warnings():
+            # The grid sizes are traced from the input's shape (the test at other sizes proves the graph follows them);
+            # the tracer still warns that torch.as_tensor makes constants.
+            warnings.filterwarnings("ignore", "torch.as_tensor results are registered as constants",
+                                    torch.jit.TracerWarning)
+            torch.onnx.export(wrapper, (torch.zeros(2, 3, size, size),), str(out_dir / "model.onnx"),
+                              input_names=["pixel_values"], output_names=["cls", "patch_tokens"],
+                              dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"},
+                                            "cls": {0: "batch"}, "patch_tokens": {0: "batch", 1: "tokens"}},
+                              opset_version=opset, dynamo=False)
     finally:
         del model.interpolate_pos_encoding
         if was is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 
@@ -50,7 +51,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         ph, pw = self.patch_size
-        if h % ph or w % pw:
+        if not torch.jit.is_tracing() and (h % ph or w % pw):  # a traced (ONNX) graph cannot keep a Python check
             raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {ph}x{pw}")
         x = self.proj(x)
         gh, gw = x.shape[-2:]
