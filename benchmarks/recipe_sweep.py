@@ -27,7 +27,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
-# (name, what it tests, overrides on params.yaml). Every row: 300 iterations of batch 64 (19,200 images).
+# (name, what it tests, overrides on params.yaml). Every row: 300 iterations of batch 64 (19,200 images), but the
+# compute rows at the end.
 _PAPER = ["model.layerscale=1.0e-5", "pretrain.optim.teacher_temp=0.07", "pretrain.optim.warmup_teacher_temp=0.04",
           "pretrain.optim.warmup_teacher_temp_epochs=3"]
 _300 = ["pretrain.optim.epochs=30"]
@@ -35,6 +36,7 @@ _300 = ["pretrain.optim.epochs=30"]
 # crops 0.05-0.32, base lr 0.004): the first rows measure the temperature/LayerScale choice on top of it.
 _PAPER_CROPS = ["pretrain.crops.blur_probs=[1.0,0.1,0.5]", "pretrain.crops.solarize_prob=0.2",
                 "pretrain.crops.local_crops_scale=[0.05,0.32]", "pretrain.optim.base_lr=0.004"]
+_LONG = ["pretrain.optim.momentum_teacher=0.98", "pretrain.optim.final_momentum_teacher=0.998"]
 _SEED = {1: ["seed=1", "pretrain.data.seed=1"], 2: ["seed=2", "pretrain.data.seed=2"]}
 SWEEP: list[tuple[str, str, list[str]]] = [
     ("paper-knobs", ("the released configs' knobs: LayerScale 1e-5, teacher temperature 0.04 -> 0.07 "
@@ -66,11 +68,28 @@ SWEEP: list[tuple[str, str, list[str]]] = [
     ("prototypes-64", "chosen, 64 DINO prototypes", [*_300, "pretrain.loss.dino_head.n_prototypes=64"]),
     ("batch-128", "chosen, batch 128 for 150 iterations (the same images seen)",
      ["pretrain.optim.epochs=15", "pretrain.data.global_batch_size=128"]),
+    # Compute: what the same CPU seconds buy. Rows above change the recipe at a fixed 300 iterations; these change
+    # the model width, the batch or the iteration count, and their "train s" is the cost to compare.
+    ("iterations-900", "chosen, 900 iterations (3x a row's compute)", ["pretrain.optim.epochs=90"]),
+    ("width-288", "chosen, 288-d blocks (4 heads of 64) instead of 192-d, 300 iterations",
+     [*_300, "model.embed_dim=288", "model.num_heads=4"]),
+    ("width-384", "chosen, 384-d blocks (6 heads of 64), 300 iterations", [*_300, "model.embed_dim=384",
+                                                                           "model.num_heads=6"]),
+    ("batch-32", "chosen, batch 32 for 600 iterations (the same images seen)",
+     ["pretrain.optim.epochs=60", "pretrain.data.global_batch_size=32"]),
+    ("batch-16", "chosen, batch 16 for 1,200 iterations (the same images seen)",
+     ["pretrain.optim.epochs=120", "pretrain.data.global_batch_size=16"]),
+    # The same question at the quality profile's budget (~15 minutes each, not in the default list: run them by name).
+    ("long-3300", "chosen, 3,300 iterations with the quality profile's teacher momentum 0.98 -> 0.998",
+     ["pretrain.optim.epochs=330", "pretrain.optim.warmup_epochs=10", *_LONG]),
+    ("long-width-384", "the same model at 384-d (6 heads) for 1,300 iterations: about the same CPU seconds",
+     ["pretrain.optim.epochs=130", *_LONG, "pretrain.optim.warmup_epochs=3", "model.embed_dim=384",
+      "model.num_heads=6"]),
     ("smoke", "3 iterations (a check of this script, not a result)",
      ["pretrain.optim.epochs=1", "pretrain.optim.epoch_length=3", "pretrain.optim.warmup_epochs=0",
       "pretrain.optim.freeze_last_layer_epochs=0"]),
 ]
-DEFAULT_ROWS = [name for name, _, _ in SWEEP if name != "smoke"]
+DEFAULT_ROWS = [name for name, _, _ in SWEEP if name != "smoke" and not name.startswith("long-")]
 
 
 def _selection_split(eval_dir: Path, tmp: Path) -> Path:
