@@ -2,7 +2,7 @@
 
 Each row is the pretrain stage's own worker code (``tasks.train_launch.run_worker``: FSDP2 on one process, the real
 shard loader, the same schedules) run with a few ``--set``-style overrides on top of a params file, on the shards
-that `dvc repro shards` wrote. Only the paper's knobs change (temperatures, LayerScale init, prototypes, crops,
+that `dvc repro shards` wrote. Only knobs change (temperatures, LayerScale init, prototypes, crops, model width,
 lr, batch, iterations); the method stays DINO + iBOT + KoLeo with Sinkhorn-Knopp.
 
 Chosen on one split, reported on another: the k-NN monitor here uses the labelled eval set's *train* images only
