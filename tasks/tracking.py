@@ -8,7 +8,9 @@ runs); TensorBoard when `tracking.tensorboard_dir` is set (off by default). The 
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,13 +18,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tasks.log import get_logger
 from tasks.sections import TrackingParams
 
 with warnings.catch_warnings():  # dvclive imports pynvml, which warns about its own name on import
     warnings.simplefilter("ignore", FutureWarning)
     from dvclive import Live
+    from dvclive.plots import NumpyEncoder
 
 logging.getLogger("dvclive").setLevel(logging.WARNING)  # "Logging to experiment ..." on every open
+log = get_logger("tracking")
 
 
 class _FilesOnlyLive(Live):
@@ -32,6 +37,27 @@ class _FilesOnlyLive(Live):
 
     def _init_dvc(self) -> None:
         return None
+
+    def make_summary(self) -> None:
+        """Atomically: DVCLive rewrites metrics.json in place at every step, so a run killed mid-write (SIGKILL, a lost
+        node) left an empty file that `dvc metrics show` and the resumed run's DVCLive then failed to parse."""
+        if self._step is not None:
+            self.summary["step"] = self.step
+        path = Path(self.metrics_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.summary, indent=4, cls=NumpyEncoder) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def read_latest(self) -> dict:
+        """A summary that does not parse (written by a version without the atomic write above) is only the latest
+        values of the curve: a resumed run starts it afresh rather than fail; the curve itself is in plots/."""
+        try:
+            return super().read_latest()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("%s does not parse (a run killed while writing it?): starting the summary afresh",
+                        self.metrics_file)
+            return {}
 
 LIVE_DIR = "dvclive"  # under `reports`: <reports>/dvclive/<stage>/{metrics.json, plots/metrics/*.tsv, plots/images}
 
@@ -50,8 +76,10 @@ def _truncate_tsv(folder: Path, start_step: int) -> None:
             continue
         col = rows[0].index("step")
         kept = [rows[0]] + [r for r in rows[1:] if len(r) > col and r[col].isdigit() and int(r[col]) < start_step]
-        with open(path, "w", newline="") as fh:
+        tmp = path.with_name(f".{path.name}.tmp")  # swapped in whole: a kill here never leaves a shorter curve
+        with open(tmp, "w", newline="") as fh:
             csv.writer(fh, delimiter="\t").writerows(kept)
+        os.replace(tmp, path)
 
 
 class DvcLiveSink:

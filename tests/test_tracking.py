@@ -41,6 +41,18 @@ def test_dvclive_resume_drops_what_a_killed_run_logged_past_its_checkpoint(tmp_p
     assert list(pd.read_csv(folder / "plots" / "metrics" / "loss_total.tsv", sep="\t")["step"]) == [0, 1, 2]
 
 
+def test_dvclive_resume_survives_a_summary_a_kill_left_half_written(tmp_path):
+    """CI saw it: SIGKILL while DVCLive rewrote metrics.json left it empty, and the resumed run died on
+    "JSONDecodeError". The summary is now replaced atomically, and one that does not parse is started afresh."""
+    folder = tmp_path / "dvclive" / "pretrain"
+    _run_steps(DvcLiveSink(folder), 0, 7)
+    assert not list(folder.glob(".*.tmp"))  # the atomic write leaves no temporary behind
+    (folder / "metrics.json").write_text("")  # what the kill left
+    _run_steps(DvcLiveSink(folder), 4, 10)
+    assert json.loads((folder / "metrics.json").read_text()) == {"loss_total": 1.0, "lr": 0.1, "step": 9}
+    assert list(pd.read_csv(folder / "plots" / "metrics" / "loss_total.tsv", sep="\t")["step"]) == list(range(10))
+
+
 def test_dvclive_writes_its_files_in_a_git_checkout_with_no_commit_and_leaves_it_alone(tmp_path, monkeypatch):
     """A user's fresh `git init` (no commit, no DVC): DVCLive's own repository hooks ran `dvc init` there, then
     failed the training stage with "SCMError: Empty git repo"."""

@@ -126,12 +126,15 @@ class TrainLog:
                 rows = [r for r in csv.DictReader(fh)
                         if r.get("step", "").isdigit() and int(r["step"]) < start_step + self.FIRST_KEPT]
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(path, "w", newline="")  # noqa: SIM115 - kept open for the run, closed by close()
+        # the kept rows are written beside and swapped in, so a kill during a resume never leaves a shorter log
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(self.COLUMNS), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+        self.fh = open(path, "a", newline="")  # noqa: SIM115 - kept open for the run, closed by close()
         self.writer = csv.DictWriter(self.fh, fieldnames=list(self.COLUMNS), extrasaction="ignore")
-        self.writer.writeheader()
-        for r in rows:
-            self.writer.writerow(r)
-        self.fh.flush()
 
     def write(self, record: dict[str, Any]) -> None:
         self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in record.items()})
