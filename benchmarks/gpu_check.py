@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -398,8 +399,12 @@ def _write(report: dict[str, Any], out: Path, sections: list[str], start: float,
     report["passed"] = all(report[name].get("passed") is not False for name in sections if name in report)
     report["unfinished"] = [] if done else [name for name in sections if name not in report]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
+    # each file swapped in whole, the JSON last: a run killed at its time limit leaves both complete and in step
+    for path, text in ((out.with_suffix(".md"), markdown(report)),
+                       (out.with_suffix(".json"), json.dumps(report, indent=2, default=str) + "\n")):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
