@@ -1,23 +1,17 @@
-"""The training stages end to end through torchrun (gloo, CPU): 1 vs 2 processes, kill -9 and resume, a non-finite
-loss, and the pretrain -> adapt -> distill chain on real Fashion-MNIST shards with exports that reload strictly."""
+"""The training stages end to end through torchrun (gloo, CPU): 1 vs 2 processes, a fixed seed run twice, and the
+pretrain -> adapt -> distill chain on real Fashion-MNIST shards with exports that reload strictly. Runs that stop
+early are in test_train_resume.py, two nodes in test_train_nodes.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from flows.stack import free_port
 from tests.train._shards import fashion_items, png_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,133 +132,6 @@ def test_a_fixed_seed_run_is_deterministic_on_cpu(train_params, fmnist_shards, t
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def _start_stage_process(params, params_file: Path) -> subprocess.Popen:
-    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    code = ("import sys; from tasks.params import load_params; from tasks.pretrain import run_pretrain; "
-            f"run_pretrain(load_params({str(params_file)!r}))")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-@pytest.mark.slow
-def test_kill_9_then_resume_continues_the_same_curve(train_params, fmnist_shards, tmp_path):
-    from tasks.pretrain import run_pretrain
-
-    extra = ["model.drop_path_rate=0.2", "pretrain.data.num_workers=2"]  # RNG in the step; worker processes
-    steps, every = 24, 4
-    ref = train_params("pretrain", fmnist_shards, steps=steps, out=tmp_path / "ref", every=every, extra=extra)
-    run_pretrain(ref)
-    victim = train_params("pretrain", fmnist_shards, steps=steps, out=tmp_path / "victim", every=every, extra=extra)
-    out = Path(victim.pretrain.out)
-    proc = _start_stage_process(victim, tmp_path / "victim.yaml")
-    log_file = out / "run" / "log.csv"
-    deadline = time.time() + 240
-    killed_at = None
-    while time.time() < deadline and proc.poll() is None:
-        ckpts = list((out / "run" / "checkpoints").glob("step_*"))
-        rows = len(log_file.read_text().splitlines()) - 1 if log_file.exists() else 0
-        if ckpts and rows >= every + 2:
-            os.killpg(proc.pid, signal.SIGKILL)  # the stage, torchrun, its worker and the data workers
-            killed_at = rows
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=30)
-    assert killed_at is not None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    assert not (out / "export" / "summary.json").exists()
-
-    metrics = run_pretrain(victim)  # the same stage call resumes
-    resumed_from = metrics["summary"]["resumed_from"]
-    assert resumed_from >= every and resumed_from % every == 0
-    a, b = read_log(Path(ref.pretrain.out)), read_log(out)
-    assert list(b["step"]) == list(range(steps))
-    for col in ("loss_total", "loss_dino", "loss_ibot", "loss_koleo", "lr", "teacher_temp"):
-        np.testing.assert_allclose(b[col], a[col], rtol=1e-4, atol=1e-5, err_msg=col)
-    # the DVCLive copy of the curve too: the rows the killed run logged past its checkpoint were dropped on resume
-    live = pd.read_csv(Path(victim.reports, "dvclive", "pretrain", "plots", "metrics", "loss_total.tsv"), sep="\t")
-    assert list(live["step"]) == list(range(steps))
-    np.testing.assert_allclose(live["loss_total"], b["loss_total"], rtol=1e-4)
-    sa, sb = load_full(Path(ref.pretrain.out)), load_full(out)
-    for k, v in sa["teacher"].items():
-        torch.testing.assert_close(sb["teacher"][k], v, atol=1e-5, rtol=1e-4)
-    print(f"killed after {killed_at} logged iterations, resumed from {resumed_from}; same curve over {steps}")
-
-
-@pytest.mark.slow
-def test_checkpoints_on_s3_let_a_fresh_run_resume(train_params, fmnist_shards, tmp_path, s3_bucket, s3_env):
-    """checkpoint.dir on a real S3-compatible server, 2 ranks writing their shards: nothing on the local disk, and a
-    run whose last save never committed (no meta.json) resumes, in new torchrun processes, from the last committed
-    step on the same curve."""
-    import boto3
-
-    from tasks.pretrain import run_pretrain
-
-    root = f"s3://{s3_bucket}/ckpt/pretrain"
-    steps, every = 6, 2
-    two = ["launch.nproc_per_node=2"]
-    ref = train_params("pretrain", fmnist_shards, steps=steps, out=tmp_path / "ref", every=every, extra=two)
-    run_pretrain(ref)
-    p = train_params("pretrain", fmnist_shards, steps=steps, out=tmp_path / "s3run", every=every,
-                     extra=[*two, f"pretrain.checkpoint.dir={root}", "pretrain.checkpoint.keep=3"])
-    first = run_pretrain(p)
-    out = Path(p.pretrain.out)
-    assert first["summary"]["resumed_from"] == 0 and not (out / "run" / "checkpoints").exists()
-    s3 = boto3.client("s3", endpoint_url=s3_env, region_name="us-east-1")
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="ckpt/pretrain/")["Contents"]}
-    assert {f"ckpt/pretrain/step_{n:08d}/{f}" for n in (2, 4, 6) for f in ("meta.json", "rng_rank0.pt",
-                                                                         "rng_rank1.pt")} <= keys
-
-    # as if killed while saving iteration 6: its shards are there, its commit marker is not
-    s3.delete_object(Bucket=s3_bucket, Key="ckpt/pretrain/step_00000006/meta.json")
-    (out / "export" / "summary.json").unlink()
-    second = run_pretrain(p)
-    assert second["summary"]["resumed_from"] == 4
-    a, b = read_log(Path(ref.pretrain.out)), read_log(out)
-    assert list(b["step"]) == list(range(steps))
-    np.testing.assert_allclose(b["loss_total"], a["loss_total"], rtol=1e-4, atol=1e-5)
-    for k, v in load_full(Path(ref.pretrain.out))["teacher"].items():
-        torch.testing.assert_close(load_full(out)["teacher"][k], v, atol=1e-5, rtol=1e-4)
-
-
-def test_unreachable_checkpoint_store_is_one_line_before_any_worker_starts(train_params, fmnist_shards, tmp_path,
-                                                                            monkeypatch):
-    import socket
-
-    from tasks.pretrain import run_pretrain
-    from tasks.storage import StorageError
-
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    p = train_params("pretrain", fmnist_shards, steps=2, extra=[
-        "pretrain.checkpoint.dir=s3://nowhere/ckpt", f"storage.s3_endpoint_url={dead}"])
-    with pytest.raises(StorageError) as err:
-        run_pretrain(p)
-    msg = str(err.value)
-    assert "\n" not in msg and "s3://nowhere/ckpt" in msg and "network error" in msg and err.value.transient
-    assert not (Path(p.pretrain.out) / "run" / "log.csv").exists()  # no worker ran
-
-
-@pytest.mark.slow
-def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(train_params, fmnist_shards, tmp_path,
-                                                                         monkeypatch):
-    from dinov2_core.train.engine import FAULT_ENV
-    from tasks.pretrain import run_pretrain
-    from tasks.train_launch import TrainingFailed
-
-    monkeypatch.setenv(FAULT_ENV, "5")
-    p = train_params("pretrain", fmnist_shards, steps=8, every=2)
-    with pytest.raises(TrainingFailed) as err:
-        run_pretrain(p)
-    msg = str(err.value)
-    assert "\n" not in msg and "non-finite loss at iteration 5" in msg and "step_00000004" in msg, msg
-    ckpts = Path(p.pretrain.out) / "run" / "checkpoints"
-    assert sorted(x.name for x in ckpts.glob("step_*")) == ["step_00000002", "step_00000004"]
-    assert not (Path(p.pretrain.out) / "export" / "summary.json").exists()
-
-
 @pytest.mark.slow
 def test_pretrain_adapt_distill_chain(train_params, fmnist_shards, labelled_eval, tmp_path):
     from dinov2_core import hub
@@ -347,85 +214,3 @@ def test_pretrain_adapt_distill_chain(train_params, fmnist_shards, labelled_eval
                                 weights=str(Path(dis.distill.out) / "export" / "student_backbone.pth"),
                                 **sinfo["hub"]["kwargs"])
     assert student.embed_dim == 24 and student.n_blocks == 1
-
-
-# ---------------------------------------------------------------------------------------------- two nodes
-def _start_node(params, params_file: Path) -> subprocess.Popen:
-    """One "node": the stage through the CLI, as a pod of the Indexed Job runs it."""
-    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([str(Path(sys.executable).parent / "dinov2-pipeline"), "stage", "pretrain", "--params",
-                             str(params_file)], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _two_nodes(train_params, shards, tmp_path, out: Path, steps: int, extra: list[str], **kw):
-    """Node 0 and node 1 of one run (one process each), c10d rendezvous on loopback."""
-    port = free_port()
-    nodes = []
-    for rank in (0, 1):
-        p = train_params("pretrain", shards, steps=steps, out=out, extra=extra + [
-            "launch.nnodes=2", f"launch.node_rank={rank}", "launch.master_addr=127.0.0.1",
-            f"launch.master_port={port}", "launch.timeout_s=60"], **kw)
-        nodes.append(_start_node(p, tmp_path / f"{out.name}-node{rank}.yaml"))
-    return nodes
-
-
-@pytest.mark.slow
-def test_two_nodes_reach_the_first_step_of_one_process(train_params, fmnist_shards, tmp_path):
-    """`--nnodes 2 --node_rank 0/1` with one process each (two "nodes" on loopback): the same losses and weights
-    after the first step as one process; node 0 alone writes the reports."""
-    from tasks.pretrain import run_pretrain
-
-    extra = ["pretrain.loss.koleo_loss_weight=0", "model.drop_path_rate=0", "pretrain.optim.warmup_epochs=0",
-             "pretrain.optim.base_lr=0.05"]
-    one = train_params("pretrain", fmnist_shards, steps=1, out=tmp_path / "one", batch=8, extra=extra)
-    run_pretrain(one)
-    nodes = _two_nodes(train_params, fmnist_shards, tmp_path, tmp_path / "two", 1, extra, batch=8)
-    for rank, proc in enumerate(nodes):
-        assert proc.wait(timeout=600) == 0, f"node {rank}: {proc.stderr.read()[-2000:]}"
-    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    for col in ("loss_total", "loss_dino", "loss_ibot"):
-        assert b[col][0] == pytest.approx(a[col][0], rel=1e-5, abs=1e-6), col
-    sa, sb = load_full(tmp_path / "one"), load_full(tmp_path / "two")
-    worst = max(float((v - sb[part][k]).abs().max()) for part in ("student", "teacher") for k, v in sa[part].items())
-    assert worst < 1e-2 * 0.05 * (8 / 1024) ** 0.5  # the bound of the 2-process test above (float reduction order)
-    assert json.loads((tmp_path / "two" / "export" / "summary.json").read_text())["world_size"] == 2
-    assert sorted(p.name for p in (tmp_path / "two" / "run").glob("params*.yaml")) == \
-        ["params.node0.yaml", "params.node1.yaml"]
-
-
-@pytest.mark.slow
-def test_a_lost_node_fails_the_run_as_transient_and_the_rerun_resumes(train_params, fmnist_shards, tmp_path):
-    """Killing node 1 mid-run: node 0's stage fails with one line and exit 75 (a retry may help); both nodes
-    started again resume from the last complete checkpoint and finish the same iteration count."""
-    steps, every = 12, 4
-    out = tmp_path / "run"
-    extra = ["pretrain.data.num_workers=0"]
-    node0, node1 = _two_nodes(train_params, fmnist_shards, tmp_path, out, steps, extra, every=every)
-    log_file = out / "run" / "log.csv"
-    deadline = time.time() + 300
-    killed = False
-    while time.time() < deadline and node0.poll() is None and node1.poll() is None:
-        done = list((out / "run" / "checkpoints").glob("step_*/meta.json"))
-        rows = len(log_file.read_text().splitlines()) - 1 if log_file.exists() else 0
-        if done and rows >= every + 2:
-            os.killpg(node1.pid, signal.SIGKILL)  # the node: its stage, torchrun agent and worker
-            killed = True
-            break
-        time.sleep(0.05)
-    assert killed, f"run ended before node 1 could be killed: {node0.stderr.read()[-2000:]}"
-    node1.wait(timeout=30)
-    code = node0.wait(timeout=240)
-    lines = [line for line in node0.stderr.read().splitlines() if line.startswith("error:")]
-    assert code == 75, (code, lines)
-    assert len(lines) == 1, lines
-    assert not (out / "export" / "summary.json").exists()
-
-    again = _two_nodes(train_params, fmnist_shards, tmp_path, out, steps, extra, every=every)
-    for rank, proc in enumerate(again):
-        assert proc.wait(timeout=600) == 0, f"node {rank}: {proc.stderr.read()[-2000:]}"
-    summary = json.loads((out / "export" / "summary.json").read_text())
-    assert summary["resumed_from"] >= every and summary["resumed_from"] % every == 0
-    assert list(read_log(out)["step"]) == list(range(steps))
-    print(f"node 1 killed; node 0 failed with: {lines[0]}; resumed from {summary['resumed_from']}")
