@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -44,6 +43,7 @@ import torch
 
 from benchmarks.backbone import OFFICIAL_HINT, official_source
 from benchmarks.common import measure_matmul_peak_gflops
+from dinov2_core.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "reports" / "bench" / "gpu_check"
@@ -402,9 +402,7 @@ def _write(report: dict[str, Any], out: Path, sections: list[str], start: float,
     # each file swapped in whole, the JSON last: a run killed at its time limit leaves both complete and in step
     for path, text in ((out.with_suffix(".md"), markdown(report)),
                        (out.with_suffix(".json"), json.dumps(report, indent=2, default=str) + "\n")):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

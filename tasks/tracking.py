@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dinov2_core.atomic import atomic_path, atomic_write_text
 from tasks.log import get_logger
 from tasks.sections import TrackingParams
 
@@ -43,11 +43,7 @@ class _FilesOnlyLive(Live):
         node) left an empty file that `dvc metrics show` and the resumed run's DVCLive then failed to parse."""
         if self._step is not None:
             self.summary["step"] = self.step
-        path = Path(self.metrics_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.summary, indent=4, cls=NumpyEncoder) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(self.metrics_file, json.dumps(self.summary, indent=4, cls=NumpyEncoder) + "\n")
 
     def read_latest(self) -> dict:
         """A summary that does not parse (written by a version without the atomic write above) is only the latest
@@ -70,16 +66,16 @@ def _truncate_tsv(folder: Path, start_step: int) -> None:
     """A resumed run restarts at its checkpoint: rows a killed run logged at or past it are dropped, as in
     log.csv, so no step appears twice."""
     for path in folder.rglob("*.tsv"):
+        if path.name.startswith("."):  # a temporary file a killed write left behind
+            continue
         with open(path, newline="") as fh:
             rows = list(csv.reader(fh, delimiter="\t"))
         if not rows or "step" not in rows[0]:
             continue
         col = rows[0].index("step")
         kept = [rows[0]] + [r for r in rows[1:] if len(r) > col and r[col].isdigit() and int(r[col]) < start_step]
-        tmp = path.with_name(f".{path.name}.tmp")  # swapped in whole: a kill here never leaves a shorter curve
-        with open(tmp, "w", newline="") as fh:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:  # a kill here never leaves a shorter curve
             csv.writer(fh, delimiter="\t").writerows(kept)
-        os.replace(tmp, path)
 
 
 class DvcLiveSink:

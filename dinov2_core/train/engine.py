@@ -36,7 +36,7 @@ from dinov2_core.eval.monitor import knn_probe
 from dinov2_core.layers import compile_blocks
 from dinov2_core.models import build_backbone
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_path, atomic_write_text
 from . import fsdp
 from .checkpoint import Checkpointer
 from .export import sub_state
@@ -127,12 +127,10 @@ class TrainLog:
                         if r.get("step", "").isdigit() and int(r["step"]) < start_step + self.FIRST_KEPT]
         path.parent.mkdir(parents=True, exist_ok=True)
         # the kept rows are written beside and swapped in, so a kill during a resume never leaves a shorter log
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(self.COLUMNS), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
         self.fh = open(path, "a", newline="")  # noqa: SIM115 - kept open for the run, closed by close()
         self.writer = csv.DictWriter(self.fh, fieldnames=list(self.COLUMNS), extrasaction="ignore")
 
