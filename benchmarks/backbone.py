@@ -11,7 +11,8 @@ FLOPs (torch.utils.flop_counter on the meta device, forward+backward, attention 
 rows of one workload. Memory: each row's activation memory, the bytes its forward keeps for the backward pass
 (counted with saved-tensor hooks; weights excluded). The official implementation (facebookresearch/dinov2, from
 $DINOV2_OFFICIAL_SRC or third_party/dinov2: `make official`) runs the dense rows with the same weights, alternating
-with ours step by step, at batch 4 and 8; the ratios ours/official (eager, and with compiled blocks) are printed.
+with ours step by step, at batch 4 and 8; the ratios ours/official (the "ours: sdpa"
+row, and with compiled blocks) are printed.
 Without its source those rows are skipped with a message. Writes reports/bench/backbone.json.
 """
 
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         by = {(r["workload"], r["variant"]): r for r in rows}
         for batch in args.batches:
             dense = f"ViT-S/14 224px x{batch}"
-            for ours_row, key in (("ours: sdpa", "eager"), ("ours: sdpa, compiled blocks", "compiled")):
+            for ours_row, key in (("ours: sdpa", "sdpa"), ("ours: sdpa, compiled blocks", "sdpa, compiled blocks")):
                 if (dense, ours_row) in by:
                     ratios[f"{key} x{batch}"] = (
                         by[(dense, ours_row)]["images_per_s"] / by[(dense, OFFICIAL_DENSE)]["images_per_s"]
