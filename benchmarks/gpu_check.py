@@ -10,15 +10,15 @@ Sections (each records what it ran, its numbers and pass/fail; a failing section
   bf16_step    a few SSL training steps (DINO + iBOT + KoLeo, AdamW, EMA) in bf16 autocast next to fp32 from the
                same weights and batches: finite, and the losses close;
   fsdp         FSDP2 on a one-process group (NCCL on CUDA, gloo on CPU) and one step;
+  quality      the pretrain stage on all 60k Fashion-MNIST training images (1,500 iterations of 512), then k-NN
+               (k=20) of its teacher next to raw pixels and a random init on the test split (whether the teacher
+               beats the pixels is reported, not required: at toy size it does not);
   speed        training-step images/s and model-FLOP utilisation for ViT-S/14 and ViT-L/14 at 224 px with 2+8
                crops (the whole SSL step: backbones, heads, losses, optimizer, EMA);
   vs_official  backbone forward+backward on the same crops, ours (default, and compiled blocks) next to the
                official implementation, same weights, alternating (source from $DINOV2_OFFICIAL_SRC or
                third_party/dinov2: `make official`; skipped with a message without it);
-  faiss        IVF-PQ build + k=64 search, faiss-gpu next to faiss-cpu when a GPU is visible, recall@64 vs exact;
-  quality      the pretrain stage on all 60k Fashion-MNIST training images (1,500 iterations of 512), then k-NN
-               (k=20) of its teacher next to raw pixels and a random init on the test split (whether the teacher
-               beats the pixels is reported, not required: at toy size it does not).
+  faiss        IVF-PQ build + k=64 search, faiss-gpu next to faiss-cpu when a GPU is visible, recall@64 vs exact.
 Writes reports/bench/gpu_check.{json,md}.
 
 On a bare GPU machine with its own python and torch and no package registry (the lent H200), `python -m
@@ -333,8 +333,12 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
     n_images, n_eval, steps, epoch, batch = (256, 200, 4, 2, 16) if dry_run else (60_000, 2000, 1500, 100, 512)
     # Input, not the GPU, bounds this run: the batched multi-crop of 512 images costs ~0.45 s on 2 CPU cores in one
     # process (0.64 s a step with decoding), 1,500 steps ~16 min; loader processes, each on its own core, divide
-    # that (2 workers: 0.39 s on the same 2 cores). The dry run takes the same multi-worker path at toy size.
+    # that (2 workers: 0.39 s on the same 2 cores). The dry run takes the same multi-worker path at toy size. Workers
+    # hand batches over in /dev/shm (~70 MB a step in flight): a small one (a container's 64 MB) means none.
     workers = 2 if dry_run else 8 if (os.cpu_count() or 1) >= 12 else 4
+    if not dry_run and Path("/dev/shm").is_dir():
+        shm = os.statvfs("/dev/shm")
+        workers = workers if shm.f_bavail * shm.f_frsize >= 2**30 else 0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         images, _ = fashion_items(n_images, "train")
@@ -377,8 +381,12 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
             "passed": bool(np.isfinite(metrics.get("loss_end_mean", np.nan)))}
 
 
+# In the order they run. The quality run comes before the speed sections: its time is predictable (input-bound,
+# ~3 minutes on the H200's host), theirs includes torch.compile's, which nobody has measured there; a run that the
+# device's time limit cuts then loses the end of the comparison, not the quality run.
 SECTIONS = {"attention": lambda dev, dry: attention(dev), "bf16_step": bf16_step,
-            "fsdp": lambda dev, dry: fsdp_check(dev), "speed": speed, "vs_official": vs_official, "faiss": faiss_check, "quality": quality}
+            "fsdp": lambda dev, dry: fsdp_check(dev), "quality": quality, "speed": speed, "vs_official": vs_official,
+            "faiss": faiss_check}
 
 
 def markdown(report: dict[str, Any]) -> str:
