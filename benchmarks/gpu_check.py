@@ -374,6 +374,8 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
                           {"raw_pixels": RawPixelBackbone(params.model.patch_size)}, crop, params.model.patch_size)
     knn = metrics["knn"]
     return {"images": n_images, "iterations": metrics.get("iterations"), "loader_workers": workers,
+            "data_wait_fraction": metrics.get("data_wait_fraction_median"),
+            "images_per_s": metrics.get("images_per_s_median"),
             "train_seconds": time.perf_counter() - start,
             "teacher_knn_top1": knn.get("teacher_top1"), "random_init_knn_top1": knn.get("random_init_top1"),
             "raw_pixels_knn_top1": raw.get("raw_pixels_top1"),

@@ -188,11 +188,35 @@ def summarise_log(frame, tail: int = 20) -> dict[str, Any]:
         "loss_start_mean": float(head["loss_total"].mean()),
         "loss_end_mean": float(end["loss_total"].mean()),
         "images_per_s_median": float(frame["images_per_s"].iloc[1:].median()) if len(frame) > 1 else None,
+        "data_wait_fraction_median": data_wait_fraction(frame),
     }
     for k in ("dino", "ibot", "koleo"):
         out[f"{k}_start_mean"] = float(head[f"loss_{k}"].mean())
         out[f"{k}_end_mean"] = float(end[f"loss_{k}"].mean())
     return out
+
+
+INPUT_BOUND_FRACTION = 0.3  # a third of every step spent waiting for the batch: the loader, not the model, sets the pace
+
+
+def data_wait_fraction(frame) -> float | None:
+    """Median share of an iteration spent waiting for its batch (the first iteration, which starts the loader, left
+    out): the time the loader's work is not hidden behind the model's."""
+    if "data_s" not in frame or len(frame) < 2:
+        return None
+    rest = frame.iloc[1:]
+    share = (rest["data_s"] / rest["step_s"]).where(rest["step_s"] > 0)
+    return float(share.median()) if share.notna().any() else None
+
+
+def input_warning(stage: str, fraction: float | None, num_workers: int) -> list[str]:
+    """One line when the run is input-bound, naming the knob: on a GPU the loader is what limits a small model."""
+    if fraction is None or fraction < INPUT_BOUND_FRACTION:
+        return []
+    line = (f"{stage}: input-bound: {fraction:.0%} of each iteration waits for its batch (median), so the model "
+            f"idles; raise {stage}.data.num_workers (now {num_workers}) to decode and augment in parallel processes, "
+            "one per spare core")
+    return [line]
 
 
 def write_training_reports(stage: str, params: Params, run_dir: Path, total_steps: int, export_dir: Path,
@@ -208,5 +232,9 @@ def write_training_reports(stage: str, params: Params, run_dir: Path, total_step
     learning_curve_png(frame, knn, figures / f"{stage}_learning.png", stage, n_prototypes, embed_dim)
     validate_stage(stage, [log_checks(frame, total_steps), export_checks(export_dir, export_names)], params.reports)
     metrics = {**summarise_log(frame), **learning_summary(stage, frame, knn, n_prototypes, embed_dim), **metrics}
+    slow = input_warning(stage, metrics.get("data_wait_fraction_median"), getattr(params, stage).data.num_workers)
+    for w in slow:
+        log.warning(w)
+    metrics["warnings"] = [*metrics.get("warnings", []), *slow]
     write_metrics(params.reports, stage, metrics)
     return metrics

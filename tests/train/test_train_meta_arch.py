@@ -192,3 +192,36 @@ def test_learning_warnings_name_the_failure():
                              embed_dim=192) == []
     collapsed = learning_warnings("pretrain", dino_loss_end=4.0, n_prototypes=256, cls_std_end=0.001, embed_dim=192)
     assert len(collapsed) == 1 and "feature collapse" in collapsed[0]
+
+
+def test_a_slow_loader_is_named_in_one_line_a_fast_one_is_not():
+    """The loop times the wait for each batch; the stage report turns a median wait of a third of an iteration or more
+    into one warning that names the knob (on a GPU a small model waits for CPU-side decoding and augmentation)."""
+    import time
+
+    import pandas as pd
+
+    from tasks.train_reports import data_wait_fraction, input_warning
+
+    meta = SSLMetaArch(BB, loss_cfg(), n_local_crops=2)
+    optim = OptimConfig(epochs=1, epoch_length=4, warmup_epochs=0, warmup_teacher_temp_epochs=0)
+    ready = [batch(2, step=s) for s in range(4)]
+
+    def batches(delay_s: float):
+        for b in ready:
+            time.sleep(delay_s)  # a loader that decodes in the training process, or too few loader workers
+            yield b
+
+    fractions = {}
+    for delay in (0.0, 0.4):
+        records = []
+        train_loop(meta, build_optimizer(meta, optim), build_schedules(optim, 2), batches(delay), start_step=0,
+                   total_steps=4, device=torch.device("cpu"), global_batch_size=2, clip_grad=3.0, epoch_length=4,
+                   on_record=records.append, show_progress=False)
+        fractions[delay] = data_wait_fraction(pd.DataFrame(records))
+    # measured: 0.95 and 0.007 (the tiny model's step is 0.02 s here); the bounds hold for a step up to 0.4 s
+    assert fractions[0.4] > 0.5 and fractions[0.0] < 0.1, fractions
+    slow = input_warning("pretrain", fractions[0.4], num_workers=0)
+    assert len(slow) == 1 and "input-bound" in slow[0] and "pretrain.data.num_workers (now 0)" in slow[0]
+    assert "\n" not in slow[0] and input_warning("pretrain", fractions[0.0], num_workers=0) == []
+    assert data_wait_fraction(pd.DataFrame(records[:1])) is None  # one iteration: the loader's start-up, no verdict
