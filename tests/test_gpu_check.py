@@ -30,6 +30,8 @@ def test_gpu_check_dry_run_fills_every_section(tmp_path):
     q = report["quality"]  # the pretrain stage really ran, and the three k-NN figures sit side by side
     assert q["iterations"] == 4 and all(0 < q[k] <= 1 for k in ("teacher_knn_top1", "random_init_knn_top1",
                                                                "raw_pixels_knn_top1"))
+    # through loader processes, as on the GPU host, and the report says how much of an iteration waited for data
+    assert q["loader_workers"] == 2 and 0 <= q["data_wait_fraction"] <= 1 and q["images_per_s"] > 0
     md = out.with_suffix(".md").read_text()
     assert all(f"| {s} | True |" in md for s in ("attention", "bf16_step", "fsdp", "speed", "faiss", "quality"))
 
