@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,11 @@ def test_local_round_trip_every_image_once_and_reproducible(curated_params, tmp_
     for shard in index["shards"]:
         assert hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
     assert metrics["shard_bytes_imbalance"] < 1.5
+    with tarfile.open(tars[0]) as tar:  # plain ustar members: no per-member PAX header doubling the small ones
+        members = tar.getmembers()
+    assert members and all(m.pax_headers == {} and m.mtime == 0 and m.uname == "" for m in members)
+    padded = sum(512 + -(-m.size // 512) * 512 for m in members)  # a header block + the data, padded to blocks
+    assert tars[0].stat().st_size <= padded + 20 * 512  # + the end-of-archive blocks and record padding
     first = {t.name: t.read_bytes() for t in tars}
     # A rerun with a bigger shard size writes fewer shards, byte-identical for the same plan, none left over.
     run_shards(make(str(out)))

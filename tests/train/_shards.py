@@ -38,7 +38,7 @@ def write_shards(out: Path, images: list[bytes], per_shard: int) -> Path:
         name = f"shard-{s:06d}.tar"
         chunk = images[start:start + per_shard]
         with open(out / name, "wb") as fh:
-            w = wds.TarWriter(fh, encoder=False, mtime=0.0, user="", group="", mode=0o644)
+            w = wds.TarWriter(fh, encoder=False, mtime=0, user="", group="", mode=0o644)  # int: no PAX headers
             for i, data in enumerate(chunk):
                 key = hashlib.sha256(data + str(start + i).encode()).hexdigest()
                 w.write({"__key__": key, "png": data, "json": json.dumps({"i": start + i}).encode()})
