@@ -342,8 +342,8 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
 
     n_images, n_eval, steps, epoch, batch = (256, 200, 4, 2, 16) if dry_run else (60_000, 2000, 1500, 100, 512)
     # Input, not the GPU, bounds this run: the batched multi-crop of 512 images costs ~0.45 s on 2 CPU cores in one
-    # process (0.64 s a step with decoding), 1,500 steps ~16 min; loader processes, each on its own core, divide
-    # that (2 workers: 0.39 s on the same 2 cores). The dry run takes the same multi-worker path at toy size. Workers
+    # process (0.57 s a step with tar parsing and decoding), 1,500 steps ~15 min; loader processes, each on its own
+    # core, divide that (2 workers: 0.39-0.42 s on the same 2 cores). The dry run takes the same multi-worker path at toy size. Workers
     # hand batches over in /dev/shm (~70 MB a step in flight): a small one (a container's 64 MB) means none.
     workers = 2 if dry_run else 8 if (os.cpu_count() or 1) >= 12 else 4
     if not dry_run and Path("/dev/shm").is_dir():
