@@ -29,6 +29,7 @@ benchmarks.device_bundle` here first: it writes the wheels the check imports and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -56,6 +57,21 @@ def _device(dry_run: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
 
 
+@functools.cache
+def measured_bf16_peak_flops() -> float | None:
+    """Dense bf16 matmul FLOP/s measured on this GPU (random operands: on zeros an H200 ran 13 % faster, device
+    METHOD.md), the achievable ceiling beside the vendor's peak; None where it cannot be measured."""
+    try:
+        return measure_matmul_peak_gflops(torch.bfloat16, sizes=(4096, 8192), device="cuda") * 1e9
+    except Exception:  # the report must not lose its sections to this extra figure
+        return None
+
+
+def _mfu_measured(flops: float, seconds: float, device: torch.device) -> float | None:
+    peak = measured_bf16_peak_flops() if device.type == "cuda" else None
+    return flops / seconds / peak if peak else None
+
+
 def environment(device: torch.device, dry_run: bool) -> dict[str, Any]:
     from dinov2_core.layers import xformers_available
 
@@ -66,9 +82,11 @@ def environment(device: torch.device, dry_run: bool) -> dict[str, Any]:
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None) if device.type == "cuda" else None
+    measured = measured_bf16_peak_flops() if device.type == "cuda" else None
     return {"device": str(device), "name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "xformers": xformers_available(), "faiss": faiss.__version__ if faiss else None,
             "faiss_gpus": int(getattr(faiss, "get_num_gpus", lambda: 0)()) if faiss else 0, "bf16_peak_tflops": peak,
+            "bf16_matmul_measured_tflops": measured / 1e12 if measured else None,
             "dry_run": dry_run, "passed": True}
 
 
@@ -219,7 +237,8 @@ def speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
         seconds = min(time_fn(run, warmup=1, iters=2 if dry_run else 10, device=device.type))
         rows.append({"model": name, "batch": batch, "crops": "2+8" if not dry_run else "2+2",
                      "dtype": str(dtype).split(".")[-1], "step_s": seconds, "images_per_s": batch / seconds,
-                     "mfu": flops / seconds / peak if peak else None})
+                     "mfu": flops / seconds / peak if peak else None,
+                     "mfu_of_measured_matmul_peak": _mfu_measured(flops, seconds, device)})
     return {"rows": rows, "peak_flops": peak, "passed": all(np.isfinite(r["images_per_s"]) for r in rows)}
 
 
@@ -295,6 +314,7 @@ def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:
         for k, sec in med.items():
             rows.append({"model": name, "variant": k, "images": images, "step_s": sec, "images_per_s": images / sec,
                          "mfu": flops / sec / peak if peak else None,
+                         "mfu_of_measured_matmul_peak": _mfu_measured(flops, sec, device),
                          "speedup_vs_official": med["official"] / sec})
     best_l = max((r["speedup_vs_official"] for r in rows if r["model"] == "ViT-L/14" and r["variant"] != "official"),
                  default=None)
@@ -405,7 +425,10 @@ def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [f"# GPU check ({'dry run on CPU' if env['dry_run'] else env['name']})", "",
              (f"torch {env['torch']}, CUDA {env['cuda']}, xformers {env['xformers']}, faiss {env['faiss']} "
-              f"({env['faiss_gpus']} GPU(s)), {report['seconds']:.0f} s"), "", "| section | passed | figures |",
+              f"({env['faiss_gpus']} GPU(s)), {report['seconds']:.0f} s"
+              + (f"; bf16 peak {env['bf16_peak_tflops']} TFLOP/s (spec, the MFU's denominator), "
+                 f"{env['bf16_matmul_measured_tflops']:.0f} measured on 4096-8192 matmuls"
+                 if env.get("bf16_matmul_measured_tflops") else "")), "", "| section | passed | figures |",
              "|---|---|---|"]
     for name in (n for n in SECTIONS if n in report):
         sec = report[name]
