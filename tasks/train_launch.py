@@ -66,6 +66,13 @@ def check_batch(section: str, data: DataConfig, launch: LaunchParams) -> None:
     if data.streams % world or data.global_batch_size % data.streams:
         raise ParamsError(f"{section}.data.streams: {data.streams} must be a multiple of the {world} training "
                           f"processes and divide global_batch_size ({data.global_batch_size})")
+    per_rank = data.streams // world
+    if data.num_workers and per_rank % data.num_workers:
+        # the loader deals whole streams to its processes: the rest would silently be fewer workers (gcd)
+        raise ParamsError(f"{section}.data.num_workers: {data.num_workers} loader processes cannot share the {per_rank} "
+                          f"shard stream(s) of each training process ({section}.data.streams {data.streams} / {world} "
+                          f"processes); make streams a multiple of {world * data.num_workers} that divides "
+                          f"global_batch_size ({data.global_batch_size}), or num_workers a divisor of {per_rank}")
 
 
 # ============================================================================================== launcher

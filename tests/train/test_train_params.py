@@ -48,6 +48,18 @@ def test_stage_level_checks(tmp_path):
         check_crops("pretrain", p.pretrain.crops, p.model.patch_size)
     with pytest.raises(ParamsError, match="not divisible by the 3 training processes"):
         check_batch("pretrain", p.pretrain.data, p.launch)
+    # loader processes take whole shard streams: 3 workers on 4 streams would silently have been 1 (their gcd)
+    p = load_params(ROOT / "params.yaml", ["pretrain.data.num_workers=3"])
+    with pytest.raises(ParamsError, match=r"pretrain.data.num_workers: 3 .* 4 shard stream\(s\)") as err:
+        check_batch("pretrain", p.pretrain.data, p.launch)
+    assert "\n" not in str(err.value)
+    # the paper profile passes its own checks on 256 GPUs (it asked for 10 workers on 1 stream per GPU before: 1 ran)
+    paper = load_params(ROOT / "params.paper.yaml")
+    for stage in ("pretrain", "adapt", "distill"):
+        data = getattr(paper, stage).data
+        check_batch(stage, data, paper.launch)
+        assert data.num_workers >= 4 and data.streams // (paper.launch.nproc_per_node * paper.launch.nnodes) >= \
+            data.num_workers
 
 
 def test_default_profile_cost_table():
