@@ -189,7 +189,11 @@ class MultiCropShardDataset(IterableDataset):
         self.seed, self.start_step = seed, start_step
         self.per_stream = global_batch_size // streams
         self.rank_streams = list(range(rank * streams // world_size, (rank + 1) * streams // world_size))
-        self.num_workers = math.gcd(len(self.rank_streams), num_workers) if num_workers > 0 else 0
+        if num_workers and len(self.rank_streams) % num_workers:  # a worker deals whole streams
+            raise ValueError(f"{num_workers} loader workers cannot share this process's {len(self.rank_streams)} "
+                             f"shard streams evenly; use a number of streams that is a multiple of "
+                             f"{world_size * num_workers}, or fewer workers")
+        self.num_workers = num_workers
         self.plan = plan_streams(index.counts, streams)
 
     def worker_streams(self, worker_id: int, n_workers: int) -> list[int]:

@@ -83,6 +83,16 @@ def test_one_and_two_processes_see_the_same_global_batch(fmnist_shards, transfor
         assert ranks[0][step]["collated_global_crops"].shape[0] == 2 * 4  # local batch 4 = 8 / 2
 
 
+def test_workers_that_cannot_share_the_streams_are_refused(fmnist_shards):
+    """A worker deals whole streams; 3 workers on 2 streams used to become gcd = 1 worker without a word."""
+    index = read_shard_index(str(fmnist_shards))
+    with pytest.raises(ValueError, match="3 loader workers cannot share this process's 2 shard streams"):
+        make_loader(index, workers=3, streams=2)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        make_loader(index, world=2, workers=2, streams=2)  # 1 stream per process
+    assert make_loader(index, workers=2, streams=4).num_workers == 2
+
+
 @pytest.mark.parametrize("transform", sorted(TRANSFORMS))
 def test_workers_and_resumption_do_not_change_batches(fmnist_shards, transform):
     index = read_shard_index(str(fmnist_shards))
