@@ -214,8 +214,8 @@ def input_warning(stage: str, fraction: float | None, num_workers: int) -> list[
     if fraction is None or fraction < INPUT_BOUND_FRACTION:
         return []
     line = (f"{stage}: input-bound: {fraction:.0%} of each iteration waits for its batch (median), so the model "
-            f"idles; raise {stage}.data.num_workers (now {num_workers}) to decode and augment in parallel processes, "
-            "one per spare core")
+            f"idles; raise {stage}.data.num_workers (now {num_workers}; {stage}.data.streams a multiple of it) to decode "
+            "and augment in parallel processes, one per spare core")
     return [line]
 
 

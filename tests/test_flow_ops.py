@@ -485,8 +485,10 @@ def test_submit_renders_a_checked_indexed_job_that_runs_the_stage_per_node(tmp_p
                       .replace("restartPolicy: Never", "restartPolicy: Never\n      restartPolcy: Never"))
     with pytest.raises(ManifestError, match="restartPolcy"):
         render(job_request("pretrain", ROOT / "params.paper.yaml", 4, 8), broken)
-    # a node count the batch cannot be split over, or a stage that does not train: one line, before any pod
-    for args, needle in ((["pretrain", "--nnodes", "3", "--gpus", "8"], "streams: 256 must be a multiple"),
+    # a node count the loader cannot be split over (24 GPUs: 128 streams each for 12 workers), or a stage that does
+    # not train: one line, before any pod
+    for args, needle in ((["pretrain", "--nnodes", "3", "--gpus", "8"],
+                          "num_workers: 12 loader processes cannot share the 128 shard stream(s)"),
                          (["eval"], "not a training stage")):
         res = subprocess.run([str(BIN / "dinov2-pipeline"), "submit", *args], cwd=ROOT, capture_output=True,
                              text=True, timeout=120, check=False)
