@@ -222,6 +222,6 @@ def test_a_slow_loader_is_named_in_one_line_a_fast_one_is_not():
     # measured: 0.95 and 0.007 (the tiny model's step is 0.02 s here); the bounds hold for a step up to 0.4 s
     assert fractions[0.4] > 0.5 and fractions[0.0] < 0.1, fractions
     slow = input_warning("pretrain", fractions[0.4], num_workers=0)
-    assert len(slow) == 1 and "input-bound" in slow[0] and "pretrain.data.num_workers (now 0)" in slow[0]
+    assert len(slow) == 1 and "input-bound" in slow[0] and "pretrain.data.num_workers (now 0;" in slow[0]
     assert "\n" not in slow[0] and input_warning("pretrain", fractions[0.0], num_workers=0) == []
     assert data_wait_fraction(pd.DataFrame(records[:1])) is None  # one iteration: the loader's start-up, no verdict
