@@ -57,6 +57,20 @@ def _device(dry_run: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
 
 
+def spec_bf16_peak_flops(device: torch.device) -> float | None:
+    """The vendor's dense bf16 peak of this GPU in FLOP/s; None on the CPU or on a GPU the table does not list (its
+    rows then report MFU against the measured matmul peak only, rather than the run failing)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def _mfu_denominator(device: torch.device) -> float | None:
+    """MFU's peak: the GPU's bf16 spec; on the CPU (dry run) its measured fp32 matmul peak."""
+    return spec_bf16_peak_flops(device) if device.type == "cuda" else measure_matmul_peak_gflops() * 1e9
+
+
 @functools.cache
 def measured_bf16_peak_flops() -> float | None:
     """Dense bf16 matmul FLOP/s measured on this GPU (random operands: on zeros an H200 ran 13 % faster, device
@@ -81,11 +95,12 @@ def environment(device: torch.device, dry_run: bool) -> dict[str, Any]:
         faiss = None
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None) if device.type == "cuda" else None
+    peak = spec_bf16_peak_flops(device)
     measured = measured_bf16_peak_flops() if device.type == "cuda" else None
     return {"device": str(device), "name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "xformers": xformers_available(), "faiss": faiss.__version__ if faiss else None,
-            "faiss_gpus": int(getattr(faiss, "get_num_gpus", lambda: 0)()) if faiss else 0, "bf16_peak_tflops": peak,
+            "faiss_gpus": int(getattr(faiss, "get_num_gpus", lambda: 0)()) if faiss else 0,
+            "bf16_peak_tflops": peak / 1e12 if peak else None,
             "bf16_matmul_measured_tflops": measured / 1e12 if measured else None,
             "dry_run": dry_run, "passed": True}
 
@@ -220,8 +235,7 @@ def speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
              "ViT-L/14": {"embed_dim": 1024, "depth": 24, "num_heads": 16}}
     if dry_run:
         archs = {"ViT-tiny/14 (dry run)": {"embed_dim": 64, "depth": 2, "num_heads": 4}}
-    peak = (next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(0)), None) * 1e12
-            if device.type == "cuda" else measure_matmul_peak_gflops() * 1e9)
+    peak = _mfu_denominator(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
     for name, arch in archs.items():
@@ -271,10 +285,9 @@ def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:
         archs = {"ViT-tiny/14 (dry run)": {"embed_dim": 64, "depth": 2, "num_heads": 4}}
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    peak = (next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(0)), None) * 1e12
-            if cuda else measure_matmul_peak_gflops() * 1e9)
+    peak = _mfu_denominator(device)
     official_lists = cuda and xformers_available()  # its nested path needs xformers
-    rows = []
+    rows, compile_errors = [], {}
     for name, arch in archs.items():
         images = 2 if dry_run else 32
         g, lc = (56, 28) if dry_run else (224, 98)
@@ -304,7 +317,12 @@ def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:
         with FlopCounterMode(display=False) as counter:
             step(ours)
         flops = counter.get_total_flops()
-        for fn in variants.values():  # warm-up, compiles
+        try:  # its first call compiles: a machine where torch.compile cannot (no Triton, no C compiler) still
+            variants["ours, compiled blocks"]()  # gets the comparison of the eager paths, and the report says why
+        except Exception as exc:
+            compile_errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            del variants["ours, compiled blocks"]
+        for fn in variants.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(3 if dry_run else 10):
@@ -320,7 +338,7 @@ def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:
                  default=None)
     return {"rows": rows, "official_src": src, "official_path": "lists (xformers)" if official_lists
             else "one pass per crop size", "dtype": str(dtype).split(".")[-1], "headline_vit_l_speedup": best_l,
-            "passed": all(np.isfinite(r["images_per_s"]) for r in rows)}
+            "compile_errors": compile_errors, "passed": all(np.isfinite(r["images_per_s"]) for r in rows)}
 
 
 def faiss_check(device: torch.device, dry_run: bool) -> dict[str, Any]:

@@ -77,3 +77,16 @@ def test_gpu_check_killed_mid_run_keeps_the_sections_it_finished(tmp_path):
     assert report["attention"]["passed"] and "quality" not in report
     assert report["unfinished"] == ["quality"]
     assert "Not reached (the run stopped before them): quality" in out.with_suffix(".md").read_text()
+
+
+def test_mfu_peak_is_the_gpus_spec_and_an_unlisted_gpu_reports_none_rather_than_failing(monkeypatch):
+    import torch
+
+    from benchmarks import gpu_check
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
+    assert gpu_check.spec_bf16_peak_flops(cuda) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA GeForce RTX 4090")
+    assert gpu_check.spec_bf16_peak_flops(cuda) is None  # was None * 1e12: the speed sections raised TypeError
+    assert gpu_check.spec_bf16_peak_flops(torch.device("cpu")) is None
