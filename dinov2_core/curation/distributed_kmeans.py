@@ -25,8 +25,10 @@ def _sum_over_ranks(array: np.ndarray) -> np.ndarray:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return array
     tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only (gloo, CPU ones)
+        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.numpy()
+    return tensor.cpu().numpy()
 
 
 def _global_sample(x_local: np.ndarray, offset: int, n_total: int, size: int, seed: int) -> np.ndarray:

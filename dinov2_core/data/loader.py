@@ -295,7 +295,8 @@ class SSLDataLoader:
         self.rows = [c * b + rank * lb + i for c in range(n_global_crops) for i in range(lb)]
 
     def _dataloader(self) -> DataLoader:
-        kwargs: dict[str, Any] = {"batch_size": None, "num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        # no pinning of the workers' parts: they are concatenated here anyway (see _cat), pinning them would copy twice
+        kwargs: dict[str, Any] = {"batch_size": None, "num_workers": self.num_workers}
         if self.num_workers:
             kwargs.update(prefetch_factor=self.prefetch_factor, worker_init_fn=_init_worker, persistent_workers=False)
         return DataLoader(self.dataset, **kwargs)
@@ -307,10 +308,10 @@ class SSLDataLoader:
         step = self.start_step
         while True:
             parts = [next(it) for _ in range(parts_per_step)]
-            g = torch.cat([p["global"] for p in parts], dim=1)
+            g = self._cat([p["global"] for p in parts])
             batch: dict[str, Any] = {"collated_global_crops": g.flatten(0, 1)}
             if parts[0]["local"] is not None:
-                batch["collated_local_crops"] = torch.cat([p["local"] for p in parts], dim=1).flatten(0, 1)
+                batch["collated_local_crops"] = self._cat([p["local"] for p in parts]).flatten(0, 1)
             else:
                 batch["collated_local_crops"] = g.new_zeros((0, *g.shape[2:]))
             masks = global_batch_masks(step, self.seed, self.global_batch_size, self.rows, self.n_global,
@@ -320,6 +321,15 @@ class SSLDataLoader:
             batch["step"] = step
             yield batch
             step += 1
+
+    def _cat(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The workers' (crops, images, C, H, W) parts side by side along images; with ``pin_memory`` straight into
+        page-locked memory (cached by torch's host allocator), so the trainer's non-blocking copy to the GPU is one
+        asynchronous transfer rather than a staged one."""
+        if not self.pin_memory:
+            return torch.cat(parts, dim=1)
+        shape = (parts[0].shape[0], sum(p.shape[1] for p in parts), *parts[0].shape[2:])
+        return torch.cat(parts, dim=1, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=True))
 
 
 def _init_worker(_: int) -> None:

@@ -108,6 +108,29 @@ def test_workers_and_resumption_do_not_change_batches(fmnist_shards, transform):
         assert torch.equal(a["collated_masks"], b["collated_masks"])
 
 
+def test_pinned_batches_are_assembled_in_page_locked_memory_and_equal_unpinned_ones(fmnist_shards, monkeypatch):
+    """On CUDA the loader concatenates the workers' parts straight into page-locked memory (one copy, and the
+    trainer's non-blocking transfer is really asynchronous). No CPU-only torch can pin, so the allocation is
+    recorded and served unpinned: what is checked here is that it is asked for, and the batches it yields."""
+    index = read_shard_index(str(fmnist_shards))
+    ref = take(make_loader(index, workers=2), 2)
+    pinned_requests, empty = [], torch.empty
+
+    def recording_empty(*shape, pin_memory=False, **kw):
+        pinned_requests.append(pin_memory)
+        return empty(*shape, **kw)
+
+    loader = make_loader(index, workers=2)
+    loader.pin_memory = True
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    got = take(loader, 2)
+    assert pinned_requests.count(True) == 4  # global and local crops of each batch
+    for a, b in zip(ref, got):
+        assert a["keys"] == b["keys"]
+        for key in ("collated_global_crops", "collated_local_crops"):
+            assert torch.equal(a[key], b[key])
+
+
 def test_each_pass_covers_the_data_once_and_reshuffles(fmnist_shards):
     index = read_shard_index(str(fmnist_shards))
     steps = index.total // 8  # 240 images, 2 streams of 120, 4 per stream per step: one pass = 30 steps
