@@ -39,6 +39,7 @@ def _xformers_ops() -> Any:
     return xops
 
 
+@torch.compiler.assume_constant_result  # compiled blocks ask it on CUDA: a constant, not a cached call to trace
 def xformers_available() -> bool:
     """True when ``xformers.ops`` can be imported (it is still only used for CUDA tensors)."""
     return _xformers_ops() is not None
