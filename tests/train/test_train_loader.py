@@ -102,10 +102,24 @@ def test_workers_and_resumption_do_not_change_batches(fmnist_shards, transform):
     resumed = take(make_loader(index, start=2, transform=make()), 2)
     for a, b in zip(ref, with_workers):
         assert a["keys"] == b["keys"] and torch.equal(a["collated_global_crops"], b["collated_global_crops"])
+        assert torch.equal(a["collated_masks"], b["collated_masks"])  # each worker drew its own images' masks
     for a, b in zip(ref[2:], resumed):
         assert a["step"] == b["step"] and a["keys"] == b["keys"]
         assert torch.equal(a["collated_local_crops"], b["collated_local_crops"])
         assert torch.equal(a["collated_masks"], b["collated_masks"])
+
+
+@pytest.mark.parametrize("world,rank,workers", [(1, 0, 0), (1, 0, 2), (2, 1, 2)])
+def test_masks_drawn_in_workers_are_the_global_batch_masks_of_the_ranks_rows(fmnist_shards, world, rank, workers):
+    """Workers draw the masks of their own images (off the training process); together they must be exactly the
+    global batch's masks of this rank's rows, crop-major, whatever the split into ranks and workers."""
+    index = read_shard_index(str(fmnist_shards))
+    batch, local = 8, 8 // world
+    got = take(make_loader(index, world=world, rank=rank, workers=workers, streams=4, start=1, size=56), 2)
+    rows = [c * batch + rank * local + i for c in range(2) for i in range(local)]
+    for step, b in zip((1, 2), got):
+        ref = global_batch_masks(step, 3, batch, rows, 2, MaskingGenerator((4, 4), max_num_patches=8), (0.1, 0.5), 0.5)
+        assert b["step"] == step and ref.any() and torch.equal(b["collated_masks"], ref)
 
 
 def test_pinned_batches_are_assembled_in_page_locked_memory_and_equal_unpinned_ones(fmnist_shards, monkeypatch):
