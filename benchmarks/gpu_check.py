@@ -9,6 +9,8 @@ Sections (each records what it ran, its numbers and pass/fail; a failing section
                global + local crops, within the dtype's tolerance;
   bf16_step    a few SSL training steps (DINO + iBOT + KoLeo, AdamW, EMA) in bf16 autocast next to fp32 from the
                same weights and batches: finite, and the losses close;
+  crops        the loader's multi-crop rendered on the device (as pretraining does on a GPU) against the CPU's, and
+               the time of each half (planned in a worker, rendered on the device);
   fsdp         FSDP2 on a one-process group (NCCL on CUDA, gloo on CPU) and one step;
   quality      the pretrain stage on all 60k Fashion-MNIST training images (1,500 iterations of 512), then k-NN
                (k=20) of its teacher next to raw pixels and a random init on the test split (whether the teacher
@@ -207,6 +209,39 @@ def bf16_step(device: torch.device, dry_run: bool) -> dict[str, Any]:
     finite = all(np.isfinite(v) for v in results["bf16"])
     rel = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(results["fp32"], results["bf16"]))
     return {"losses": results, "max_rel_loss_diff": rel, "finite": finite, "passed": finite and rel < 5e-2}
+
+
+def crops_check(device: torch.device, dry_run: bool) -> dict[str, Any]:
+    """The training loader's crops rendered on the device (what pretraining does on a GPU) against the same plan
+    rendered on the CPU (what the loader workers do without one): equal within float rounding; and the time of each
+    half (the plan in a worker, the render where it runs) for the quality run's 512 images, 2 + 6 crops at 56/28 px."""
+    from dinov2_core.data.batch_augment import BatchMultiCrop, renders_on
+    from tests.train._shards import fashion_items
+
+    n = 64 if dry_run else 512
+    why = renders_on(device)
+    if why is not None:
+        return {"passed": False, "error": f"crops cannot be rendered on {device}: {why}"}
+    aug = BatchMultiCrop(local_crops_number=6, global_crops_size=56, local_crops_size=28)  # the paper's blur etc.
+    images = [torch.from_numpy(a).expand(3, -1, -1).contiguous() for a in fashion_items(n, "train")[0]]
+    start = time.perf_counter()
+    plan = aug.plan(images, list(range(n)))
+    plan_s = time.perf_counter() - start
+    t0 = time.perf_counter()
+    ref = aug.render(plan, "cpu")
+    render_cpu_s = time.perf_counter() - t0
+    times = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = aug.render(plan, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    diff = max(float((out[k].cpu() - ref[k]).abs().max()) for k in ("global", "local"))
+    return {"images": n, "plan_s": plan_s, "render_s_cpu": render_cpu_s, "render_s": float(np.median(times[1:])),
+            "max_abs_diff_vs_cpu": diff, "passed": diff < 1e-3}
 
 
 def fsdp_check(device: torch.device) -> dict[str, Any]:
@@ -434,7 +469,7 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
 # In the order they run. The quality run comes before the speed sections: its time is predictable (input-bound,
 # ~3 minutes on the H200's host), theirs includes torch.compile's, which nobody has measured there; a run that the
 # device's time limit cuts then loses the end of the comparison, not the quality run.
-SECTIONS = {"attention": lambda dev, dry: attention(dev), "bf16_step": bf16_step,
+SECTIONS = {"attention": lambda dev, dry: attention(dev), "bf16_step": bf16_step, "crops": crops_check,
             "fsdp": lambda dev, dry: fsdp_check(dev), "quality": quality, "speed": speed, "vs_official": vs_official,
             "faiss": faiss_check}
 

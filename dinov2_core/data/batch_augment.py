@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -82,20 +82,56 @@ def _resized_crop_box(rng: np.random.Generator, height: int, width: int, scale: 
     return float(left), float(top), float(left + w), float(top + h)
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """A batch's images and every crop's random choices, as tensors; crops crop-major (global crop 1 of every image,
+    then global crop 2, then each local crop). What a loader worker hands over when the crops are rendered on the
+    training device (:meth:`BatchMultiCrop.render`): the uint8 images are ~40x smaller than the float crops of
+    2 + 6 crops at 56/28 px, and rendering them there takes the heaviest part of the input pipeline off the CPU."""
+
+    canvas: Tensor  # (B, 3, H, W) uint8, edges replicated up to the batch's largest image
+    image: Tensor  # (K,) int64: the image each crop is cut from
+    box: Tensor  # (K, 4) float32: x0, y0, x1, y1 in pixels of the canvas
+    flip: Tensor  # (K,) bool
+    jitter_on: Tensor  # (K,) bool
+    jitter: Tensor  # (K, 4) float32: brightness, contrast, saturation, hue factors (used where jitter_on)
+    gray: Tensor  # (K,) bool
+    blur_on: Tensor  # (K,) bool
+    blur_sigma: Tensor  # (K,) float32 (used where blur_on)
+    solarize: Tensor  # (K,) bool
+
+    @classmethod
+    def from_params(cls, canvas: Tensor, crops: Sequence[tuple[int, CropParams]]) -> CropPlan:
+        ps = [p for _, p in crops]
+        flags = lambda f: torch.tensor([bool(f(p)) for p in ps], dtype=torch.bool)
+        return cls(canvas=canvas, image=torch.tensor([i for i, _ in crops], dtype=torch.int64),
+                   box=torch.tensor([p.box for p in ps], dtype=torch.float32).reshape(-1, 4),
+                   flip=flags(lambda p: p.flip), jitter_on=flags(lambda p: p.jitter is not None),
+                   jitter=torch.tensor([p.jitter or (1.0, 1.0, 1.0, 0.0) for p in ps],
+                                       dtype=torch.float32).reshape(-1, 4),
+                   gray=flags(lambda p: p.gray), blur_on=flags(lambda p: p.blur_sigma is not None),
+                   blur_sigma=torch.tensor([p.blur_sigma or 0.0 for p in ps], dtype=torch.float32),
+                   solarize=flags(lambda p: p.solarize))
+
+    def crops(self, rows: slice) -> CropPlan:
+        """The plan of some crops (same canvas)."""
+        return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "canvas"})
+
+
 class BatchMultiCrop(MultiCropSpec):
     """Two global and ``local_crops_number`` local crops of each image of a batch.
 
     ``__call__(images, seeds)``: ``images`` are uint8 tensors (3, H_i, W_i) of any sizes, ``seeds`` one integer per
     image. Returns ``{"global": (2, B, 3, G, G), "local": (N, B, 3, L, L) or None}`` float tensors, normalised.
-    Arguments and defaults: :class:`~dinov2_core.data.augmentations.MultiCropSpec`.
+    The same in two halves: :meth:`plan` (the random choices, on the CPU) and :meth:`render` (tensor ops, on any
+    device). Arguments and defaults: :class:`~dinov2_core.data.augmentations.MultiCropSpec`.
     """
 
     batched = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._norm: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     @property
     def max_side(self) -> int:
@@ -124,48 +160,63 @@ class BatchMultiCrop(MultiCropSpec):
                                   solarize=may_solarize and u[9] < self.solarize_prob))
         return out
 
+    def plan(self, images: Sequence[Tensor], seeds: Sequence[int]) -> CropPlan:
+        """Every random choice of the batch's crops (each image's from its own seed), with the images."""
+        if len(images) != len(seeds):
+            raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
+        per_image = [self.sample(s, int(im.shape[-2]), int(im.shape[-1])) for im, s in zip(images, seeds)]
+        crops = [(i, choices[c]) for c in range(2 + self.local_crops_number) for i, choices in enumerate(per_image)]
+        return CropPlan.from_params(self._pad_stack(images), crops)
+
     # ------------------------------------------------------------------------------------------ ops
     @staticmethod
     def _pad_stack(images: Sequence[Tensor]) -> Tensor:
-        """(B, 3, Hmax, Wmax) float in [0, 1]; edges replicated so bilinear sampling at a border never sees zeros."""
+        """(B, 3, Hmax, Wmax) uint8; edges replicated so bilinear sampling at a border never sees zeros."""
         hmax = max(int(im.shape[-2]) for im in images)
         wmax = max(int(im.shape[-1]) for im in images)
-        out = []
-        for im in images:
-            x = im.float().div_(255.0)
-            if x.shape[-2] != hmax or x.shape[-1] != wmax:
-                x = F.pad(x[None], (0, wmax - x.shape[-1], 0, hmax - x.shape[-2]), mode="replicate")[0]
-            out.append(x)
+        out = [im if im.shape[-2:] == (hmax, wmax) else
+               F.pad(im[None], (0, wmax - im.shape[-1], 0, hmax - im.shape[-2]), mode="replicate")[0] for im in images]
         return torch.stack(out)
 
-    def _render(self, canvas: Tensor, params: list[tuple[int, CropParams]], size: int) -> Tensor:
-        """Crops ``(image index, params)`` of ``canvas`` -> (K, 3, size, size), normalised."""
-        boxes = torch.tensor([[i, *p.box] for i, p in params], dtype=torch.float32)
+    def render(self, plan: CropPlan, device: torch.device | str | None = None) -> dict[str, Tensor | None]:
+        """The crops of a plan, computed on ``device`` (default: the canvas's). The plan's parameters stay on the CPU:
+        which crops are flipped, blurred... is decided there, so a GPU never waits on a host sync."""
+        canvas = plan.canvas.to(device or plan.canvas.device, non_blocking=True).float().div_(255.0)
+        b, n = plan.canvas.shape[0], self.local_crops_number
+        g = self._render(canvas, plan.crops(slice(0, 2 * b)), self.global_crops_size).unflatten(0, (2, b))
+        loc = None
+        if n:
+            loc = self._render(canvas, plan.crops(slice(2 * b, None)), self.local_crops_size).unflatten(0, (n, b))
+        return {"global": g, "local": loc}
+
+    def _render(self, canvas: Tensor, plan: CropPlan, size: int) -> Tensor:
+        """The plan's crops of ``canvas`` (float in [0, 1]) -> (K, 3, size, size), normalised."""
+        dev = canvas.device
+        boxes = torch.cat([plan.image[:, None].float(), plan.box], dim=1).to(dev, non_blocking=True)
         x = roi_align(canvas, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        flips = torch.tensor([p.flip for _, p in params])
-        if flips.any():
+        if (flips := _rows(plan.flip, dev)) is not None:
             x[flips] = x[flips].flip(-1)
-        x = self._jitter(x, [p.jitter for _, p in params])
-        gray = torch.tensor([p.gray for _, p in params])
-        if gray.any():
+        x = self._jitter(x, plan)
+        if (gray := _rows(plan.gray, dev)) is not None:
             x[gray] = _luma(x[gray]).expand(-1, 3, -1, -1)
-        blur = [k for k, (_, p) in enumerate(params) if p.blur_sigma is not None]
-        if blur:
-            idx = torch.tensor(blur)
-            x[idx] = _gaussian_blur(x[idx], torch.tensor([params[k][1].blur_sigma for k in blur]))
-        sol = torch.tensor([p.solarize for _, p in params])
-        if sol.any():
+        if (blur := _rows(plan.blur_on, dev)) is not None:
+            x[blur] = _gaussian_blur(x[blur], plan.blur_sigma[plan.blur_on])
+        if (sol := _rows(plan.solarize, dev)) is not None:
             y = x[sol]
             x[sol] = torch.where(y >= 128 / 255, 1.0 - y, y)
-        return (x - self._mean) / self._std
+        if dev not in self._norm:
+            self._norm[dev] = (torch.tensor(self.mean, dtype=torch.float32, device=dev).view(1, 3, 1, 1),
+                               torch.tensor(self.std, dtype=torch.float32, device=dev).view(1, 3, 1, 1))
+        mean, std = self._norm[dev]
+        return (x - mean) / std
 
     @staticmethod
-    def _jitter(x: Tensor, factors: list[tuple[float, float, float, float] | None]) -> Tensor:
-        on = [k for k, f in enumerate(factors) if f is not None]
-        if not on:
+    def _jitter(x: Tensor, plan: CropPlan) -> Tensor:
+        idx = _rows(plan.jitter_on, x.device)
+        if idx is None:
             return x
-        idx = torch.tensor(on)
-        f = torch.tensor([factors[k] for k in on], dtype=torch.float32)
+        f_cpu = plan.jitter[plan.jitter_on]
+        f = f_cpu.to(x.device, non_blocking=True)
         y = x[idx]
         view = (-1, 1, 1, 1)
         y = (y * f[:, 0].view(view)).clamp_(0, 1)  # brightness
@@ -173,29 +224,35 @@ class BatchMultiCrop(MultiCropSpec):
         y = ((y - mean) * f[:, 1].view(view) + mean).clamp_(0, 1)  # contrast
         gray = _luma(y)
         y = ((y - gray) * f[:, 2].view(view) + gray).clamp_(0, 1)  # saturation
-        theta = f[:, 3].double() * 2 * math.pi  # hue: rotate (I, Q)
+        theta = f_cpu[:, 3].double() * 2 * math.pi  # hue: rotate (I, Q), the matrices built on the CPU
         cos, sin = torch.cos(theta), torch.sin(theta)
-        rot = torch.zeros(len(on), 3, 3, dtype=torch.float64)
+        rot = torch.zeros(len(f_cpu), 3, 3, dtype=torch.float64)
         rot[:, 0, 0] = 1
         rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-        m = (torch.from_numpy(_YIQ2RGB) @ rot @ torch.from_numpy(_RGB2YIQ)).float()
+        m = (torch.from_numpy(_YIQ2RGB) @ rot @ torch.from_numpy(_RGB2YIQ)).float().to(x.device, non_blocking=True)
         y = torch.einsum("kij,kjhw->kihw", m, y).clamp_(0, 1)
         x[idx] = y
         return x
 
     def __call__(self, images: Sequence[Tensor], seeds: Sequence[int]) -> dict[str, Tensor | None]:
-        if len(images) != len(seeds):
-            raise ValueError(f"{len(images)} images but {len(seeds)} seeds")
-        per_image = [self.sample(s, int(im.shape[-2]), int(im.shape[-1])) for im, s in zip(images, seeds)]
-        canvas = self._pad_stack(images)
-        g = [self._render(canvas, [(i, crops[c]) for i, crops in enumerate(per_image)], self.global_crops_size)
-             for c in range(2)]
-        n = self.local_crops_number
-        loc = None
-        if n:
-            flat = [(i, crops[2 + c]) for c in range(n) for i, crops in enumerate(per_image)]  # crop-major
-            loc = self._render(canvas, flat, self.local_crops_size).unflatten(0, (n, len(images)))
-        return {"global": torch.stack(g), "local": loc}
+        return self.render(self.plan(images, seeds))
+
+
+def renders_on(device: torch.device | str) -> str | None:
+    """None when :meth:`BatchMultiCrop.render` runs on ``device``, else why not (a torchvision built without that
+    device's kernels has no ``roi_align`` there)."""
+    try:
+        aug = BatchMultiCrop(local_crops_number=1, global_crops_size=14, local_crops_size=14)
+        aug.render(aug.plan([torch.zeros(3, 16, 16, dtype=torch.uint8)], [0]), device)
+        return None
+    except (RuntimeError, NotImplementedError) as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _rows(flags: Tensor, device: torch.device) -> Tensor | None:
+    """Indices of the True flags (found on the CPU) on ``device``; None when there are none."""
+    idx = flags.nonzero().flatten()
+    return idx.to(device, non_blocking=True) if idx.numel() else None
 
 
 def _luma(x: Tensor) -> Tensor:
@@ -207,8 +264,8 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int = 9) -> Tensor:
     k, c, h, w = x.shape
     half = kernel_size // 2
     t = torch.arange(-half, half + 1, dtype=torch.float32)
-    kern = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None].float() ** 2))
-    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (k*c, kernel)
+    kern = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None].float().cpu() ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, dim=0).to(x.device)  # (k*c, kernel), from the CPU
     y = x.reshape(1, k * c, h, w)
     pad_h, pad_w = min(half, h - 1), min(half, w - 1)
     y = F.pad(y, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
@@ -219,4 +276,4 @@ def _gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int = 9) -> Tensor:
     return y.reshape(k, c, h, w)
 
 
-__all__ = ["BatchMultiCrop", "CropParams"]
+__all__ = ["BatchMultiCrop", "CropParams", "CropPlan", "renders_on"]

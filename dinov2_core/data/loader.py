@@ -20,7 +20,11 @@ Contract (what makes runs reproducible, resumable and independent of the number 
   its own images (:class:`BatchMasker`): the block-wise generator is a Python loop (~0.1 ms a crop, 0.1 s a step at
   512 images), off the training process's critical path that way.
 * **Workers.** Decoding and augmentation run in ``DataLoader`` worker processes; each worker owns whole streams and
-  yields its part of every local batch, the main process concatenates the parts in stream order.
+  yields its part of every local batch, the main process concatenates the parts in stream order. With an
+  ``augment_device`` (the trainer's GPU) the workers decode and draw the crops' random choices only
+  (``BatchMultiCrop.plan``) and the crops are rendered on that device (``render``): the same crops; a worker's time
+  per 512 images of 56/28 px with 2 + 6 crops falls from 0.63 to 0.36 s on this 2-core machine's CPU, and what
+  crosses between processes is the uint8 images, not 48 MB of float crops.
 * **Resumption.** The position is the step: a loader built with ``start_step = s`` skips ``s * per_stream`` samples
   of each stream arithmetically (whole passes and units without reading; one unit read to skip inside it).
 
@@ -29,6 +33,7 @@ The library never imports an S3 client: ``opener(url) -> binary stream`` reaches
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -199,7 +204,7 @@ class MultiCropShardDataset(IterableDataset):
     def __init__(self, index: ShardIndex, transform: Callable[[Image.Image], dict[str, Any]], *,
                  global_batch_size: int, streams: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  start_step: int = 0, opener: Opener = _default_opener, num_workers: int = 0,
-                 masker: BatchMasker | None = None) -> None:
+                 masker: BatchMasker | None = None, plan_only: bool = False) -> None:
         if global_batch_size % streams:
             raise ValueError(f"global batch size {global_batch_size} is not a multiple of the loader's {streams} streams")
         if streams % world_size:
@@ -216,6 +221,9 @@ class MultiCropShardDataset(IterableDataset):
                              f"{world_size * num_workers}, or fewer workers")
         self.num_workers = num_workers
         self.masker = masker
+        if plan_only and not hasattr(transform, "plan"):
+            raise ValueError(f"{type(transform).__name__} cannot hand over crop plans (a BatchMultiCrop can)")
+        self.plan_only = plan_only  # yield {"plan": CropPlan} for rendering elsewhere instead of the crops
         self.plan = plan_streams(index.counts, streams)
 
     def worker_streams(self, worker_id: int, n_workers: int) -> list[int]:
@@ -248,8 +256,12 @@ class MultiCropShardDataset(IterableDataset):
                     seeds.append(seed)
             if getattr(self.transform, "batched", False):  # one tensor op per batch (batch_augment.BatchMultiCrop)
                 max_side = getattr(self.transform, "max_side", None)
-                out = self.transform([decode_tensor(d, max_side) for d in datas], seeds)
-                part = {"global": out["global"], "local": out["local"], "keys": keys}
+                images = [decode_tensor(d, max_side) for d in datas]
+                if self.plan_only:
+                    part = {"plan": self.transform.plan(images, seeds), "keys": keys}
+                else:
+                    out = self.transform(images, seeds)
+                    part = {"global": out["global"], "local": out["local"], "keys": keys}
             else:
                 crops = [self._crops(d, s) for d, s in zip(datas, seeds)]
                 g = torch.stack([torch.stack([c["global_crops"][i] for c in crops])
@@ -313,14 +325,17 @@ class SSLDataLoader:
                  patch_size: int, global_crops_size: int, n_global_crops: int = 2, rank: int = 0, world_size: int = 1,
                  seed: int = 0, start_step: int = 0, num_workers: int = 0, opener: Opener = _default_opener,
                  mask_ratio_tuple: tuple[float, float] = (0.1, 0.5), mask_probability: float = 0.5,
-                 prefetch_factor: int = 2, pin_memory: bool = False) -> None:
+                 prefetch_factor: int = 2, pin_memory: bool = False,
+                 augment_device: torch.device | str | None = None) -> None:
         grid = global_crops_size // patch_size
         self.masker = BatchMasker(seed, global_batch_size, n_global_crops,
                                   MaskingGenerator(input_size=(grid, grid), max_num_patches=0.5 * grid * grid),
                                   tuple(mask_ratio_tuple), mask_probability)
         self.dataset = MultiCropShardDataset(
             index, transform, global_batch_size=global_batch_size, streams=streams, rank=rank, world_size=world_size,
-            seed=seed, start_step=start_step, opener=opener, num_workers=num_workers, masker=self.masker)
+            seed=seed, start_step=start_step, opener=opener, num_workers=num_workers, masker=self.masker,
+            plan_only=augment_device is not None)
+        self.augment_device = torch.device(augment_device) if augment_device is not None else None
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.local_batch_size = global_batch_size // world_size
         self.seed, self.start_step, self.n_global = seed, start_step, n_global_crops
@@ -341,10 +356,16 @@ class SSLDataLoader:
         step = self.start_step
         while True:
             parts = [next(it) for _ in range(parts_per_step)]
-            g = self._cat([p["global"] for p in parts])
+            if self.augment_device is not None:  # each worker's part rendered where the model trains
+                parts = [{**self.dataset.transform.render(p["plan"], self.augment_device), "keys": p["keys"],
+                          "masks": p["masks"]} for p in parts]
+                cat = functools.partial(torch.cat, dim=1)
+            else:
+                cat = self._cat
+            g = cat([p["global"] for p in parts])
             batch: dict[str, Any] = {"collated_global_crops": g.flatten(0, 1)}
             if parts[0]["local"] is not None:
-                batch["collated_local_crops"] = self._cat([p["local"] for p in parts]).flatten(0, 1)
+                batch["collated_local_crops"] = cat([p["local"] for p in parts]).flatten(0, 1)
             else:
                 batch["collated_local_crops"] = g.new_zeros((0, *g.shape[2:]))
             batch.update(mask_batch_fields(torch.cat([p["masks"] for p in parts], dim=1).flatten(0, 1)))

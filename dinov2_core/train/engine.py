@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from dinov2_core.config import DataConfig, MonitorConfig, MultiCropConfig, RuntimeConfig
-from dinov2_core.data.batch_augment import BatchMultiCrop
+from dinov2_core.data.batch_augment import BatchMultiCrop, renders_on
 from dinov2_core.data.loader import SSLDataLoader, read_shard_index
 from dinov2_core.eval.monitor import knn_probe
 from dinov2_core.layers import compile_blocks
@@ -150,8 +150,10 @@ class KnnLog(TrainLog):
 
 
 def make_loader(spec: TrainSpec, patch_size: int, rank: int, world: int, start_step: int, pin_memory: bool,
-                opener: Callable[[str], Any] | None = None) -> SSLDataLoader:
-    """The rank's batches from ``spec.data.shards`` (``opener(url)`` -> binary file object; default: fsspec)."""
+                opener: Callable[[str], Any] | None = None,
+                augment_device: torch.device | None = None) -> SSLDataLoader:
+    """The rank's batches from ``spec.data.shards`` (``opener(url)`` -> binary file object; default: fsspec); with
+    ``augment_device`` the crops are rendered there and the workers only decode and plan them."""
     open_kw = {} if opener is None else {"opener": opener}
     index = read_shard_index(spec.data.shards, **open_kw)
     crops = spec.crops
@@ -167,7 +169,21 @@ def make_loader(spec: TrainSpec, patch_size: int, rank: int, world: int, start_s
         seed=spec.data.seed, start_step=start_step, num_workers=spec.data.num_workers, **open_kw,
         mask_ratio_tuple=tuple(spec.loss.mask_ratio_min_max),
         mask_probability=spec.loss.mask_sample_probability if spec.mask_student else 0.0, pin_memory=pin_memory,
+        augment_device=augment_device,
     )
+
+
+def crop_device(device: torch.device) -> torch.device | None:
+    """Where the crops are rendered: on the training GPU (the loader workers only decode and draw the random choices,
+    so a tiny model is not bound by the CPU's pixel work), else in the workers. A torchvision without that GPU's
+    kernels keeps them in the workers, with a warning."""
+    if device.type != "cuda":
+        return None
+    why = renders_on(device)
+    if why is not None:
+        log.warning("crops rendered by the loader workers, not on %s: %s", device, why)
+        return None
+    return device
 
 
 def _fault_hook():
@@ -292,7 +308,8 @@ def run_training(spec: TrainSpec, runtime: RuntimeConfig | None = None, *,
             sink.open(start_step)
         monitor = _knn_monitor_hook(spec, meta, info, run_dir, start_step, sinks)
         loader = make_loader(spec, meta.backbone_cfg.patch_size, info.rank, info.world_size, start_step,
-                             pin_memory=info.device.type == "cuda", opener=opener)
+                             pin_memory=info.device.type == "cuda", opener=opener,
+                             augment_device=crop_device(info.device))
 
         def save(n: int) -> None:
             meta.flush_center_updates()

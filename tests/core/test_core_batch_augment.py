@@ -74,13 +74,13 @@ def test_blur_matches_torchvision_per_sigma():
 @pytest.mark.parametrize("size", [28, 56])
 def test_identity_parameters_reproduce_a_plain_resize(size):
     """With every random choice switched off, a full-image box is an (area-averaged) resize of the image."""
-    from dinov2_core.data.batch_augment import CropParams
+    from dinov2_core.data.batch_augment import CropParams, CropPlan
 
     aug = BatchMultiCrop(local_crops_number=0, global_crops_size=size, local_crops_size=14)
     img = _images([(28, 28)])[0]
-    canvas = aug._pad_stack([img])
     plain = CropParams((0.0, 0.0, 28.0, 28.0), False, None, False, None, False)
-    out = aug._render(canvas, [(0, plain)], size) * torch.tensor(aug.std).view(3, 1, 1) + torch.tensor(aug.mean).view(3, 1, 1)
+    out = aug.render(CropPlan.from_params(aug._pad_stack([img]), [(0, plain), (0, plain)]))["global"][:, 0]
+    out = out[0] * torch.tensor(aug.std).view(3, 1, 1) + torch.tensor(aug.mean).view(3, 1, 1)
     ref = TF.resize(img.float()[None] / 255, [size, size], interpolation=TF.InterpolationMode.BILINEAR,
                     antialias=False)[0]
-    assert torch.allclose(out[0], ref, atol=1e-4)
+    assert torch.allclose(out, ref, atol=1e-4)

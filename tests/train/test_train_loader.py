@@ -31,8 +31,9 @@ class CheapCrops:
 
 
 def make_loader(index, world=1, rank=0, start=0, workers=0, streams=2, batch=8, transform=None, opener=None,
-                size=28):
+                size=28, augment_device=None):
     kw = {"opener": opener} if opener else {}
+    kw.update(augment_device=augment_device)
     return SSLDataLoader(index, transform or CheapCrops(), global_batch_size=batch, streams=streams, patch_size=14,
                          global_crops_size=size, rank=rank, world_size=world, seed=3, start_step=start,
                          num_workers=workers, **kw)
@@ -120,6 +121,36 @@ def test_masks_drawn_in_workers_are_the_global_batch_masks_of_the_ranks_rows(fmn
     for step, b in zip((1, 2), got):
         ref = global_batch_masks(step, 3, batch, rows, 2, MaskingGenerator((4, 4), max_num_patches=8), (0.1, 0.5), 0.5)
         assert b["step"] == step and ref.any() and torch.equal(b["collated_masks"], ref)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_crops_rendered_on_the_training_device_equal_the_workers_crops(fmnist_shards, workers):
+    """On a GPU the workers hand over uint8 images and crop choices and the crops are rendered there: the batches must
+    be the ones the workers would have rendered (here the 'device' is the CPU, so exactly equal)."""
+    index = read_shard_index(str(fmnist_shards))
+    make = TRANSFORMS["batched"]
+    ref = take(make_loader(index, workers=workers, transform=make(), streams=4), 3)
+    on_device = make_loader(index, workers=workers, transform=make(), streams=4, augment_device="cpu")
+    part = next(iter(on_device.dataset))
+    assert "global" not in part and part["plan"].canvas.dtype == torch.uint8  # what crosses the process boundary
+    for a, b in zip(ref, take(on_device, 3)):
+        assert a["keys"] == b["keys"] and a["step"] == b["step"]
+        for key in ("collated_global_crops", "collated_local_crops", "collated_masks"):
+            assert torch.equal(a[key], b[key]), key
+    with pytest.raises(ValueError, match="cannot hand over crop plans"):
+        make_loader(index, transform=CheapCrops(), augment_device="cpu")
+
+
+def test_crops_stay_in_the_workers_without_a_gpu_or_without_its_roi_align(monkeypatch, caplog):
+    from dinov2_core.train import engine
+
+    assert engine.crop_device(torch.device("cpu")) is None
+    monkeypatch.setattr(engine, "renders_on", lambda device: None)
+    assert engine.crop_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    monkeypatch.setattr(engine, "renders_on", lambda device: "NotImplementedError: no CUDA kernel for roi_align")
+    with caplog.at_level("WARNING", logger="dinov2.train"):
+        assert engine.crop_device(torch.device("cuda", 0)) is None
+    assert "rendered by the loader workers" in caplog.text and "roi_align" in caplog.text
 
 
 def test_pinned_batches_are_assembled_in_page_locked_memory_and_equal_unpinned_ones(fmnist_shards, monkeypatch):
