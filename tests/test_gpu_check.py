@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_fills_every_section(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["environment"]["dry_run"] and report["passed"] and report["unfinished"] == []
-    for section in ("attention", "bf16_step", "fsdp", "speed", "vs_official", "faiss", "quality"):
+    for section in ("attention", "bf16_step", "crops", "fsdp", "speed", "vs_official", "faiss", "quality"):
         assert report[section]["passed"] and "error" not in report[section], section
     backends = {row["backend"] for row in report["attention"]["rows"]}
     assert {"sdpa", "packed_sdpa", "eager"} <= backends
@@ -32,6 +32,9 @@ def test_gpu_check_dry_run_fills_every_section(tmp_path):
                                                                "raw_pixels_knn_top1"))
     # through loader processes, as on the GPU host, and the report says how much of an iteration waited for data
     assert q["loader_workers"] == 2 and 0 <= q["data_wait_fraction"] <= 1 and q["images_per_s"] > 0
+    # the calibration run that sizes the GPU run measured a step (the dry run keeps its 4 iterations)
+    assert q["calibration_step_s"] > 0 and q["iterations_for_budget"] in range(1500, 3001, 100)
+    assert report["crops"]["max_abs_diff_vs_cpu"] < 1e-3 and report["crops"]["render_s"] > 0
     md = out.with_suffix(".md").read_text()
     assert all(f"| {s} | True |" in md for s in ("attention", "bf16_step", "fsdp", "speed", "faiss", "quality"))
 
@@ -90,3 +93,13 @@ def test_mfu_peak_is_the_gpus_spec_and_an_unlisted_gpu_reports_none_rather_than_
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA GeForce RTX 4090")
     assert gpu_check.spec_bf16_peak_flops(cuda) is None  # was None * 1e12: the speed sections raised TypeError
     assert gpu_check.spec_bf16_peak_flops(torch.device("cpu")) is None
+
+
+def test_quality_run_iterations_fill_the_budget_within_the_replicated_configuration_and_twice_it():
+    from benchmarks.gpu_check import QUALITY_BUDGET_S, quality_iterations
+
+    assert quality_iterations(QUALITY_BUDGET_S / 2000, 100) == 2000  # what the budget allows, whole epochs
+    assert quality_iterations(QUALITY_BUDGET_S / 2050, 100) == 2000
+    assert quality_iterations(0.001, 100) == 3000  # never more than twice the CPU-replicated 1,500
+    assert quality_iterations(1.0, 100) == 1500  # a slow machine still runs the replicated configuration
+    assert quality_iterations(None, 100) == quality_iterations(float("nan"), 100) == 1500
