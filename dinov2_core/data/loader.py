@@ -23,8 +23,8 @@ Contract (what makes runs reproducible, resumable and independent of the number 
   yields its part of every local batch, the main process concatenates the parts in stream order. With an
   ``augment_device`` (the trainer's GPU) the workers decode and draw the crops' random choices only
   (``BatchMultiCrop.plan``) and the crops are rendered on that device (``render``): the same crops; a worker's time
-  per 512 images of 56/28 px with 2 + 6 crops falls from 0.63 to 0.36 s on this 2-core machine's CPU, and what
-  crosses between processes is the uint8 images, not 48 MB of float crops.
+  per 512 images of 56/28 px with 2 + 6 crops halves (``benchmarks/loader.py``), and what crosses between processes
+  is the uint8 images, not 48 MB of float crops.
 * **Resumption.** The position is the step: a loader built with ``start_step = s`` skips ``s * per_stream`` samples
   of each stream arithmetically (whole passes and units without reading; one unit read to skip inside it).
 
