@@ -84,3 +84,15 @@ def test_identity_parameters_reproduce_a_plain_resize(size):
     ref = TF.resize(img.float()[None] / 255, [size, size], interpolation=TF.InterpolationMode.BILINEAR,
                     antialias=False)[0]
     assert torch.allclose(out, ref, atol=1e-4)
+
+
+def test_render_runs_wholly_on_the_target_device():
+    """On a GPU the crops are rendered in the training process: every tensor the render computes with must live on
+    that device (the 'meta' device stands in for CUDA here: mixing in a CPU tensor raises), with flips, jitter,
+    grayscale, blur and solarisation all drawn in the batch."""
+    aug = BatchMultiCrop(local_crops_number=6, global_crops_size=56, local_crops_size=28)
+    plan = aug.plan(_images([(28 + i % 5, 28) for i in range(64)]), list(range(64)))
+    assert all(int(flags.sum()) > 0 for flags in (plan.flip, plan.jitter_on, plan.gray, plan.blur_on, plan.solarize))
+    out = aug.render(plan, "meta")
+    assert out["global"].device.type == "meta" and out["global"].shape == (2, 64, 3, 56, 56)
+    assert out["local"].shape == (6, 64, 3, 28, 28)
