@@ -33,7 +33,7 @@ def test_gpu_check_dry_run_fills_every_section(tmp_path):
     # through loader processes, as on the GPU host, and the report says how much of an iteration waited for data
     assert q["loader_workers"] == 2 and 0 <= q["data_wait_fraction"] <= 1 and q["images_per_s"] > 0
     # the calibration run that sizes the GPU run measured a step (the dry run keeps its 4 iterations)
-    assert q["calibration_step_s"] > 0 and q["iterations_for_budget"] in range(1500, 3001, 100)
+    assert q["calibration_step_s"] > 0 and 1500 <= q["iterations_for_budget"] <= 3000  # whole toy epochs of 2
     assert report["crops"]["max_abs_diff_vs_cpu"] < 1e-3 and report["crops"]["render_s"] > 0
     md = out.with_suffix(".md").read_text()
     assert all(f"| {s} | True |" in md for s in ("attention", "bf16_step", "fsdp", "speed", "faiss", "quality"))

@@ -131,7 +131,11 @@ class BatchMultiCrop(MultiCropSpec):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._norm: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._norm: dict[torch.device, tuple[Tensor, Tensor]] = {}  # mean/std per device rendered on
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a loader worker gets a copy: never the training process's GPU tensors (a spawned worker would map them)
+        return {**self.__dict__, "_norm": {}}
 
     @property
     def max_side(self) -> int:
