@@ -8,9 +8,10 @@ carries at most 64 MiB. This writes ``.device/`` (git-ignored):
   fashion-mnist/  the quality run's data (Debian's dataset-fashion-mnist files);
 and prints the size and the device command. Left out to fit (the GPU check runs without them, tested by
 tests/test_gpu_check.py): the optional imports of great-expectations (boto3/botocore, SQLAlchemy, cryptography, redis)
-and faiss (faiss-gpu-cu12 would need CUDA 12 libraries of hundreds of MB beside the image's CUDA 13, faiss-cpu 18 MiB
-does not fit beside the data): the faiss section then says it did not run. xformers has no build for the image's
-torch 2.11.
+and faiss-gpu: the registry's only build (faiss-gpu 1.15.1) is for CUDA 12, a 135 MiB wheel that also needs cuBLAS 12
+beside the image's CUDA 13, so the faiss section runs faiss-cpu there and says why its GPU half did not run. Every
+wheel is recompressed with LZMA (``lzma_wheel``: pip reads any zip method, the files and RECORD stay byte-identical),
+which halves faiss-cpu's 18 MiB and lets it fit beside the data. xformers has no build for the image's torch 2.11.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / ".device"
 PREINSTALLED = REPO / "infra" / "device" / "preinstalled.txt"
 # optional at import time (their users try/except the import), left out to fit the 64 MiB
-LEFT_OUT = {"boto3", "botocore", "s3transfer", "sqlalchemy", "cryptography", "redis", "faiss-cpu", "faiss-gpu-cu12",
+LEFT_OUT = {"boto3", "botocore", "s3transfer", "sqlalchemy", "cryptography", "redis", "faiss-gpu", "faiss-gpu-cu12",
             "xformers", "dinov2-pipeline"}  # ours travels as source
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_27_x86_64", "manylinux_2_28_x86_64",
              "manylinux1_x86_64"]
@@ -61,6 +63,16 @@ def _download(dist: str, version: str, dest: Path) -> bool:
     return subprocess.run(cmd, check=False, capture_output=True, text=True).returncode == 0
 
 
+def lzma_wheel(wheel: Path) -> None:
+    """Rewrite ``wheel`` in place with every member LZMA-compressed (deflate in the registry's): the same members, bytes
+    and order, so its RECORD hashes still hold and pip installs it as before, in about half the bytes of binaries."""
+    tmp = wheel.with_name(wheel.name + ".tmp")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(tmp, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info), compress_type=zipfile.ZIP_LZMA)
+    tmp.replace(wheel)
+
+
 def _mib(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
 
@@ -76,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.out, ignore_errors=True)
     (args.out / "wheels").mkdir(parents=True)
     failed = [f"{d}=={v}" for d, v in sorted(need.items()) if not _download(d, v, args.out / "wheels")]
+    for wheel in sorted((args.out / "wheels").glob("*.whl")):
+        lzma_wheel(wheel)
     shutil.copytree(FASHION_DIR, args.out / "fashion-mnist")
     tracked = subprocess.run(["git", "ls-files", "-z"], check=True, cwd=REPO, capture_output=True, text=True).stdout
     repo_mib = sum((REPO / f).stat().st_size for f in tracked.split("\0") if f and (REPO / f).is_file()) / 2**20

@@ -41,14 +41,15 @@ def test_gpu_check_dry_run_fills_every_section(tmp_path):
 
 def test_gpu_check_runs_without_what_the_device_bundle_leaves_out(tmp_path):
     """A bare GPU machine gets only benchmarks/device_bundle.py's wheels: the optional imports it leaves out
-    (great-expectations' AWS/SQL extras, faiss, ...) made unimportable here, the quality run (the real pretrain stage
-    with its GX checks, in its own torchrun process) still passes and the faiss section says why it did not run."""
+    (great-expectations' AWS/SQL extras, ...) made unimportable here, the quality run (the real pretrain stage with its
+    GX checks, in its own torchrun process) still passes; and on a machine without faiss at all the faiss section says
+    why it did not run."""
     from benchmarks.device_bundle import LEFT_OUT
 
     blocked = tmp_path / "blocked"
-    modules = {"boto3", "botocore", "s3transfer", "sqlalchemy", "cryptography", "redis", "faiss"}
-    assert {m.replace("faiss", "faiss-cpu") for m in modules} <= LEFT_OUT
-    for module in modules:
+    left_out = {"boto3", "botocore", "s3transfer", "sqlalchemy", "cryptography", "redis"}
+    assert left_out <= LEFT_OUT and "faiss-cpu" not in LEFT_OUT
+    for module in left_out | {"faiss"}:
         (blocked / module).mkdir(parents=True)
         (blocked / module / "__init__.py").write_text(f"raise ImportError('{module} is not on this machine')\n")
     out = tmp_path / "gpu_check"
@@ -103,3 +104,45 @@ def test_quality_run_iterations_fill_the_budget_within_the_replicated_configurat
     assert quality_iterations(0.001, 100) == 3000  # never more than twice the CPU-replicated 1,500
     assert quality_iterations(1.0, 100) == 1500  # a slow machine still runs the replicated configuration
     assert quality_iterations(None, 100) == quality_iterations(float("nan"), 100) == 1500
+
+
+def test_faiss_section_on_a_gpu_with_cpu_only_faiss_reports_no_gpu_row():
+    """faiss-cpu on a CUDA machine (what the lent H200 gets) moves no index to the GPU: the section must give one CPU
+    row and say why the GPU half did not run, never a second CPU timing labelled GPU."""
+    import torch
+
+    from benchmarks.gpu_check import faiss_check
+
+    sec = faiss_check(torch.device("cuda"), dry_run=True)  # only the device's type is read: no GPU is touched
+    assert [row["gpu"] for row in sec["rows"]] == [False] and sec["faiss_gpus"] == 0
+    assert "CPU-only" in sec["gpu_not_run"] and sec["passed"]
+
+
+def test_a_wheel_recompressed_for_the_device_carry_installs_byte_identical(tmp_path):
+    """device_bundle rewrites the wheels with LZMA to fit faiss-cpu into the 64 MiB a device call carries: pip must
+    still install them (RECORD's hashes checked) and every file must come out unchanged."""
+    import base64
+    import hashlib
+    import zipfile
+
+    from benchmarks.device_bundle import lzma_wheel
+
+    files = {"demo_pkg/__init__.py": b"VALUE = 42\n", "demo_pkg/blob.bin": bytes(range(256)) * 400}
+    meta = "demo_pkg-1.0.dist-info/"
+    files[meta + "METADATA"] = b"Metadata-Version: 2.1\nName: demo-pkg\nVersion: 1.0\n"
+    files[meta + "WHEEL"] = b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    record = "".join(f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+                     f"{len(data)}\n" for name, data in files.items()) + f"{meta}RECORD,,\n"
+    files[meta + "RECORD"] = record.encode()
+    wheel = tmp_path / "demo_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    lzma_wheel(wheel)
+    with zipfile.ZipFile(wheel) as zf:
+        assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_LZMA}
+        assert {name: zf.read(name) for name in zf.namelist()} == files
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--target", str(target), str(wheel)], check=True, capture_output=True, timeout=120)
+    assert (target / "demo_pkg" / "blob.bin").read_bytes() == files["demo_pkg/blob.bin"]
