@@ -12,16 +12,16 @@ Sections (each records what it ran, its numbers and pass/fail; a failing section
   crops        the loader's multi-crop rendered on the device (as pretraining does on a GPU) against the CPU's, and
                the time of each half (planned in a worker, rendered on the device);
   fsdp         FSDP2 on a one-process group (NCCL on CUDA, gloo on CPU) and one step;
-  quality      the pretrain stage on all 60k Fashion-MNIST training images (1,500-3,000 iterations of 512: what ~3
-               minutes allow at the step a 60-iteration calibration run measured), then k-NN
-               (k=20) of its teacher next to raw pixels and a random init on the test split (whether the teacher
-               beats the pixels is reported, not required: at toy size it does not);
   speed        training-step images/s and model-FLOP utilisation for ViT-S/14 and ViT-L/14 at 224 px with 2+8
                crops (the whole SSL step: backbones, heads, losses, optimizer, EMA);
   vs_official  backbone forward+backward on the same crops, ours (default, and compiled blocks) next to the
                official implementation, same weights, alternating (source from $DINOV2_OFFICIAL_SRC or
                third_party/dinov2: `make official`; skipped with a message without it);
-  faiss        IVF-PQ build + k=64 search, faiss-gpu next to faiss-cpu when a GPU is visible, recall@64 vs exact.
+  faiss        IVF-PQ build + k=64 search, faiss-gpu next to faiss-cpu when a GPU is visible, recall@64 vs exact;
+  quality      the pretrain stage on all 60k Fashion-MNIST training images (1,500-3,000 iterations of 512: what ~3
+               minutes allow at the step a 60-iteration calibration run measured, fewer if --deadline-s leaves less),
+               then k-NN (k=20) of its teacher next to raw pixels and a random init on the test split (whether the
+               teacher beats the pixels is reported, not required: at toy size it does not).
 Writes reports/bench/gpu_check.{json,md}.
 
 On a bare GPU machine with its own python and torch and no package registry (the lent H200), `python -m
@@ -412,14 +412,27 @@ def faiss_check(device: torch.device, dry_run: bool) -> dict[str, Any]:
 # allows at the measured step, between the configuration replicated on the CPU (1,500) and twice that.
 QUALITY_BUDGET_S = 180.0
 QUALITY_ITERATIONS = (1500, 3000)
+# A device call ends at a hard limit: with --deadline-s the quality run, the last section, trains only for what the
+# earlier ones left, less its own tail (the final k-NN of the stage and of raw pixels, the report) and the stage's
+# fixed cost (launch, checks, export: what its calibration run took beyond its steps)
+QUALITY_TAIL_S = 45.0
+_deadline: float | None = None  # time.perf_counter() value; set by main()
 
 
-def quality_iterations(step_s: float | None, epoch: int) -> int:
-    """Iterations for QUALITY_BUDGET_S at ``step_s`` seconds a step, whole epochs, within QUALITY_ITERATIONS."""
+def seconds_left() -> float | None:
+    return None if _deadline is None else _deadline - time.perf_counter()
+
+
+def quality_iterations(step_s: float | None, epoch: int, train_s_left: float | None = None) -> int:
+    """Iterations for QUALITY_BUDGET_S at ``step_s`` seconds a step, whole epochs, within QUALITY_ITERATIONS; fewer
+    (one epoch at the least) where ``train_s_left`` before the deadline cannot hold them."""
     lo, hi = QUALITY_ITERATIONS
     if not step_s or not np.isfinite(step_s) or step_s <= 0:
         return lo
-    return int(min(hi, max(lo, QUALITY_BUDGET_S / step_s // epoch * epoch)))
+    n = min(hi, max(lo, QUALITY_BUDGET_S / step_s))
+    if train_s_left is not None:
+        n = min(n, train_s_left / step_s)
+    return int(max(epoch, n // epoch * epoch))
 
 
 def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
@@ -476,11 +489,21 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
                 f"pretrain.optim.epochs={2 if dry_run else 3}", f"pretrain.optim.epoch_length={2 if dry_run else 20}",
                 "pretrain.monitor.eval_dir=null"])
             t0 = time.perf_counter()
-            rate = run_pretrain(cal).get("images_per_s_median")
-            chosen = quality_iterations(batch / rate if rate else None, epoch)
+            cal_metrics = run_pretrain(cal)
+            cal_s = time.perf_counter() - t0
+            rate = cal_metrics.get("images_per_s_median")
+            step_s = batch / rate if rate else None
+            left = seconds_left()
+            fixed_s = max(0.0, cal_s - (cal_metrics.get("iterations") or 0) * (step_s or 0.0))
+            train_left = None if left is None else left - QUALITY_TAIL_S - fixed_s
+            chosen = quality_iterations(step_s, epoch, train_left)
             steps = steps if dry_run else chosen
-            calibration = {"calibration_seconds": time.perf_counter() - t0,
-                           "calibration_step_s": batch / rate if rate else None, "iterations_for_budget": chosen}
+            calibration = {"calibration_seconds": cal_s, "calibration_step_s": step_s, "stage_fixed_s": fixed_s,
+                           "iterations_for_budget": chosen, "seconds_left_for_training": train_left,
+                           "cut_by_deadline": chosen < quality_iterations(step_s, epoch)}
+            if train_left is not None and step_s and train_left < epoch * step_s:
+                return {"passed": None, **calibration, "skipped": f"the deadline left {train_left:.0f} s to train, "
+                        f"less than one epoch of {epoch} iterations at the calibrated {step_s:.3f} s"}
         overrides = common + [f"reports={root / 'reports'}", f"pretrain.out={root / 'pretrain'}",
                               f"pretrain.optim.epochs={steps // epoch}", f"pretrain.optim.epoch_length={epoch}",
                               f"pretrain.monitor.eval_dir={root / 'eval'}", f"pretrain.monitor.n_train={n_eval}",
@@ -505,12 +528,12 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
             "passed": bool(np.isfinite(metrics.get("loss_end_mean", np.nan)))}
 
 
-# In the order they run. The quality run comes before the speed sections: its time is bounded (QUALITY_BUDGET_S after
-# a calibration, 1,500 iterations at the least), theirs includes torch.compile's, which nobody has measured there; a run that the
-# device's time limit cuts then loses the end of the comparison, not the quality run.
+# In the order they run. The quality run comes last: the others' time is unknown there (torch.compile's, faiss-cpu's on
+# that host) but bounded, and the quality run sizes itself by a calibration run to the time they leave before
+# --deadline-s, so one device call ends with every section, the quality run at worst shorter (the report says so).
 SECTIONS = {"attention": lambda dev, dry: attention(dev), "bf16_step": bf16_step, "crops": crops_check,
-            "fsdp": lambda dev, dry: fsdp_check(dev), "quality": quality, "speed": speed, "vs_official": vs_official,
-            "faiss": faiss_check}
+            "fsdp": lambda dev, dry: fsdp_check(dev), "speed": speed, "vs_official": vs_official,
+            "faiss": faiss_check, "quality": quality}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -555,10 +578,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
                     help="run only these (e.g. a rerun of one that failed)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="seconds from the start by which the run must end (a device call's limit, less a margin): "
+                         "the quality run trains for what the earlier sections leave")
     if argv is None:
         argv = sys.argv[1:] if __name__ == "__main__" else ["--dry-run"]  # `make bench` has no GPU: the dry run
     args = ap.parse_args(argv)
     start = time.perf_counter()
+    global _deadline
+    _deadline = None if args.deadline_s is None else start + args.deadline_s
     device = _device(args.dry_run)
     report: dict[str, Any] = {"environment": environment(device, args.dry_run),
                               "pending": [] if official_source() else [f"the official comparison: {OFFICIAL_HINT}"]}

@@ -16,11 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_dry_run_fills_every_section(tmp_path):
     out = tmp_path / "gpu_check"
-    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, check=False)
+    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out),
+                          "--deadline-s", "600"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["environment"]["dry_run"] and report["passed"] and report["unfinished"] == []
+    keys = list(report)  # the quality run last: it sizes itself to the time the others left
+    assert keys.index("quality") > max(keys.index(k) for k in ("attention", "crops", "speed", "vs_official", "faiss"))
     for section in ("attention", "bf16_step", "crops", "fsdp", "speed", "vs_official", "faiss", "quality"):
         assert report[section]["passed"] and "error" not in report[section], section
     backends = {row["backend"] for row in report["attention"]["rows"]}
@@ -34,6 +36,7 @@ def test_gpu_check_dry_run_fills_every_section(tmp_path):
     assert q["loader_workers"] == 2 and 0 <= q["data_wait_fraction"] <= 1 and q["images_per_s"] > 0
     # the calibration run that sizes the GPU run measured a step (the dry run keeps its 4 iterations)
     assert q["calibration_step_s"] > 0 and 1500 <= q["iterations_for_budget"] <= 3000  # whole toy epochs of 2
+    assert q["cut_by_deadline"] is False and q["seconds_left_for_training"] > 0 and q["stage_fixed_s"] > 0
     assert report["crops"]["max_abs_diff_vs_cpu"] < 1e-3 and report["crops"]["render_s"] > 0
     md = out.with_suffix(".md").read_text()
     assert all(f"| {s} | True |" in md for s in ("attention", "bf16_step", "fsdp", "speed", "faiss", "quality"))
@@ -104,6 +107,23 @@ def test_quality_run_iterations_fill_the_budget_within_the_replicated_configurat
     assert quality_iterations(0.001, 100) == 3000  # never more than twice the CPU-replicated 1,500
     assert quality_iterations(1.0, 100) == 1500  # a slow machine still runs the replicated configuration
     assert quality_iterations(None, 100) == quality_iterations(float("nan"), 100) == 1500
+    # a deadline cuts it to the training time left (whole epochs, below the replicated 1,500 if it must), never to 0
+    assert quality_iterations(0.1, 100, train_s_left=1000.0) == 1800  # room left: the budget decides
+    assert quality_iterations(0.1, 100, train_s_left=105.0) == 1000
+    assert quality_iterations(1.0, 100, train_s_left=-5.0) == 100
+
+
+def test_quality_run_that_the_deadline_leaves_no_time_says_so_instead_of_overrunning(tmp_path):
+    """Last in the device call, the quality run must not start training it cannot finish before --deadline-s: the
+    report says it was skipped and why (not a failure), with the calibration it measured."""
+    out = tmp_path / "gpu_check"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out),
+                          "--sections", "quality", "--deadline-s", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    q = json.loads(out.with_suffix(".json").read_text())["quality"]
+    assert q["passed"] is None and "deadline left" in q["skipped"] and q["cut_by_deadline"]
+    assert q["calibration_step_s"] > 0 and q["seconds_left_for_training"] < 0 and "iterations" not in q
 
 
 def test_faiss_section_on_a_gpu_with_cpu_only_faiss_reports_no_gpu_row():
