@@ -518,13 +518,13 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
         raw = knn_monitor(MonitorConfig(eval_dir=str(root / "eval"), n_train=n_eval, n_test=n_eval, k=20),
                           {"raw_pixels": RawPixelBackbone(params.model.patch_size)}, crop, params.model.patch_size)
     knn = metrics["knn"]
-    return {"images": n_images, "iterations": metrics.get("iterations"), "loader_workers": workers, **calibration,
+    return {"teacher_knn_top1": knn.get("teacher_top1"), "raw_pixels_knn_top1": raw.get("raw_pixels_top1"),
+            "random_init_knn_top1": knn.get("random_init_top1"),
+            "teacher_beats_raw_pixels": (knn.get("teacher_top1") or 0) > (raw.get("raw_pixels_top1") or 1),
+            "images": n_images, "iterations": metrics.get("iterations"), "loader_workers": workers, **calibration,
             "data_wait_fraction": metrics.get("data_wait_fraction_median"),
             "images_per_s": metrics.get("images_per_s_median"),
             "train_seconds": time.perf_counter() - start,
-            "teacher_knn_top1": knn.get("teacher_top1"), "random_init_knn_top1": knn.get("random_init_top1"),
-            "raw_pixels_knn_top1": raw.get("raw_pixels_top1"),
-            "teacher_beats_raw_pixels": (knn.get("teacher_top1") or 0) > (raw.get("raw_pixels_top1") or 1),
             "passed": bool(np.isfinite(metrics.get("loss_end_mean", np.nan)))}
 
 
@@ -534,6 +534,26 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
 SECTIONS = {"attention": lambda dev, dry: attention(dev), "bf16_step": bf16_step, "crops": crops_check,
             "fsdp": lambda dev, dry: fsdp_check(dev), "speed": speed, "vs_official": vs_official,
             "faiss": faiss_check, "quality": quality}
+
+
+def _rounded(v: Any) -> Any:
+    """Floats to 4 significant digits, inside lists and dicts too."""
+    if isinstance(v, float):
+        return float(f"{v:.4g}")
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_rounded(x) for x in v]
+    return v
+
+
+def _figures(values: dict[str, Any]) -> str:
+    """``k=v, ...`` for a Markdown table cell."""
+    def fmt(v: Any) -> str:
+        text = (f"{v:.4g}" if isinstance(v, float) else json.dumps(_rounded(v), default=str)
+                if isinstance(v, (dict, list, tuple)) else str(v))
+        return text.replace("|", "/").replace("\n", " ")
+    return ", ".join(f"{k}={fmt(v)}" for k, v in values.items())
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -547,12 +567,10 @@ def markdown(report: dict[str, Any]) -> str:
              "|---|---|---|"]
     for name in (n for n in SECTIONS if n in report):
         sec = report[name]
-        figures = sec.get("error") or sec.get("skipped") or "; ".join(
-            ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-            for row in sec.get("rows", [])) or json.dumps({k: v for k, v in sec.items() if k != "passed"})[:300]
-        if sec.get("gpu_not_run"):
-            figures += f"; GPU not run: {sec['gpu_not_run']}"
-        lines.append(f"| {name} | {sec.get('passed')} | {figures} |")
+        # every figure of the section, its rows first: the Markdown is what people read, the JSON what tools do
+        parts = [_figures(row) for row in sec.get("rows", [])]
+        parts.append(_figures({k: v for k, v in sec.items() if k not in ("passed", "rows", "traceback")}))
+        lines.append(f"| {name} | {sec.get('passed')} | {'; '.join(p for p in parts if p)} |")
     if report["pending"]:
         lines += ["", "Pending: " + "; ".join(report["pending"])]
     if report.get("unfinished"):

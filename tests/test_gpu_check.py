@@ -40,6 +40,8 @@ def test_gpu_check_dry_run_fills_every_section(tmp_path):
     assert report["crops"]["max_abs_diff_vs_cpu"] < 1e-3 and report["crops"]["render_s"] > 0
     md = out.with_suffix(".md").read_text()
     assert all(f"| {s} | True |" in md for s in ("attention", "bf16_step", "fsdp", "speed", "faiss", "quality"))
+    quality_row = next(line for line in md.splitlines() if line.startswith("| quality |"))
+    assert all(f"{k}=" in quality_row for k in ("teacher_knn_top1", "raw_pixels_knn_top1", "iterations_for_budget"))
 
 
 def test_gpu_check_runs_without_what_the_device_bundle_leaves_out(tmp_path):
