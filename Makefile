@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test test-fast bench sweep clean lint stack stack-stop stack-status deploy cost-model official
+.PHONY: setup run test test-fast bench sweep clean lint stack stack-stop stack-status deploy cost-model official device-rehearsal
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: setup
 
 official:   # the official implementation's source, for the benchmarks' ratio against it (needs github.com)
 	@test -d third_party/dinov2 || git clone -q --depth 1 https://github.com/facebookresearch/dinov2 third_party/dinov2
+
+device-rehearsal: setup official   # the lent GPU's run (device bundle + command) on the CPU under its image's versions
+	$(BIN)/python -m benchmarks.device_bundle
+	$(BIN)/python -m benchmarks.device_rehearsal
 
 sweep: setup   # the pretraining recipe sweep behind params.yaml (needs the shards: dvc repro shards)
 	$(BIN)/dvc repro shards

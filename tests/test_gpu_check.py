@@ -168,3 +168,16 @@ def test_a_wheel_recompressed_for_the_device_carry_installs_byte_identical(tmp_p
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                     "--target", str(target), str(wheel)], check=True, capture_output=True, timeout=120)
     assert (target / "demo_pkg" / "blob.bin").read_bytes() == files["demo_pkg/blob.bin"]
+
+
+def test_device_rehearsal_runs_the_image_versions_on_what_a_device_call_carries(tmp_path):
+    """The rehearsal is only worth its minutes if it copies what the device gets (tracked and untracked-unignored
+    files; no venv, no build outputs) and pins the image's torch and numpy rather than this project's."""
+    from benchmarks.device_rehearsal import IMAGE_PINS, carried_tree, image_requirements
+
+    carried_tree(tmp_path)
+    assert (tmp_path / "benchmarks" / "gpu_check.py").is_file() and (tmp_path / "pyproject.toml").is_file()
+    assert not (tmp_path / ".venv").exists() and not (tmp_path / "reports" / "bench").exists()
+    reqs = image_requirements()
+    assert reqs[:len(IMAGE_PINS)] == IMAGE_PINS and "pandas" in reqs  # pandas: preinstalled there, imported here
+    assert not any(r.startswith(("torch", "numpy", "nvidia")) for r in reqs[len(IMAGE_PINS):])
