@@ -9,7 +9,7 @@ import time
 
 import benchmarks
 
-SKIP = {"common", "copy_detection_corpora", "device_bundle", "__main__"}
+SKIP = {"common", "copy_detection_corpora", "device_bundle", "device_rehearsal", "__main__"}  # tools, not benchmarks
 LONG = {"recipe_sweep": "trains every row of the pretraining sweep (~35 min): `make sweep`",
         "curation_loop": "runs both rounds of the curation loop in a fresh project (~25 min): "
                          "`python -m benchmarks.curation_loop`"}
