@@ -13,7 +13,8 @@ Sections (each records what it ran, its numbers and pass/fail; a failing section
                the time of each half (planned in a worker, rendered on the device);
   fsdp         FSDP2 on a one-process group (NCCL on CUDA, gloo on CPU) and one step;
   speed        training-step images/s and model-FLOP utilisation for ViT-S/14 and ViT-L/14 at 224 px with 2+8
-               crops (the whole SSL step: backbones, heads, losses, optimizer, EMA);
+               crops (the whole SSL step: backbones, heads, losses, optimizer, EMA), ViT-L/14 also with compiled
+               blocks (`launch.compile`);
   vs_official  backbone forward+backward on the same crops, ours (default, and compiled blocks) next to the
                official implementation, same weights, alternating (source from $DINOV2_OFFICIAL_SRC or
                third_party/dinov2: `make official`; skipped with a message without it);
@@ -262,10 +263,13 @@ def fsdp_check(device: torch.device) -> dict[str, Any]:
         fsdp.destroy_distributed()
 
 
-def speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
+def speed(device: torch.device, dry_run: bool, compiled: tuple[str, ...] = ("ViT-L/14",)) -> dict[str, Any]:
+    """The SSL training step's speed; the models named in ``compiled`` also with compiled blocks (`launch.compile`),
+    ViT-L/14 by default (the issue's MFU goal; not the dry run's model: its compile would double the dry run)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.common import time_fn
+    from dinov2_core.layers import compile_blocks
 
     archs = {"ViT-S/14": {"embed_dim": 384, "depth": 12, "num_heads": 6},
              "ViT-L/14": {"embed_dim": 1024, "depth": 24, "num_heads": 16}}
@@ -273,7 +277,7 @@ def speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
         archs = {"ViT-tiny/14 (dry run)": {"embed_dim": 64, "depth": 2, "num_heads": 4}}
     peak = _mfu_denominator(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
+    rows, compile_s, compile_errors = [], {}, {}
     for name, arch in archs.items():
         batch = 4 if dry_run else 64
         meta, data = _ssl_setup(device, arch, 56 if dry_run else 224, 28 if dry_run else 98, 2 if dry_run else 8,
@@ -284,12 +288,24 @@ def speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
         with FlopCounterMode(display=False) as counter:
             run()
         flops = counter.get_total_flops()
-        seconds = min(time_fn(run, warmup=1, iters=2 if dry_run else 10, device=device.type))
-        rows.append({"model": name, "batch": batch, "crops": "2+8" if not dry_run else "2+2",
-                     "dtype": str(dtype).split(".")[-1], "step_s": seconds, "images_per_s": batch / seconds,
-                     "mfu": flops / seconds / peak if peak else None,
-                     "mfu_of_measured_matmul_peak": _mfu_measured(flops, seconds, device)})
-    return {"rows": rows, "peak_flops": peak, "passed": all(np.isfinite(r["images_per_s"]) for r in rows)}
+        variants = [name] + ([f"{name}, compiled blocks"] if name in compiled else [])
+        for variant in variants:
+            if variant != name:
+                compile_blocks(meta)
+                t0 = time.perf_counter()
+                try:
+                    run()  # compiles
+                except Exception as exc:  # no Triton or C compiler: the eager row stands, the report says why
+                    compile_errors[variant] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    continue
+                compile_s[variant] = time.perf_counter() - t0
+            seconds = min(time_fn(run, warmup=1, iters=2 if dry_run else 10, device=device.type))
+            rows.append({"model": variant, "batch": batch, "crops": "2+8" if not dry_run else "2+2",
+                         "dtype": str(dtype).split(".")[-1], "step_s": seconds, "images_per_s": batch / seconds,
+                         "mfu": flops / seconds / peak if peak else None,
+                         "mfu_of_measured_matmul_peak": _mfu_measured(flops, seconds, device)})
+    return {"rows": rows, "peak_flops": peak, "compile_s": compile_s, "compile_errors": compile_errors,
+            "passed": all(np.isfinite(r["images_per_s"]) for r in rows)}
 
 
 def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:

@@ -181,3 +181,16 @@ def test_device_rehearsal_runs_the_image_versions_on_what_a_device_call_carries(
     reqs = image_requirements()
     assert reqs[:len(IMAGE_PINS)] == IMAGE_PINS and "pandas" in reqs  # pandas: preinstalled there, imported here
     assert not any(r.startswith(("torch", "numpy", "nvidia")) for r in reqs[len(IMAGE_PINS):])
+
+
+def test_speed_section_times_the_compiled_training_step_next_to_the_eager_one():
+    """On the GPU the ViT-L/14 step is also timed with compiled blocks (`launch.compile`): the row must come from a
+    step that really ran compiled, with the compile's one-off time reported apart from the step's."""
+    import torch
+
+    from benchmarks.gpu_check import speed
+
+    name = "ViT-tiny/14 (dry run)"
+    sec = speed(torch.device("cpu"), dry_run=True, compiled=(name,))
+    assert [r["model"] for r in sec["rows"]] == [name, f"{name}, compiled blocks"] and sec["compile_errors"] == {}
+    assert sec["compile_s"][f"{name}, compiled blocks"] > 0 and all(r["images_per_s"] > 0 for r in sec["rows"])
