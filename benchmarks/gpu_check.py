@@ -57,6 +57,12 @@ OUT = REPO / "reports" / "bench" / "gpu_check"
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (an empty message too), for a report cell."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def _device(dry_run: bool) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not dry_run else "cpu")
 
@@ -306,7 +312,7 @@ def speed(device: torch.device, dry_run: bool, compiled: tuple[str, ...] = ("ViT
                 try:
                     run()  # compiles
                 except Exception as exc:  # no Triton or C compiler: the eager row stands, the report says why
-                    compile_errors[variant] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    compile_errors[variant] = one_line(exc)
                     continue
                 compile_s[variant] = time.perf_counter() - t0
             seconds = min(time_fn(run, warmup=1, iters=2 if dry_run else 10, device=device.type))
@@ -382,7 +388,7 @@ def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:
         try:  # its first call compiles: a machine where torch.compile cannot (no Triton, no C compiler) still
             variants["ours, compiled blocks"]()  # gets the comparison of the eager paths, and the report says why
         except Exception as exc:
-            compile_errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            compile_errors[name] = one_line(exc)
             del variants["ours, compiled blocks"]
         for fn in variants.values():  # warm-up
             fn()
@@ -640,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             report[name] = fn(device, args.dry_run)
         except Exception as exc:  # one failing section must not hide the others
-            report[name] = {"passed": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+            report[name] = {"passed": False, "error": one_line(exc, 300),
                             "traceback": traceback.format_exc(limit=3)}
         report[name]["seconds"] = round(time.perf_counter() - t0, 2)
         print(f"{name}: passed={report[name].get('passed')} ({report[name]['seconds']} s)", flush=True)

@@ -194,3 +194,17 @@ def test_speed_section_times_the_compiled_training_step_next_to_the_eager_one():
     sec = speed(torch.device("cpu"), dry_run=True, compiled=(name,))
     assert [r["model"] for r in sec["rows"]] == [name, f"{name}, compiled blocks"] and sec["compile_errors"] == {}
     assert sec["compile_s"][f"{name}, compiled blocks"] > 0 and all(r["images_per_s"] > 0 for r in sec["rows"])
+
+
+def test_a_section_failing_without_a_message_is_reported_not_fatal(tmp_path, monkeypatch):
+    """A bare `assert` or `raise RuntimeError()` in one section (empty message) used to raise IndexError while the
+    failure was being written down, ending the whole run: one device call would have lost every later section."""
+    from benchmarks import gpu_check
+
+    def fails(dev, dry):
+        raise AssertionError()
+
+    monkeypatch.setitem(gpu_check.SECTIONS, "attention", fails)
+    report = gpu_check.main(["--dry-run", "--out", str(tmp_path / "gc"), "--sections", "attention", "crops"])
+    assert report["attention"]["passed"] is False and report["attention"]["error"] == "AssertionError: "
+    assert report["crops"]["passed"] and report["unfinished"] == []
