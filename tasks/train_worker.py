@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import re
 import sys
@@ -50,5 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def leave(code: int) -> None:
+    """End a rank that finished its work (outputs written, process group destroyed) without the interpreter's
+    teardown: torch's C++ threads can abort it there (SIGABRT, "terminate called without an active exception", once
+    in CI on a two-node run), and torchrun would then fail a stage whose work was done."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # a failing rank raises out of main() instead: the interpreter prints its traceback as usual
