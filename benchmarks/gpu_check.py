@@ -13,8 +13,9 @@ Sections (each records what it ran, its numbers and pass/fail; a failing section
                the time of each half (planned in a worker, rendered on the device);
   fsdp         FSDP2 on a one-process group (NCCL on CUDA, gloo on CPU) and one step;
   speed        training-step images/s and model-FLOP utilisation for ViT-S/14 and ViT-L/14 at 224 px with 2+8
-               crops (the whole SSL step: backbones, heads, losses, optimizer, EMA), ViT-L/14 also with compiled
-               blocks (`launch.compile`);
+               crops (the whole SSL step: backbones, heads, losses, optimizer, EMA) and its activation memory,
+               ViT-L/14 also with activation checkpointing and with compiled blocks (`launch.activation_checkpointing`,
+               `launch.compile`);
   vs_official  backbone forward+backward on the same crops, ours (default, and compiled blocks) next to the
                official implementation, same weights, alternating (source from $DINOV2_OFFICIAL_SRC or
                third_party/dinov2: `make official`; skipped with a message without it);
@@ -279,13 +280,16 @@ def fsdp_check(device: torch.device) -> dict[str, Any]:
         fsdp.destroy_distributed()
 
 
-def speed(device: torch.device, dry_run: bool, compiled: tuple[str, ...] = ("ViT-L/14",)) -> dict[str, Any]:
-    """The SSL training step's speed; the models named in ``compiled`` also with compiled blocks (`launch.compile`),
-    ViT-L/14 by default (the issue's MFU goal; not the dry run's model: its compile would double the dry run)."""
+def speed(device: torch.device, dry_run: bool, compiled: tuple[str, ...] = ("ViT-L/14",),
+          checkpointed: tuple[str, ...] = ("ViT-L/14", "ViT-tiny/14 (dry run)")) -> dict[str, Any]:
+    """The SSL training step's speed and activation memory; the models named in ``checkpointed`` also with activation
+    checkpointing (`launch.activation_checkpointing`: what it costs in images/s for what it saves in memory), those
+    in ``compiled`` also with compiled blocks (`launch.compile`), ViT-L/14 by default (the issue's MFU goal; not the
+    dry run's model: its compile would double the dry run)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.common import time_fn
-    from dinov2_core.layers import compile_blocks
+    from benchmarks.common import saved_for_backward_bytes, time_fn
+    from dinov2_core.layers import checkpoint_blocks, compile_blocks
 
     archs = {"ViT-S/14": {"embed_dim": 384, "depth": 12, "num_heads": 6},
              "ViT-L/14": {"embed_dim": 1024, "depth": 24, "num_heads": 16}}
@@ -304,10 +308,13 @@ def speed(device: torch.device, dry_run: bool, compiled: tuple[str, ...] = ("ViT
         with FlopCounterMode(display=False) as counter:
             run()
         flops = counter.get_total_flops()
-        variants = [name] + ([f"{name}, compiled blocks"] if name in compiled else [])
+        variants = ([name] + ([f"{name}, activation checkpointing"] if name in checkpointed else [])
+                    + ([f"{name}, compiled blocks"] if name in compiled else []))
         for variant in variants:
-            if variant != name:
-                compile_blocks(meta)
+            if variant.endswith("activation checkpointing"):
+                checkpoint_blocks(meta)
+            elif variant.endswith("compiled blocks"):
+                compile_blocks(meta)  # replaces the checkpointed forwards: this row is compiled, not checkpointed
                 t0 = time.perf_counter()
                 try:
                     run()  # compiles
@@ -315,11 +322,17 @@ def speed(device: torch.device, dry_run: bool, compiled: tuple[str, ...] = ("ViT
                     compile_errors[variant] = one_line(exc)
                     continue
                 compile_s[variant] = time.perf_counter() - t0
+            saved = saved_for_backward_bytes(run)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             seconds = min(time_fn(run, warmup=1, iters=2 if dry_run else 10, device=device.type))
             rows.append({"model": variant, "batch": batch, "crops": "2+8" if not dry_run else "2+2",
                          "dtype": str(dtype).split(".")[-1], "step_s": seconds, "images_per_s": batch / seconds,
                          "mfu": flops / seconds / peak if peak else None,
-                         "mfu_of_measured_matmul_peak": _mfu_measured(flops, seconds, device)})
+                         "mfu_of_measured_matmul_peak": _mfu_measured(flops, seconds, device),
+                         "saved_for_backward_gib": saved / 2**30,
+                         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
+                         if device.type == "cuda" else None})
     return {"rows": rows, "peak_flops": peak, "compile_s": compile_s, "compile_errors": compile_errors,
             "passed": all(np.isfinite(r["images_per_s"]) for r in rows)}
 

@@ -5,7 +5,9 @@ student forward + backward on all crops (+ heads), DINO/iBOT/KoLeo, gradient cli
   * FSDP2 on a 1-process gloo group, one pass per crop size on CPU (what the stage ran before it skipped FSDP2
     for one process);
   * the stage's configuration (no FSDP with one process), and with the packed multi-crop stream (the GPU path)
-    instead of per-size passes; the stage's configuration again after it saved a checkpoint (should be unchanged);
+    instead of per-size passes; the stage's configuration again after it saved a checkpoint (should be unchanged)
+    and with activation checkpointing (`launch.activation_checkpointing`), both with the memory autograd keeps for
+    backward ("saved MiB": what checkpointing trades compute for);
   * the stage's configuration fed by the real loader (WebDataset shards of Fashion-MNIST, decoding and multi-crop in
     DataLoader workers), i.e. the end-to-end images/s of training here;
   * a distillation step (params.distill student, a teacher of the pretrain architecture at the adapt resolution).
@@ -28,7 +30,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import machine_info, measure_matmul_peak_gflops, time_fn, write_json
+from benchmarks.common import (
+    machine_info,
+    measure_matmul_peak_gflops,
+    saved_for_backward_bytes,
+    time_fn,
+    write_json,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         argv = sys.argv[1:] if __name__ == "__main__" else []
     args = parser.parse_args(argv)
 
+    from dinov2_core.layers import checkpoint_blocks
     from dinov2_core.train import fsdp
     from dinov2_core.train.distill_meta_arch import DistillMetaArch
     from dinov2_core.train.engine import TrainSpec, make_loader
@@ -127,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     fixed = _synthetic_batch(batch, p.crops, bb.patch_size, loss.mask_sample_probability)
     flops = None
+    saved: dict[str, int] = {}  # activation memory of a step (bytes autograd keeps for backward)
     for name, shard, pack in (("SSL step, FSDP2 1 proc, per-size", True, False),
                               ("SSL step, no FSDP, per-size (the stage, 1 process)", False, False),
                               ("SSL step, no FSDP, packed stream", False, True)):
@@ -137,8 +147,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         times = time_fn(step, warmup=1, iters=args.iters)
         rows.append((name, batch, min(times), flops))
         if not shard and not pack:
+            saved[name] = saved_for_backward_bytes(step)
             rows.append(("  the same, after a checkpoint save", batch, _after_checkpoint(meta, step, optim, args.iters),
                          flops))
+            # `launch.activation_checkpointing`: the blocks recompute their activations in backward
+            meta = build(False, False)
+            checkpoint_blocks(meta)
+            step = _stepper(meta, optim, lambda: fixed)
+            name = "  the same, activation checkpointing"
+            rows.append((name, batch, min(time_fn(step, warmup=1, iters=args.iters)), flops))
+            saved[name] = saved_for_backward_bytes(step)
 
     with tempfile.TemporaryDirectory() as tmp:
         index = _shards(Path(tmp))
@@ -179,13 +197,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"threads {torch.get_num_threads()}")
     print(f"model: {bb.arch} depth {bb.depth} dim {bb.embed_dim}, crops 2x{p.crops.global_crops_size} + "
           f"{p.crops.local_crops_number}x{p.crops.local_crops_size} px, batch {batch}")
-    print(f"{'workload':<48} {'batch':>5} {'s/step':>7} {'img/s':>7} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>7}")
+    print(f"{'workload':<48} {'batch':>5} {'s/step':>7} {'img/s':>7} {'GFLOP/step':>10} {'GFLOP/s':>8} {'% peak':>7} "
+          f"{'saved MiB':>9}")
     results = []
     for name, b, sec, fl in rows:
         gflops = fl / sec / 1e9
-        print(f"{name:<48} {b:>5} {sec:>7.3f} {b / sec:>7.1f} {fl / 1e9:>10.2f} {gflops:>8.1f} {gflops / peak:>7.1%}")
+        mib = saved[name] / 2**20 if name in saved else None
+        print(f"{name:<48} {b:>5} {sec:>7.3f} {b / sec:>7.1f} {fl / 1e9:>10.2f} {gflops:>8.1f} {gflops / peak:>7.1%} "
+              f"{'' if mib is None else f'{mib:.0f}':>9}")
         results.append({"workload": name, "batch": b, "seconds_per_step": sec, "images_per_s": b / sec,
-                        "gflop_per_step": fl / 1e9, "achieved_gflops": gflops, "fraction_of_peak": gflops / peak})
+                        "gflop_per_step": fl / 1e9, "achieved_gflops": gflops, "fraction_of_peak": gflops / peak,
+                        "saved_for_backward_mib": mib})
     report = {"machine": machine_info(), "matmul_peak_gflops_fp32": peak, "profile": params.profile,
               "results": results, "generated": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_json(Path(args.out), report)

@@ -183,17 +183,24 @@ def test_device_rehearsal_runs_the_image_versions_on_what_a_device_call_carries(
     assert not any(r.startswith(("torch", "numpy", "nvidia")) for r in reqs[len(IMAGE_PINS):])
 
 
-def test_speed_section_times_the_compiled_training_step_next_to_the_eager_one():
-    """On the GPU the ViT-L/14 step is also timed with compiled blocks (`launch.compile`): the row must come from a
-    step that really ran compiled, with the compile's one-off time reported apart from the step's."""
+def test_speed_section_times_the_checkpointed_and_compiled_training_steps_next_to_the_eager_one():
+    """On the GPU the ViT-L/14 step is also timed with activation checkpointing and with compiled blocks
+    (`launch.activation_checkpointing`, `launch.compile`): each row must come from a step that really ran that way
+    (the checkpointed one keeps less for backward; the compiled one compiled, its one-off time reported apart)."""
     import torch
 
     from benchmarks.gpu_check import speed
 
     name = "ViT-tiny/14 (dry run)"
     sec = speed(torch.device("cpu"), dry_run=True, compiled=(name,))
-    assert [r["model"] for r in sec["rows"]] == [name, f"{name}, compiled blocks"] and sec["compile_errors"] == {}
-    assert sec["compile_s"][f"{name}, compiled blocks"] > 0 and all(r["images_per_s"] > 0 for r in sec["rows"])
+    rows = {r["model"]: r for r in sec["rows"]}
+    assert list(rows) == [name, f"{name}, activation checkpointing", f"{name}, compiled blocks"]
+    assert sec["compile_errors"] == {} and sec["compile_s"][f"{name}, compiled blocks"] > 0
+    assert all(r["images_per_s"] > 0 for r in sec["rows"])
+    eager, recomputed = rows[name]["saved_for_backward_gib"], rows[f"{name}, activation checkpointing"][
+        "saved_for_backward_gib"]
+    assert recomputed < 0.7 * eager, (recomputed, eager)
+    assert rows[f"{name}, compiled blocks"]["saved_for_backward_gib"] > recomputed  # compiled, not checkpointed
 
 
 def test_a_section_failing_without_a_message_is_reported_not_fatal(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 from ..heads import DINOHead
 from .attention import ATTENTION_BACKENDS, Attention, MemEffAttention, eager_attention, xformers_available
-from .block import Block, NestedTensorBlock, compile_blocks
+from .block import Block, NestedTensorBlock, checkpoint_blocks, compile_blocks
 from .drop_path import DropPath, drop_add_residual_stochastic_depth, drop_path
 from .layer_scale import LayerScale
 from .mlp import Mlp
@@ -24,6 +24,7 @@ __all__ = [
     "PatchEmbed",
     "SwiGLUFFN",
     "SwiGLUFFNFused",
+    "checkpoint_blocks",
     "compile_blocks",
     "drop_add_residual_stochastic_depth",
     "drop_path",

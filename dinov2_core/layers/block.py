@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
 from .drop_path import DropPath, drop_add_residual_stochastic_depth, kept_subset_size
@@ -181,5 +182,32 @@ def compile_blocks(root: nn.Module, **compile_kwargs) -> int:
         if isinstance(module, Block):
             module.forward_dense = types.MethodType(dense, module)
             module.forward_packed = types.MethodType(packed, module)
+            n += 1
+    return n
+
+
+def _recomputed(fn: Callable) -> Callable:
+    """``fn(self, ...)`` that keeps only its inputs for backward and runs again there (non-reentrant checkpoint: the
+    RNG state is replayed, so stochastic depth drops the same samples). Without autograd it just runs."""
+
+    def run(self: Block, *args):
+        if not torch.is_grad_enabled():
+            return fn(self, *args)
+        return checkpoint(fn, self, *args, use_reentrant=False)
+
+    return run
+
+
+def checkpoint_blocks(root: nn.Module) -> int:
+    """Activation checkpointing of every :class:`Block` under ``root``: a block keeps its input for backward instead
+    of its attention and MLP activations, and recomputes them there (memory for one more forward: what lets a
+    ViT-g or a larger batch fit on a GPU). Wraps whatever ``forward_dense`` / ``forward_packed`` the block has, so
+    call it after :func:`compile_blocks` to checkpoint the compiled blocks; bound as methods like those, so a deep
+    copy keeps its own weights. Returns the number of blocks wrapped."""
+    n = 0
+    for module in root.modules():
+        if isinstance(module, Block):
+            for name in ("forward_dense", "forward_packed"):
+                setattr(module, name, types.MethodType(_recomputed(getattr(module, name).__func__), module))
             n += 1
     return n

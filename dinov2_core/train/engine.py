@@ -33,7 +33,7 @@ from dinov2_core.config import DataConfig, MonitorConfig, MultiCropConfig, Runti
 from dinov2_core.data.batch_augment import BatchMultiCrop, renders_on
 from dinov2_core.data.loader import SSLDataLoader, read_shard_index
 from dinov2_core.eval.monitor import knn_probe
-from dinov2_core.layers import compile_blocks
+from dinov2_core.layers import checkpoint_blocks, compile_blocks
 from dinov2_core.models import build_backbone
 
 from ..atomic import atomic_path, atomic_write_text
@@ -286,6 +286,8 @@ def run_training(spec: TrainSpec, runtime: RuntimeConfig | None = None, *,
         meta.to(info.device)
         if runtime.compile:  # before sharding: FSDP's hooks stay outside the compiled graphs
             compile_blocks(meta)
+        if runtime.activation_checkpointing:  # after compiling (it wraps the compiled blocks), before sharding
+            checkpoint_blocks(meta)
         meta.compute_dtype = fsdp.shard_meta_arch(meta, info, runtime.precision,
                                                   shard_single_process=runtime.fsdp == "on")
         optimizer = build_optimizer(meta, spec.optim)

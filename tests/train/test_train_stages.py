@@ -73,7 +73,8 @@ def test_positional_table_is_interpolated_so_the_switch_is_seamless():
 @pytest.mark.slow
 def test_two_processes_give_the_first_step_of_one(train_params, fmnist_shards, tmp_path):
     """Same global batch split over 2 gloo ranks with FSDP2: same losses and updated weights (KoLeo off: it is
-    computed per rank, as in the official recipe)."""
+    computed per rank, as in the official recipe). The 2 ranks also recompute their blocks in backward (activation
+    checkpointing), which must gather the sharded weights again there."""
     from tasks.pretrain import run_pretrain
 
     logs, states = {}, {}
@@ -81,7 +82,7 @@ def test_two_processes_give_the_first_step_of_one(train_params, fmnist_shards, t
         p = train_params("pretrain", fmnist_shards, steps=1, out=tmp_path / f"world{n}", batch=8,
                          extra=["pretrain.loss.koleo_loss_weight=0", "model.drop_path_rate=0",
                                 "pretrain.optim.warmup_epochs=0", "pretrain.optim.base_lr=0.05",
-                                f"launch.nproc_per_node={n}"])
+                                f"launch.nproc_per_node={n}", f"launch.activation_checkpointing={n == 2}"])
         metrics = run_pretrain(p)
         assert metrics["summary"]["world_size"] == n
         logs[n], states[n] = read_log(Path(p.pretrain.out)), load_full(Path(p.pretrain.out))
@@ -118,18 +119,22 @@ def test_two_processes_give_the_first_step_of_one(train_params, fmnist_shards, t
 @pytest.mark.slow
 def test_a_fixed_seed_run_is_deterministic_on_cpu(train_params, fmnist_shards, tmp_path):
     """Two runs of the same params (fresh processes, data-loader workers, stochastic depth): the same losses and the
-    same exported teacher, bit for bit. Learning assertions elsewhere rely on it."""
+    same exported teacher, bit for bit. Learning assertions elsewhere rely on it. A third run with activation
+    checkpointing (`launch.activation_checkpointing`, blocks recomputed in backward) gives those numbers too."""
     from tasks.pretrain import run_pretrain
 
     extra = ["model.drop_path_rate=0.1", "pretrain.data.num_workers=2"]
-    runs = [train_params("pretrain", fmnist_shards, steps=6, out=tmp_path / f"run{i}", extra=extra) for i in (0, 1)]
+    runs = [train_params("pretrain", fmnist_shards, steps=6, out=tmp_path / f"run{i}",
+                         extra=extra + [f"launch.activation_checkpointing={i == 2}"]) for i in (0, 1, 2)]
     for p in runs:
         run_pretrain(p)
-    a, b = (read_log(Path(p.pretrain.out)) for p in runs)
-    for col in ("loss_total", "loss_dino", "loss_ibot", "loss_koleo", "teacher_entropy_dino", "cls_std"):
-        assert list(a[col]) == list(b[col]), col
-    ta, tb = (torch.load(Path(p.pretrain.out) / "export" / "teacher_backbone.pth", weights_only=True) for p in runs)
-    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    a, *others = (read_log(Path(p.pretrain.out)) for p in runs)
+    ta, *tothers = (torch.load(Path(p.pretrain.out) / "export" / "teacher_backbone.pth", weights_only=True)
+                    for p in runs)
+    for b, tb in zip(others, tothers):
+        for col in ("loss_total", "loss_dino", "loss_ibot", "loss_koleo", "teacher_entropy_dino", "cls_std"):
+            assert list(a[col]) == list(b[col]), col
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 @pytest.mark.slow
