@@ -12,6 +12,8 @@ import torch
 from dinov2_core.layers import checkpoint_blocks, compile_blocks
 from dinov2_core.models import DinoVisionTransformer
 
+from .test_core_compile import _loss_and_grads
+
 
 def _vit(depth: int = 3, drop_path_rate: float = 0.0) -> DinoVisionTransformer:
     torch.manual_seed(0)
@@ -24,16 +26,6 @@ def _inputs(pack: bool):
     if pack:
         return [torch.randn(4, 3, 56, 56, generator=g), torch.randn(8, 3, 28, 28, generator=g)]
     return torch.randn(4, 3, 56, 56, generator=g)
-
-
-def _loss_and_grads(model, inputs, seed: int = 3):
-    torch.manual_seed(seed)  # the same drop-path draws for both models
-    model.zero_grad(set_to_none=True)
-    outs = model.forward_features(inputs)
-    outs = outs if isinstance(outs, list) else [outs]
-    loss = sum(o["x_norm_clstoken"].pow(2).sum() + o["x_norm_patchtokens"].pow(2).mean() for o in outs)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("drop_path_rate", [0.0, 0.05, 0.3])  # none, per-sample mask, efficient subset (Sec. 5)

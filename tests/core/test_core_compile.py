@@ -11,7 +11,9 @@ from dinov2_core.layers import compile_blocks
 from dinov2_core.models import DinoVisionTransformer
 
 
-def _loss_and_grads(model, inputs):
+def _loss_and_grads(model, inputs, seed: int = 3):
+    """A loss of both outputs and every parameter's gradient; ``seed`` makes stochastic depth draw the same."""
+    torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
     outs = model.forward_features(inputs)
     outs = outs if isinstance(outs, list) else [outs]
