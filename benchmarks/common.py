@@ -1,4 +1,4 @@
-"""Shared benchmark utilities: the machine's measured matmul peak, simple wall-clock timing, activation memory."""
+"""Shared benchmark utilities: the machine's measured matmul peak and simple wall-clock timing."""
 
 from __future__ import annotations
 
@@ -38,25 +38,6 @@ def measure_matmul_peak_gflops(
                 break
         best = max(best, 2.0 * n**3 * iters / elapsed / 1e9)
     return best
-
-
-def saved_for_backward_bytes(fn: Callable[[], Any]) -> int:
-    """Bytes of the storages autograd keeps for backward while ``fn`` runs: the activation memory of a training
-    step, counted the same way on every device (a checkpointed block counts its input only). Each storage counts
-    once however many views of it are saved; parameters (and views of them) are the model's memory, not the step's,
-    and are left out."""
-    storages: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        base = t if t._base is None else t._base
-        if not (base.is_leaf and base.requires_grad):
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def _sync(device: str) -> None:

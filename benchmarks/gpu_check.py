@@ -288,7 +288,8 @@ def speed(device: torch.device, dry_run: bool, compiled: tuple[str, ...] = ("ViT
     dry run's model: its compile would double the dry run)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.common import saved_for_backward_bytes, time_fn
+    from benchmarks.common import time_fn
+    from dinov2_core.cost import count_saved_activations
     from dinov2_core.layers import checkpoint_blocks, compile_blocks
 
     archs = {"ViT-S/14": {"embed_dim": 384, "depth": 12, "num_heads": 6},
@@ -322,17 +323,19 @@ def speed(device: torch.device, dry_run: bool, compiled: tuple[str, ...] = ("ViT
                     compile_errors[variant] = one_line(exc)
                     continue
                 compile_s[variant] = time.perf_counter() - t0
-            saved = saved_for_backward_bytes(run)
-            if device.type == "cuda":
+            cuda = device.type == "cuda"
+            # on CUDA the allocator's peak is the real figure (counting saved tensors would hold every one of them
+            # through backward: more memory than the step itself); on CPU, what autograd keeps for backward
+            saved = None if cuda else count_saved_activations(run, meta.parameters()).total_bytes / 2**30
+            if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             seconds = min(time_fn(run, warmup=1, iters=2 if dry_run else 10, device=device.type))
             rows.append({"model": variant, "batch": batch, "crops": "2+8" if not dry_run else "2+2",
                          "dtype": str(dtype).split(".")[-1], "step_s": seconds, "images_per_s": batch / seconds,
                          "mfu": flops / seconds / peak if peak else None,
                          "mfu_of_measured_matmul_peak": _mfu_measured(flops, seconds, device),
-                         "saved_for_backward_gib": saved / 2**30,
-                         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
-                         if device.type == "cuda" else None})
+                         "saved_for_backward_gib": saved,
+                         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None})
     return {"rows": rows, "peak_flops": peak, "compile_s": compile_s, "compile_errors": compile_errors,
             "passed": all(np.isfinite(r["images_per_s"]) for r in rows)}
 

@@ -30,13 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (
-    machine_info,
-    measure_matmul_peak_gflops,
-    saved_for_backward_bytes,
-    time_fn,
-    write_json,
-)
+from benchmarks.common import machine_info, measure_matmul_peak_gflops, time_fn, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
@@ -109,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         argv = sys.argv[1:] if __name__ == "__main__" else []
     args = parser.parse_args(argv)
 
+    from dinov2_core.cost import count_saved_activations
     from dinov2_core.layers import checkpoint_blocks
     from dinov2_core.train import fsdp
     from dinov2_core.train.distill_meta_arch import DistillMetaArch
@@ -147,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         times = time_fn(step, warmup=1, iters=args.iters)
         rows.append((name, batch, min(times), flops))
         if not shard and not pack:
-            saved[name] = saved_for_backward_bytes(step)
+            saved[name] = count_saved_activations(step, meta.parameters()).total_bytes
             rows.append(("  the same, after a checkpoint save", batch, _after_checkpoint(meta, step, optim, args.iters),
                          flops))
             # `launch.activation_checkpointing`: the blocks recompute their activations in backward
@@ -156,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             step = _stepper(meta, optim, lambda: fixed)
             name = "  the same, activation checkpointing"
             rows.append((name, batch, min(time_fn(step, warmup=1, iters=args.iters)), flops))
-            saved[name] = saved_for_backward_bytes(step)
+            saved[name] = count_saved_activations(step, meta.parameters()).total_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
         index = _shards(Path(tmp))

@@ -5,7 +5,8 @@ prints, per stage: backbone parameters, FLOPs of one training iteration (student
 teacher forward on the global crops, both heads), total FLOPs and an estimated number of GPU-hours at an assumed
 sustained throughput (``--gpu-tflops`` x ``--mfu``; defaults: A100 bf16 dense peak 312 TFLOP/s at 40% utilisation),
 and the memory one GPU needs: FSDP-sharded model states plus the activations its share of the batch keeps for
-the backward pass (counted on the meta device, with a memory-efficient attention kernel as on GPU).
+the backward pass (counted on the meta device, with a memory-efficient attention kernel as on GPU), also with
+activation checkpointing (`launch.activation_checkpointing`).
 """
 
 from __future__ import annotations
@@ -81,13 +82,18 @@ def step_flops(backbone_cfg, crops, loss, global_batch: int, teacher_cfg=None, m
 
 
 def step_memory(backbone_cfg, crops, loss, global_batch: int, world_size: int, activation_bytes_per_value: int,
-                teacher_cfg=None, masked_fraction: float | None = None) -> dict[str, Any]:
+                teacher_cfg=None, masked_fraction: float | None = None, checkpointed: bool = False
+                ) -> dict[str, Any]:
     """Memory one GPU needs for a training step: its FSDP shard of the model states plus the activations its
     images keep for the backward pass (student backbone on every crop and both heads; the teacher runs without
-    autograd). Activations are counted on the meta device in float32 and rescaled to the run's precision."""
+    autograd). Activations are counted on the meta device in float32 and rescaled to the run's precision.
+    ``memory_bytes_per_gpu`` follows ``checkpointed`` (`launch.activation_checkpointing`); both figures are returned.
+    With checkpointing a step keeps each block's input, and one block's activations at a time while backward
+    recomputes it."""
     import torch
 
     from dinov2_core.cost import count_params, count_saved_activations
+    from dinov2_core.layers import checkpoint_blocks
     from dinov2_core.train.ssl_meta_arch import build_heads
 
     with torch.device("meta"):
@@ -114,22 +120,29 @@ def step_memory(backbone_cfg, crops, loss, global_batch: int, world_size: int, a
         heads.get("ibot_head", heads["dino_head"])(patches)
 
     module_params = [*student.parameters(), *(p for h in heads.values() for p in h.parameters())]
-    saved = count_saved_activations(one_image, module_params)
+    saved = count_saved_activations(one_image, module_params).memory_efficient_bytes
+    depth = checkpoint_blocks(student)
+    kept = count_saved_activations(one_image, module_params).total_bytes
+    saved_checkpointed = kept + (saved - kept) / depth  # + the block being recomputed
     trainable = sum(p.numel() for p in module_params)
     frozen = count_params(teacher) + sum(count_params(h) for h in teacher_heads.values())
     if teacher_cfg is not None:
         frozen += trainable  # distillation keeps an EMA of the student (the exported result) beside the teacher
     per_gpu_batch = -(-global_batch // world_size)
     states = (trainable * TRAINABLE_STATE_BYTES + frozen * FROZEN_STATE_BYTES) / world_size
-    activations = saved.memory_efficient_bytes / 4 * activation_bytes_per_value * per_gpu_batch
+    per_image = {False: saved / 4 * activation_bytes_per_value, True: saved_checkpointed / 4 * activation_bytes_per_value}
     return {
         "world_size": world_size,
         "batch_per_gpu": per_gpu_batch,
         "trainable_params": trainable,
+        "activation_checkpointing": checkpointed,
         "model_state_bytes_per_gpu": int(states),
-        "activation_bytes_per_image": int(saved.memory_efficient_bytes / 4 * activation_bytes_per_value),
-        "activation_bytes_per_gpu": int(activations),
-        "memory_bytes_per_gpu": int(states + activations),
+        "activation_bytes_per_image": int(per_image[checkpointed]),
+        "activation_bytes_per_gpu": int(per_image[checkpointed] * per_gpu_batch),
+        "memory_bytes_per_gpu": int(states + per_image[checkpointed] * per_gpu_batch),
+        # the other setting, to see whether checkpointing would make a model or batch fit (or is not needed)
+        "memory_bytes_per_gpu_checkpointed": int(states + per_image[True] * per_gpu_batch),
+        "memory_bytes_per_gpu_not_checkpointed": int(states + per_image[False] * per_gpu_batch),
     }
 
 
@@ -160,7 +173,7 @@ def train_cost(params: Params, gpu_tflops: float = A100_BF16_TFLOPS, mfu: float 
     for name, (bb, crops, lss, batch, optim, teacher_bb, masked) in stages.items():
         info = step_flops(bb, crops, lss, batch, teacher_cfg=teacher_bb, masked_fraction=masked)
         info.update(step_memory(bb, crops, lss, batch, world, act_bytes, teacher_cfg=teacher_bb,
-                                masked_fraction=masked))
+                                masked_fraction=masked, checkpointed=params.launch.activation_checkpointing))
         steps = optim.epochs * optim.epoch_length
         info.update(arch=bb.arch, img_size=bb.img_size, global_batch=batch, iterations=steps,
                     total_flops=float(info["flops_per_step"]) * steps)
@@ -174,10 +187,12 @@ def train_cost(params: Params, gpu_tflops: float = A100_BF16_TFLOPS, mfu: float 
 def format_cost(cost: dict[str, Any]) -> str:
     header = (f"{'stage':<9} {'arch':<11} {'px':>4} {'student params':>15} {'TFLOP/iter':>11} {'iterations':>10} "
               f"{'total EFLOP':>11} {'GPU-hours':>10} {'GPUs':>5} {'img/GPU':>7} {'GiB/GPU':>8} "
-              f"{'(states':>7} {'+ activ.)':>9}")
+              f"{'(states':>7} {'+ activ.)':>9} {'act.ckpt':>8}")
     title = (f"profile {cost['profile']}: assuming {cost['assumed_gpu_tflops']:.0f} TFLOP/s per GPU at "
              f"{cost['assumed_mfu']:.0%} utilisation; memory with FSDP full sharding, "
-             f"{'bf16' if cost['activation_bytes_per_value'] == 2 else 'float32'} activations")
+             f"{'bf16' if cost['activation_bytes_per_value'] == 2 else 'float32'} activations; "
+             f"GiB/GPU {'with' if cost['pretrain']['activation_checkpointing'] else 'without'} activation "
+             f"checkpointing, act.ckpt: GiB/GPU with it")
     lines = [title, header]
     gib = 2**30
     for name in ("pretrain", "adapt", "distill"):
@@ -186,7 +201,8 @@ def format_cost(cost: dict[str, Any]) -> str:
                      f"{c['flops_per_step'] / 1e12:>11.1f} {c['iterations']:>10,} {c['total_flops'] / 1e18:>11.1f} "
                      f"{c['gpu_hours']:>10,.0f} {c['world_size']:>5} {c['batch_per_gpu']:>7} "
                      f"{c['memory_bytes_per_gpu'] / gib:>8.1f} {c['model_state_bytes_per_gpu'] / gib:>7.1f} "
-                     f"{c['activation_bytes_per_gpu'] / gib:>9.1f}")
+                     f"{c['activation_bytes_per_gpu'] / gib:>9.1f} "
+                     f"{c['memory_bytes_per_gpu_checkpointed'] / gib:>8.1f}")
     lines.append(f"{'total':<9} {'':<11} {'':>4} {'':>15} {'':>11} {'':>10} {'':>11} {cost['gpu_hours_total']:>10,.0f}")
     return "\n".join(lines)
 
