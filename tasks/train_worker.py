@@ -26,6 +26,29 @@ def _lost_peer(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "gloo/transport" in str(exc))
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """The GPU's (torch.OutOfMemoryError) or the CPU allocator's ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def failure_line(stage: str, params, exc: BaseException) -> tuple[str, bool]:
+    """The one line a failed rank leaves for the stage (without the stage/rank prefix), and whether a retry may help
+    (a lost peer). Out of memory says what to change: the batch per process, or activation checkpointing."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    lost_peer = _lost_peer(exc)
+    if lost_peer:  # gloo: "[/path/pair.cc:545] Read error [addr]: Connection reset by peer. This is ..."
+        first = "lost a peer: " + re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
+    elif _out_of_memory(exc):  # CPU: "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ..."
+        launch = params.launch
+        per_process = -(-getattr(params, stage).data.global_batch_size // (launch.nnodes * launch.nproc_per_node))
+        what = re.sub(r"^\[[^\]]*\]\s*(err == 0\.\s*)?", "", first)[:160]
+        first = (f"out of memory with {per_process} images per process: lower {stage}.data.global_batch_size"
+                 + ("" if launch.activation_checkpointing else " or set launch.activation_checkpointing=true")
+                 + f" (`dinov2-pipeline cost` estimates the memory per GPU); {what}")
+    return f"{type(exc).__name__}: {first}", lost_peer
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("stage", help="a training stage: its module tasks/<stage>.py defines build_spec(params)")
@@ -41,12 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         failure = Path(getattr(params, args.stage).out) / "run" / "failure.txt"
         if not failure.exists():
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            lost_peer = _lost_peer(exc)
-            if lost_peer:  # gloo: "[/path/pair.cc:545] Read error [addr]: Connection reset by peer. This is ..."
-                first = "lost a peer: " + re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]
-            atomic_write_text(failure, f"{args.stage} (rank {os.environ.get('RANK', '0')}): "
-                                       f"{type(exc).__name__}: {first}\n" + (f"{TRANSIENT_MARK}\n" if lost_peer else ""))
+            line, lost_peer = failure_line(args.stage, params, exc)
+            atomic_write_text(failure, f"{args.stage} (rank {os.environ.get('RANK', '0')}): {line}\n"
+                                       + (f"{TRANSIENT_MARK}\n" if lost_peer else ""))
         raise
     return 0
 
