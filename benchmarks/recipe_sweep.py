@@ -125,8 +125,11 @@ def _raw_pixels_top1(selection: Path, n: int, img_size: int, patch_size: int, k:
 
 def run_config(name: str, overrides: list[str], params_file: Path, selection: Path, out: Path, every: int,
                n: int) -> dict[str, Any]:
+    from dataclasses import replace
+
     import pandas as pd
 
+    from dinov2_core.eval.monitor import knn_monitor, random_backbone
     from tasks.params import load_params
     from tasks.pretrain import build_spec
     from tasks.train_launch import run_worker
@@ -139,6 +142,11 @@ def run_config(name: str, overrides: list[str], params_file: Path, selection: Pa
     started = time.perf_counter()
     summary = run_worker(spec, params)
     seconds = time.perf_counter() - started
+    # the row's own random-init twin (same architecture and seed): what its training adds, for rows whose
+    # architecture moves the starting point (width, patch size)
+    bb = replace(params.model, img_size=params.pretrain.crops.global_crops_size)
+    random_init = knn_monitor(params.pretrain.monitor, {"random_init": random_backbone(bb, params.seed)},
+                              bb.img_size, bb.patch_size)["random_init_top1"]
     log = pd.read_csv(out / "run" / "log.csv")
     knn = pd.read_csv(out / "run" / "knn.csv")
     end = log.tail(20)
@@ -149,6 +157,7 @@ def run_config(name: str, overrides: list[str], params_file: Path, selection: Pa
         "train_seconds": round(float(summary.get("train_seconds", seconds)), 1),
         "knn": [{"images_seen": int(r.images_seen), "top1": float(r.knn_top1)} for r in knn.itertuples()],
         "knn_final": float(knn["knn_top1"].iloc[-1]),
+        "random_init_top1": float(random_init),
         "dino_loss_end": round(float(end["loss_dino"].mean()), 4),
         "ln_k": round(math.log(k_dino), 4),
         "teacher_entropy_dino_end": round(float(end["teacher_entropy_dino"].mean()), 4),
@@ -161,10 +170,11 @@ def run_config(name: str, overrides: list[str], params_file: Path, selection: Pa
 
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [f"Selection split: {report['selection']}; raw pixels there: k-NN top-1 {report['raw_pixels_top1']:.3f}.",
-             "", ("| configuration | iterations | train s | k-NN top-1 (selection) | DINO loss end / ln K | "
-                  "teacher entropy end |"), "|---|---|---|---|---|---|"]
+             "", ("| configuration | iterations | train s | k-NN top-1 (selection) | random-init twin | "
+                  "DINO loss end / ln K | teacher entropy end |"), "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['name']} | {r['iterations']} | {r['train_seconds']:.0f} | {r['knn_final']:.3f} | "
+        twin = f"{r['random_init_top1']:.3f}" if "random_init_top1" in r else "-"  # rows of an older sweep
+        lines.append(f"| {r['name']} | {r['iterations']} | {r['train_seconds']:.0f} | {r['knn_final']:.3f} | {twin} | "
                      f"{r['dino_loss_end']:.3f} / {r['ln_k']:.3f} | {r['teacher_entropy_dino_end']:.3f} |")
     lines += ["", "Rows:"] + [f"- **{name}**: {what}" for name, what, _ in SWEEP if name in
                                 {r["name"] for r in report["rows"]}]
