@@ -83,7 +83,6 @@ SWEEP: list[tuple[str, str, list[str]]] = [
     # crops 2x2); patch 7 gives 8x8 (4x4), about 3.5x the step's FLOPs.
     ("patch-7", "chosen, patch 7 (8x8 tokens per global crop, 4x4 per local one), 300 iterations",
      [*_300, "model.patch_size=7"]),
-    ("patch-7-seed1", "the same, seed 1", [*_300, "model.patch_size=7", *_SEED[1]]),
     # The same question at the quality profile's budget (~15 minutes each, not in the default list: run them by name).
     ("long-3300", "chosen, 3,300 iterations with the quality profile's teacher momentum 0.98 -> 0.998",
      ["pretrain.optim.epochs=330", "pretrain.optim.warmup_epochs=10", *_LONG]),

@@ -29,7 +29,7 @@ def test_every_row_loads_and_its_crops_fit_its_patch(name, overrides):
     check_crops("pretrain", params.pretrain.crops, params.model.patch_size)
 
 
-def test_the_patch_7_rows_train_on_an_8x8_token_grid():
+def test_the_patch_7_row_trains_on_an_8x8_token_grid():
     params = load_params(REPO / "params.yaml", {n: o for n, _, o in SWEEP}["patch-7"])
     size = params.pretrain.crops.global_crops_size
     backbone = build_backbone(replace(params.model, img_size=size))
