@@ -65,6 +65,8 @@ SWEEP: list[tuple[str, str, list[str]]] = [
     ("chosen-no-ibot", "chosen without masked-patch (iBOT) training",
      [*_300, "pretrain.loss.mask_sample_probability=0.0"]),
     ("chosen-local-crops-4", "chosen, 4 local crops instead of 2", [*_300, "pretrain.crops.local_crops_number=4"]),
+    ("chosen-global-crops-0.5-1", ("chosen, global crops of 0.5-1 of the image (paper: 0.32-1): a 28 px garment "
+                                   "stays whole in both views"), [*_300, "pretrain.crops.global_crops_scale=[0.5,1.0]"]),
     ("prototypes-64", "chosen, 64 DINO prototypes", [*_300, "pretrain.loss.dino_head.n_prototypes=64"]),
     ("batch-128", "chosen, batch 128 for 150 iterations (the same images seen)",
      ["pretrain.optim.epochs=15", "pretrain.data.global_batch_size=128"]),
