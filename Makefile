@@ -25,8 +25,9 @@ run: setup
 
 # One test process per core, at most 4 (pytest-xdist); a file's tests stay in one process, so a module's fixture (the
 # stack, the training shards) is built once. Most tests wait on subprocesses, servers and I/O: on CI's 2 cores the
-# suite takes about half the time it takes in one process.
-PYTEST := $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile --durations=15
+# suite takes about half the time it takes in one process. Files go out in collection order, which tests/conftest.py
+# sets to the end-to-end files first (xdist's default order, most tests first, left them to run alone at the end).
+PYTEST := $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder --durations=15
 
 test: setup
 	$(PYTEST)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,31 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 _PREFECT_HOME = tempfile.mkdtemp(prefix=f"prefect-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+
+def _drop_prefect_exit_hooks() -> None:
+    """In a forked child: forget the exit hooks of Prefect's queue services (the log and event workers an in-process
+    flow run starts, e.g. under prefect_test_harness). Prefect 3.8 resets those services after a fork but leaves
+    their threading exit hook, which then fails (`assert self._done_event is not None`), so every process forked
+    later in the same test process, a DataLoader worker too, exits with code 1. The pipeline's own processes never
+    fork after Prefect starts (stages run in fresh processes): only test processes need this."""
+    services = sys.modules.get("prefect._internal.concurrency.services")
+    hooks = getattr(threading, "_threading_atexits", None)
+    if services is None or hooks is None:
+        return
+    base = services._QueueServiceBase
+    hooks[:] = [h for h in hooks if not isinstance(getattr(getattr(h, "func", h), "__self__", None), base)]
+
+
+os.register_at_fork(after_in_child=_drop_prefect_exit_hooks)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding end-to-end (`slow`) tests first, the rest after, each group in its own order: `make test` hands
+    whole files to its processes in this order (`--no-loadscope-reorder`), so minutes-long files start at once and
+    the short ones fill in around them, instead of one of them running alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group stays
+
 
 # Small but complete: every planted kind is present, so the same assertions hold as on the default profile.
 SMALL_DEMO = {
