@@ -25,6 +25,7 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix=f"prefect-{os.environ.get('PYTEST_XDIST_
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 
+
 def _drop_prefect_exit_hooks() -> None:
     """In a forked child: forget the exit hooks of Prefect's queue services (the log and event workers an in-process
     flow run starts, e.g. under prefect_test_harness). Prefect 3.8 resets those services after a fork but leaves
