@@ -88,9 +88,10 @@ def _format_error(source: str, err: ValidationError) -> str:
         return (f"{source}: missing key '{key}' (params.yaml states every pipeline setting; a profile starts with "
                 f"'extends: params.yaml' and states only what differs)")
     got = first.get("input")
-    got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+    # a whole section's own check (a model validator) already names the values; the section itself is no help
+    got_s = "" if isinstance(got, dict) else f", got {got!r}"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {key}: {first['msg']}, got {got_s}{more}"
+    return f"{source}: {key}: {first['msg']}{got_s}{more}"
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -129,6 +129,10 @@ def test_bad_values_name_key_and_expectation(override, key, expect):
 def test_cross_field_rule():
     with pytest.raises(ParamsError, match="min_side"):
         load_params(ROOT / "params.yaml", ["ingest.min_side=100", "ingest.max_side=50"])
+    # the section's own rule names the values; the line does not end in the whole section as "got"
+    with pytest.raises(ParamsError) as err:
+        load_params(ROOT / "params.yaml", ["model.embed_dim=100"])
+    assert str(err.value).endswith("model: Value error, embed_dim (100) must be a multiple of num_heads (3)")
 
 
 def test_overrides_are_typed_and_applied():
