@@ -236,6 +236,8 @@ def run_cmd(
     # traceback in the middle of the run's output; these machines are offline anyway
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    profile_path = project / profile if not Path(profile).is_absolute() else Path(profile)
+    _guarded(load_params, profile_path, set_ or [])  # the flow checks too; here a typo fails before Prefect starts
     from flows.pipeline import StageFailed, TransientStageError, dinov2_pipeline
 
     try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -549,6 +550,25 @@ def publish_run_record(project_dir: str, remote: str, run_id: str, summary: dict
 
 
 # ----------------------------------------------------------------------------------------------- the flow
+class _NoTracebackForKnownFailures(logging.Filter):
+    """Prefect logs the exception a flow ends with, traceback included. For the pipeline's own failures (a stage's,
+    a push's, bad params) the message already names the cause and the fix, and the traceback only walks Prefect's
+    engine: some 70 lines on the terminal and in the UI above the one line that matters. Anything else keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (StageFailed, TransientStageError, RemoteError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_known_failures() -> None:
+    """Install the filter on Prefect's flow-run logger (once per process: the flow body runs under Prefect's
+    logging set-up, whether started from the CLI or by a worker)."""
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, _NoTracebackForKnownFailures) for f in flow_runs.filters):
+        flow_runs.addFilter(_NoTracebackForKnownFailures())
+
+
 def _summary_table(results: list[dict]) -> str:
     lines = ["| stage | ran | seconds | data quality | metrics |", "|---|---|---|---|---|"]
     for r in results:
@@ -591,6 +611,7 @@ def curation_round(round_: str, project_dir: str, force: bool, credentials_block
                    delays: list[float]) -> list[dict]:
     """A later round of the curation loop (tasks/loop.py): retrieval with the previous round's teacher, shards,
     pre-training and evaluation, each a `dvc repro` task, then the round-against-round table as an artifact."""
+    _quiet_known_failures()
     task_ = run_dvc_stage.with_options(retries=retries, retry_delay_seconds=delays or 0, retry_jitter_factor=0.2,
                                        task_run_name=f"dvc repro {{stage}} ({round_})")
     results = [task_(stage, project_dir, force, credentials_block, round_) for stage in ROUND_STAGES]
@@ -636,6 +657,7 @@ def dinov2_pipeline(
     """
     from prefect.runtime import flow_run
 
+    _quiet_known_failures()
     logger = get_run_logger()
     project = Path(project_dir).resolve()
     overrides = list(overrides or [])

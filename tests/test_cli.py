@@ -38,6 +38,14 @@ def test_bad_override_is_one_line_naming_the_key():
     assert res.stderr.count("\n") == 1
 
 
+def test_run_with_a_bad_profile_or_override_fails_in_one_line_before_prefect_starts(tmp_path):
+    for args, expect in ((["--profile", "missing.yaml"], "missing.yaml: params file not found"),
+                         (["--set", "pretrain.optim.base_lr=abc"], "pretrain.optim.base_lr: Input should be")):
+        res = CliRunner().invoke(app, ["run", "--project", str(Path(__file__).resolve().parents[1]), *args])
+        assert res.exit_code == 2 and res.stderr.count("\n") == 1 and expect in res.stderr, res.output
+        assert "Starting temporary server" not in res.output
+
+
 def test_stage_runs_on_user_data(tmp_path):
     import io
 

@@ -80,3 +80,5 @@ def test_failing_stage_fails_the_flow_with_one_line(tmp_path):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, res.stderr[-2000:]
     assert errors[0].startswith("error: stage demo-data failed") and "dataset-fashion-mnist" in errors[0]
+    # Prefect logs the exception a flow ends with; for the pipeline's own failures without the engine's traceback
+    assert "Encountered exception" in res.stdout + res.stderr and "Traceback" not in res.stdout + res.stderr
