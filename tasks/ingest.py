@@ -366,6 +366,11 @@ def run_ingest(params: Params) -> IngestResult:
     log.info("ingest: %d rows -> %d kept, %d exact duplicates, %d quarantined %s (%.0f img/s)",
              len(urls), len(manifest), len(duplicates), len(quarantine), metrics["quarantine_by_reason"],
              metrics["images_per_second"] or 0)
+    if manifest.empty:  # counts and quarantine stay written to look at; the stages after it would fail obscurely
+        top = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items(), key=lambda kv: -kv[1])[:3])
+        raise ValueError(f"ingest: none of the {len(urls)} crawl rows was kept ({top or 'the crawl is empty'}; each "
+                         f"row's reason in {out / 'quarantine.parquet'}): fix the crawl, or the limits "
+                         "ingest.min_side / max_side / max_bytes / max_pixels if they refuse good images")
     return IngestResult(manifest, duplicates, quarantine, metrics)
 
 

@@ -242,6 +242,29 @@ def test_missing_s3_credentials_fail_the_stage_with_one_line(tmp_path, s3_server
     assert "Traceback" not in res.output
 
 
+def test_a_crawl_with_nothing_to_keep_fails_the_stage_in_one_line_and_keeps_the_verdicts(tmp_path):
+    """Limits that refuse every image (or a crawl of junk) must stop the pipeline at ingest, saying why, not two
+    stages later in the copy detector's array shapes."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    (crawl / "a.png").write_bytes(_png(1))
+    (crawl / "b.png").write_bytes(_png(2))
+    (crawl / "notes.txt").write_bytes(b"not an image")
+    pd.DataFrame({"url": ["a.png", "b.png", "notes.txt"]}).to_csv(crawl / "manifest.csv", index=False)
+    res = CliRunner().invoke(app, ["stage", "ingest", "--set", f"ingest.manifest={crawl}/manifest.csv",
+                                   "--set", f"ingest.out={tmp_path}/out", "--set", f"reports={tmp_path}/r",
+                                   "--set", "ingest.min_side=64"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "none of the 3 crawl rows was kept (too_small 2, not_an_image 1" in lines[0], lines
+    assert "ingest.min_side" in lines[0]
+    assert len(pd.read_parquet(tmp_path / "out" / "quarantine.parquet")) == 3
+
+
 def test_gx_failure_stops_the_stage_with_the_expectation_name(tmp_path, small_params_factory, monkeypatch):
     """Deliberately bad data at the boundary (a duplicated identity) fails the stage before outputs are written."""
     from typer.testing import CliRunner
