@@ -63,7 +63,8 @@ def stage_outputs(repo_root: Path, params_text: str | None = None) -> tuple[list
     with tempfile.TemporaryDirectory() as tmp:  # dvc.yaml resolved against the run's params, nothing else
         shutil.copy(repo_root / "dvc.yaml", Path(tmp) / "dvc.yaml")
         (Path(tmp) / "params.yaml").write_text(params_text)
-        Repo.init(tmp, no_scm=True)
+        with _quiet_dvc():  # "Initialized DVC repository." of a throwaway repo in the middle of the run's output
+            Repo.init(tmp, no_scm=True)
         return _outputs(Path(tmp), repo_root)
 
 
