@@ -86,7 +86,7 @@ def _omp_threads(launch: LaunchParams) -> int:
 def torchrun_command(stage: str, params_file: Path, launch: LaunchParams) -> list[str]:
     """One node: `--standalone`. Several: c10d rendezvous at master_addr:master_port, hosted by node 0 (set
     explicitly: on one machine, or behind a Service name, every node would otherwise think it is the host)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(launch.nproc_per_node)]
+    cmd = [sys.executable, "-m", "tasks.torchrun", "--nproc_per_node", str(launch.nproc_per_node)]
     if launch.nnodes == 1 and launch.master_port == 0:
         cmd += ["--standalone"]
     else:

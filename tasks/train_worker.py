@@ -1,4 +1,4 @@
-"""The torchrun entry point of the training stages: `python -m torch.distributed.run ... -m tasks.train_worker
+"""The torchrun entry point of the training stages: `python -m tasks.torchrun ... -m tasks.train_worker
 STAGE --params FILE` (the stages start it; see tasks/train_launch.py). One process per rank."""
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ def failure_line(stage: str, params, exc: BaseException) -> tuple[str, bool]:
     return f"{type(exc).__name__}: {first}", lost_peer
 
 
+# What a rank reports in one line, as the CLI does for a stage (DINOV2_DEBUG=1 for the traceback): bad data or
+# params, storage, the network, out of memory, a lost peer. Anything else is a bug and keeps its traceback.
+CONDITIONS = (ValueError, RuntimeError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("stage", help="a training stage: its module tasks/<stage>.py defines build_spec(params)")
@@ -63,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except Exception as exc:
         failure = Path(getattr(params, args.stage).out) / "run" / "failure.txt"
+        line, lost_peer = failure_line(args.stage, params, exc)
         if not failure.exists():
-            line, lost_peer = failure_line(args.stage, params, exc)
             atomic_write_text(failure, f"{args.stage} (rank {os.environ.get('RANK', '0')}): {line}\n"
                                        + (f"{TRANSIENT_MARK}\n" if lost_peer else ""))
+        if isinstance(exc, CONDITIONS) and not os.environ.get("DINOV2_DEBUG"):
+            print(f"rank {os.environ.get('RANK', '0')}: {line}", file=sys.stderr)
+            return 1
         raise
     return 0
 
@@ -82,4 +90,4 @@ def leave(code: int) -> None:
 
 
 if __name__ == "__main__":
-    leave(main())  # a failing rank raises out of main() instead: the interpreter prints its traceback as usual
+    leave(main())  # a rank failing on a bug raises out of main() instead: the interpreter prints its traceback

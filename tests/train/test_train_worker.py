@@ -52,7 +52,7 @@ def test_a_lost_peer_is_transient_and_other_errors_keep_their_first_line():
 
 
 @pytest.mark.slow
-def test_a_stage_out_of_memory_fails_with_that_line(train_params, fmnist_shards, tmp_path):
+def test_a_stage_out_of_memory_fails_with_that_line(train_params, fmnist_shards, tmp_path, capfd):
     """A model too big for the machine (a head of 2^40 prototypes: the allocator refuses it at once) fails the stage
     with the one line, through torchrun and the stage's TrainingFailed, not as a rank's traceback."""
     from tasks.pretrain import run_pretrain
@@ -66,3 +66,7 @@ def test_a_stage_out_of_memory_fails_with_that_line(train_params, fmnist_shards,
     assert "\n" not in msg and not getattr(err.value, "transient", False)
     assert msg.startswith("pretrain (rank 0): RuntimeError: out of memory with 8 images per process: lower "
                           "pretrain.data.global_batch_size or set launch.activation_checkpointing=true"), msg
+    # the workers' output (the stage's stderr) says it once per rank and once for torchrun, with no traceback
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "rank 0: RuntimeError: out of memory with 8 images" in err, err[-3000:]
+    assert "torchrun: rank 0 (local rank 0) ended with exit code 1" in err, err[-3000:]
