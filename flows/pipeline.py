@@ -553,10 +553,12 @@ def publish_run_record(project_dir: str, remote: str, run_id: str, summary: dict
 class _NoTracebackForKnownFailures(logging.Filter):
     """Prefect logs the exception a flow ends with, traceback included. For the pipeline's own failures (a stage's,
     a push's, bad params) the message already names the cause and the fix, and the traceback only walks Prefect's
-    engine: some 70 lines on the terminal and in the UI above the one line that matters. Anything else keeps it."""
+    engine: some 70 lines on the terminal and in the UI above the one line that matters. Anything else keeps it, and
+    so does every failure with DINOV2_DEBUG=1."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (StageFailed, TransientStageError, RemoteError)):
+        known = record.exc_info and isinstance(record.exc_info[1], (StageFailed, TransientStageError, RemoteError))
+        if known and not os.environ.get("DINOV2_DEBUG"):
             record.exc_info, record.exc_text = None, None
         return True
 
