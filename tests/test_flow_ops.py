@@ -157,6 +157,29 @@ def test_failed_check_and_bad_params_are_never_retried():
     assert isinstance(exc, pipeline.StageFailed)
 
 
+def test_the_flow_log_keeps_a_traceback_only_where_it_helps(monkeypatch):
+    """Prefect logs a flow's exception with its traceback; the pipeline's own failures are one line (their message
+    names cause and fix), a bug keeps its traceback, and DINOV2_DEBUG=1 keeps every traceback."""
+    import logging
+
+    def logged(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except type(exc):
+            record = logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "Encountered exception: %r",
+                                       (exc,), sys.exc_info())
+        pipeline._NoTracebackForKnownFailures().filter(record)
+        return record
+
+    monkeypatch.delenv("DINOV2_DEBUG", raising=False)
+    for known in (pipeline.StageFailed("stage x failed"), pipeline.TransientStageError("s3 down"), RemoteError("x")):
+        record = logged(known)
+        assert record.exc_info is None and "Traceback" not in logging.Formatter().format(record)
+    assert logged(KeyError("bug")).exc_info is not None
+    monkeypatch.setenv("DINOV2_DEBUG", "1")
+    assert logged(pipeline.StageFailed("stage x failed")).exc_info is not None
+
+
 def test_the_stage_commands_own_exit_code_decides_what_is_retried_not_its_words():
     net = ["error: StorageError: s3://b/k: network error (EndpointConnectionError: Could not connect)",
            "ERROR: failed to reproduce 'shards': failed to run: dinov2-pipeline stage shards, exited with 75"]
