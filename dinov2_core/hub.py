@@ -15,6 +15,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
+import re
 from collections.abc import Callable, Mapping
 from enum import Enum
 from pathlib import Path
@@ -53,17 +55,31 @@ def _is_url(s: str) -> bool:
 def load_checkpoint(
     source: str | os.PathLike, opener: Opener | None = None, map_location: Any = "cpu"
 ) -> Any:
-    """torch.load(weights_only=True) from a local path or a URL (through ``opener`` if given)."""
+    """torch.load(weights_only=True) from a local path or a URL (through ``opener`` if given).
+
+    A file that is not a checkpoint (truncated, another format, a pickle with code in it) is a ValueError naming
+    it in one line; torch's own message for it runs to a dozen lines about ``weights_only``."""
     source = os.fspath(source)
     if _is_url(source):
         if opener is not None:
             with opener(source) as f:
                 data = f.read()
-            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+            return _safe_load(io.BytesIO(data), source, map_location)
         if source.startswith(("http://", "https://")):
             return torch.hub.load_state_dict_from_url(source, map_location=map_location, weights_only=True)
         raise ValueError(f"no opener given for {source!r}; pass e.g. opener=lambda u: fsspec.open(u, 'rb')")
-    return torch.load(source, map_location=map_location, weights_only=True)
+    return _safe_load(source, source, map_location)
+
+
+def _safe_load(f: Any, source: str, map_location: Any) -> Any:
+    try:
+        return torch.load(f, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        text = str(exc).strip()
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)  # past torch's paragraph on weights_only
+        why = detail.group(1).strip() if detail else text.split(". ")[0].splitlines()[0] if text else ""
+        raise ValueError(f"{source}: not a checkpoint torch.load(weights_only=True) can read "
+                         f"({type(exc).__name__}: {why[:160]})") from exc
 
 
 def extract_backbone_state_dict(checkpoint: Mapping[str, Any], key: str | None = None) -> dict:

@@ -52,8 +52,21 @@ def test_url_without_opener_is_an_error_and_weights_only_is_enforced(tmp_path):
         hub.load_checkpoint("s3://bucket/x.pth")
     evil = tmp_path / "evil.pth"
     torch.save({"cls_token": torch.zeros(1), "obj": object.__new__(_Custom)}, evil)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"evil.pth: not a checkpoint .*\(UnpicklingError: Unsupported global") as err:
         hub.load_checkpoint(evil)
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError) and "\n" not in str(err.value)
+
+
+def test_a_file_that_is_no_checkpoint_is_one_line_naming_it(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"cls_token": torch.zeros(3)}, good)
+    (tmp_path / "half.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    for name, why in (("half.pth", "RuntimeError: PytorchStreamReader failed"), ("notes.pth", "UnpicklingError")):
+        with pytest.raises(ValueError) as err:
+            hub.load_checkpoint(tmp_path / name)
+        assert str(err.value).startswith(f"{tmp_path / name}: not a checkpoint") and why in str(err.value)
+        assert "\n" not in str(err.value) and len(str(err.value)) < 400
 
 
 class _Custom:
