@@ -285,6 +285,16 @@ class Storage:
         base = url_prefix.rstrip("/")
         return sorted(f"{base}/{n.rsplit('/', 1)[-1]}" for n in names if fnmatch.fnmatch(n.rsplit("/", 1)[-1], pattern))
 
+    def find(self, url_prefix: str) -> list[str]:
+        """URLs of every object under a folder/prefix, at any depth, sorted."""
+        fs, path = self.filesystem(url_prefix)
+        try:
+            found = fs.find(path)
+        except Exception as exc:
+            raise translate_error(url_prefix, exc) from None
+        scheme = scheme_of(url_prefix)
+        return sorted(p if scheme == "local" else f"{scheme}://{p}" for p in found)
+
     def delete(self, url: str) -> None:
         fs, path = self.filesystem(url)
         try:

@@ -45,8 +45,7 @@ def list_images(data: str, storage: Storage | None = None) -> list[str]:
     """Every image under a folder (recursively), matching a glob, or under an `s3://` prefix, sorted; absolute paths
     for local files. Non-image names are skipped here (ingest quarantines what is not an image after all)."""
     if scheme_of(data) == "s3":
-        fs, path = (storage or Storage()).filesystem(data)
-        return sorted(f"s3://{p}" for p in fs.find(path) if _is_image(p))
+        return [url for url in (storage or Storage()).find(data) if _is_image(url)]
     if any(ch in data for ch in "*?["):
         return sorted(str(Path(p).resolve()) for p in glob.glob(data, recursive=True)
                       if Path(p).is_file() and _is_image(p))
