@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -136,8 +137,9 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger,
     upload exhaust its own retries (minutes for a few hundred objects) before failing. The back-off between
     attempts is Prefect's (task retries); stopping a push half-way is safe (whole-object PUTs, see dvc_push).
     """
+    # its own process group: stopping the flow (Ctrl-C, a cancel, the watchdog) stops DVC and the stage it runs
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+                            text=True, bufsize=1, start_new_session=True)
     aborted = threading.Event()
     done = threading.Event()
 
@@ -150,11 +152,7 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger,
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since >= patience_s:
                 aborted.set()
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                _stop(proc)
                 return
 
     watcher = threading.Thread(target=watch, daemon=True) if reachable is not None else None
@@ -170,6 +168,9 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger,
                 if relay is None or relay.forward(line):
                     logger.info(line)
         code = proc.wait()
+    except BaseException:  # Ctrl-C, a cancel, a crash of the flow: no stage may go on training unwatched
+        _stop(proc)
+        raise
     finally:
         done.set()
     if aborted.is_set():
@@ -177,6 +178,18 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger,
         logger.warning(lines[-1])
         return code or 1, lines, True
     return code, lines, False
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to the command's process group (DVC, the stage command, its torchrun ranks), then SIGKILL to whatever
+    of the group is left once DVC has ended or `grace_s` has passed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def endpoint_reachable(spec: RemoteSpec) -> Callable[[], bool] | None:

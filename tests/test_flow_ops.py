@@ -180,6 +180,39 @@ def test_the_flow_log_keeps_a_traceback_only_where_it_helps(monkeypatch):
     assert logged(pipeline.StageFailed("stage x failed")).exc_info is not None
 
 
+def test_stopping_the_flow_stops_the_stage_command_and_what_it_started(tmp_path):
+    """Ctrl-C or a cancel while `dvc repro` runs: the stage (here a child that starts a grandchild, as DVC starts the
+    stage command and that its torchrun) must not go on unwatched; before, it ran on and even wrote to the flow's
+    stage-run log after the flow had removed it."""
+    import time
+
+    script = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+              "time.sleep(120)']); print(c.pid, flush=True); time.sleep(120)")
+
+    class StopOnFirstLine:
+        pid = 0
+
+        def info(self, line: str) -> None:
+            self.pid = int(line)
+            raise KeyboardInterrupt
+
+    logger = StopOnFirstLine()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline._stream([sys.executable, "-c", script], tmp_path, dict(os.environ), logger)
+
+    def alive(pid: int) -> bool:
+        stat = Path(f"/proc/{pid}/stat")
+        try:
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie no one reaped is dead too
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive(logger.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert logger.pid and not alive(logger.pid)
+
+
 def test_the_stage_commands_own_exit_code_decides_what_is_retried_not_its_words():
     net = ["error: StorageError: s3://b/k: network error (EndpointConnectionError: Could not connect)",
            "ERROR: failed to reproduce 'shards': failed to run: dinov2-pipeline stage shards, exited with 75"]
