@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import psutil
 import yaml
 from prefect import flow, get_run_logger, task
 
@@ -137,9 +137,8 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger,
     upload exhaust its own retries (minutes for a few hundred objects) before failing. The back-off between
     attempts is Prefect's (task retries); stopping a push half-way is safe (whole-object PUTs, see dvc_push).
     """
-    # its own process group: stopping the flow (Ctrl-C, a cancel, the watchdog) stops DVC and the stage it runs
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1, start_new_session=True)
+                            text=True, bufsize=1)
     aborted = threading.Event()
     done = threading.Event()
 
@@ -181,14 +180,20 @@ def _stream(cmd: list[str], cwd: Path, env: dict[str, str], logger,
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM to the command's process group (DVC, the stage command, its torchrun ranks), then SIGKILL to whatever
-    of the group is left once DVC has ended or `grace_s` has passed."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    """SIGTERM to the command and every process it started (DVC, the stage command, its torchrun and ranks), SIGKILL
+    to what is left after `grace_s`. They stay in the flow's process group, so a runner that kills the group (a
+    Prefect cancel's hard kill) still reaches them all."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
     proc.wait()
 
 
