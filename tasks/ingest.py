@@ -278,10 +278,17 @@ def read_crawl_manifest(path: str | Path, url_column: str) -> pd.DataFrame:
     if not path.exists():
         raise FileNotFoundError(f"crawl manifest {path} not found (set ingest.manifest)")
     # Blank lines are rows too (skip_blank_lines=False): a crawl row must never vanish before it has an outcome.
-    frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
-        path, dtype=str, keep_default_na=False, skip_blank_lines=False)
+    try:
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
+            path, dtype=str, keep_default_na=False, skip_blank_lines=False)
+    except ValueError as exc:  # pandas' parser errors, UnicodeDecodeError and Arrow's ArrowInvalid all are
+        kind = "Parquet" if path.suffix == ".parquet" else "UTF-8 CSV (a header row naming the columns, then a row each)"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"crawl manifest {path}: not a readable {kind}: {type(exc).__name__}: {first[:160]}") from None
     if url_column not in frame.columns:
         raise ValueError(f"crawl manifest {path}: no '{url_column}' column (columns: {list(frame.columns)})")
+    if frame.empty:
+        raise ValueError(f"crawl manifest {path}: no rows under its header (nothing to ingest)")
     return frame
 
 
@@ -368,7 +375,7 @@ def run_ingest(params: Params) -> IngestResult:
              metrics["images_per_second"] or 0)
     if manifest.empty:  # counts and quarantine stay written to look at; the stages after it would fail obscurely
         top = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items(), key=lambda kv: -kv[1])[:3])
-        raise ValueError(f"ingest: none of the {len(urls)} crawl rows was kept ({top or 'the crawl is empty'}; each "
+        raise ValueError(f"ingest: none of the {len(urls)} crawl rows was kept ({top}; each "
                          f"row's reason in {out / 'quarantine.parquet'}): fix the crawl, or the limits "
                          "ingest.min_side / max_side / max_bytes / max_pixels if they refuse good images")
     return IngestResult(manifest, duplicates, quarantine, metrics)

@@ -265,6 +265,26 @@ def test_a_crawl_with_nothing_to_keep_fails_the_stage_in_one_line_and_keeps_the_
     assert len(pd.read_parquet(tmp_path / "out" / "quarantine.parquet")) == 3
 
 
+_NOT_CSV = "not a readable UTF-8 CSV (a header row naming the columns, then a row each)"
+
+
+@pytest.mark.parametrize("name, content, expect", [
+    ("binary.csv", bytes(range(128, 256)) * 8, f"{_NOT_CSV}: UnicodeDecodeError"),
+    ("quote.csv", b'url\n"unterminated\n', f"{_NOT_CSV}: ParserError"),
+    ("nothing.csv", b"", "EmptyDataError"),
+    ("header.csv", b"url\n", "no rows under its header (nothing to ingest)"),
+    ("crawl.parquet", b"PAR1 not really", "not a readable Parquet: ArrowInvalid"),
+])
+def test_a_crawl_manifest_that_cannot_be_read_is_one_line_naming_it(tmp_path, name, content, expect):
+    from tasks.ingest import read_crawl_manifest
+
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        read_crawl_manifest(tmp_path / name, "url")
+    msg = str(err.value)
+    assert msg.startswith(f"crawl manifest {tmp_path / name}: ") and expect in msg and "\n" not in msg, msg
+
+
 def test_gx_failure_stops_the_stage_with_the_expectation_name(tmp_path, small_params_factory, monkeypatch):
     """Deliberately bad data at the boundary (a duplicated identity) fails the stage before outputs are written."""
     from typer.testing import CliRunner
