@@ -49,7 +49,8 @@ def run_decontaminate(params: Params) -> pd.DataFrame:
     eval_ids: list[str] = []
     eval_paths: list[Path] = []
     for ref in p.eval_sets:
-        ids, paths = load_indexed_images(ref.index, ref.path_column, ref.id_column)
+        ids, paths = load_indexed_images(ref.index, ref.path_column, ref.id_column,
+                                         "evaluation set index (decontaminate.eval_sets)")
         eval_ids += ids
         eval_paths += paths
     by_id = dict(zip(eval_ids, eval_paths))

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from tasks.tables import read_user_table
+
 
 class ImageStore:
     """Images by sha256 key, decoded to RGB; the manifest gives sizes and provenance."""
@@ -35,16 +37,18 @@ class ImageStore:
         return (m["width"].to_numpy(np.int64) * m["height"].to_numpy(np.int64)).astype(np.float64)
 
 
-def load_indexed_images(index_csv: str | Path, path_column: str, id_column: str) -> tuple[list[str], list[Path]]:
-    """(ids, absolute paths) of an image set described by a CSV whose paths are relative to the CSV's folder."""
+def load_indexed_images(index_csv: str | Path, path_column: str, id_column: str,
+                        what: str = "image index") -> tuple[list[str], list[Path]]:
+    """(ids, absolute paths) of an image set described by a CSV whose paths are relative to the CSV's folder.
+    Every listed image must exist: a missing one is named here, not as a bare errno when it is first opened."""
     index_csv = Path(index_csv)
-    if not index_csv.exists():
-        raise FileNotFoundError(f"{index_csv} not found")
-    frame = pd.read_csv(index_csv)
-    for col in (path_column, id_column):
-        if col not in frame.columns:
-            raise ValueError(f"{index_csv}: no '{col}' column (columns: {list(frame.columns)})")
-    return frame[id_column].astype(str).tolist(), [index_csv.parent / p for p in frame[path_column]]
+    frame = read_user_table(index_csv, what, (path_column, id_column))
+    paths = [index_csv.parent / p for p in frame[path_column]]
+    missing = [str(rel) for rel, p in zip(frame[path_column], paths) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{what} {index_csv}: {len(missing)} of {len(paths)} listed images are missing, "
+                                f"e.g. {missing[0]!r} (paths are relative to the index's folder)")
+    return frame[id_column].astype(str).tolist(), paths
 
 
 def open_rgb(path: str | Path) -> Image.Image:

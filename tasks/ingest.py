@@ -40,6 +40,7 @@ from tasks.storage import (
     atomic_write_bytes,
     scheme_of,
 )
+from tasks.tables import read_user_table
 from tasks.validation import TableCheck, validate_stage
 
 log = get_logger("ingest")
@@ -274,19 +275,11 @@ def _safe(message: str, source: Source) -> str:
 
 
 def read_crawl_manifest(path: str | Path, url_column: str) -> pd.DataFrame:
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         raise FileNotFoundError(f"crawl manifest {path} not found (set ingest.manifest)")
     # Blank lines are rows too (skip_blank_lines=False): a crawl row must never vanish before it has an outcome.
-    try:
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
-            path, dtype=str, keep_default_na=False, skip_blank_lines=False)
-    except ValueError as exc:  # pandas' parser errors, UnicodeDecodeError and Arrow's ArrowInvalid all are
-        kind = "Parquet" if path.suffix == ".parquet" else "UTF-8 CSV (a header row naming the columns, then a row each)"
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ValueError(f"crawl manifest {path}: not a readable {kind}: {type(exc).__name__}: {first[:160]}") from None
-    if url_column not in frame.columns:
-        raise ValueError(f"crawl manifest {path}: no '{url_column}' column (columns: {list(frame.columns)})")
+    frame = read_user_table(path, "crawl manifest", (url_column,), dtype=str, keep_default_na=False,
+                            skip_blank_lines=False)
     if frame.empty:
         raise ValueError(f"crawl manifest {path}: no rows under its header (nothing to ingest)")
     return frame

@@ -50,7 +50,8 @@ def run_retrieve(params: Params) -> pd.DataFrame:
     store = ImageStore(p.images)
     decontam = pd.read_parquet(Path(p.pool) / "decontam.parquet")
     pool_keys = decontam.loc[decontam["kept"], "key"].tolist()
-    seed_ids, seed_paths = load_indexed_images(p.seed_index, p.seed_path_column, p.seed_id_column)
+    seed_ids, seed_paths = load_indexed_images(p.seed_index, p.seed_path_column, p.seed_id_column,
+                                               "seed set index (retrieve.seed_index)")
     by_id = dict(zip(seed_ids, seed_paths))
     embedder = make_embedder(p.embedder, storage)
 

@@ -285,6 +285,21 @@ def test_a_crawl_manifest_that_cannot_be_read_is_one_line_naming_it(tmp_path, na
     assert msg.startswith(f"crawl manifest {tmp_path / name}: ") and expect in msg and "\n" not in msg, msg
 
 
+def test_a_seed_or_eval_index_names_what_it_lacks_in_one_line(tmp_path):
+    from tasks.image_store import load_indexed_images
+
+    (tmp_path / "a.png").write_bytes(_png(3))
+    (tmp_path / "seed.csv").write_text("path,id\na.png,1\ngone.png,2\n")
+    with pytest.raises(FileNotFoundError) as err:
+        load_indexed_images(tmp_path / "seed.csv", "path", "id", "seed set index")
+    assert str(err.value) == (f"seed set index {tmp_path / 'seed.csv'}: 1 of 2 listed images are missing, e.g. "
+                              "'gone.png' (paths are relative to the index's folder)")
+    (tmp_path / "seed.csv").write_text("path,id\na.png,1\n")
+    assert load_indexed_images(tmp_path / "seed.csv", "path", "id") == (["1"], [tmp_path / "a.png"])
+    with pytest.raises(ValueError, match=r"seed set index .*seed.csv: no 'name' column \(columns: \['path', 'id'\]\)"):
+        load_indexed_images(tmp_path / "seed.csv", "name", "id", "seed set index")
+
+
 def test_gx_failure_stops_the_stage_with_the_expectation_name(tmp_path, small_params_factory, monkeypatch):
     """Deliberately bad data at the boundary (a duplicated identity) fails the stage before outputs are written."""
     from typer.testing import CliRunner
