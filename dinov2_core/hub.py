@@ -145,8 +145,25 @@ def _make_dinov2_model(
         state = weights
     else:
         state = load_checkpoint(weights, opener=opener)
-    model.load_state_dict(extract_backbone_state_dict(state, checkpoint_key), strict=True)
+    load_strict(model, extract_backbone_state_dict(state, checkpoint_key),
+                weights if isinstance(weights, (str, os.PathLike)) else arch_name)
     return model
+
+
+def load_strict(model: torch.nn.Module, state: Mapping[str, Any], source: str | os.PathLike) -> None:
+    """load_state_dict(strict=True), with a mismatch said in one line (how many keys are missing, unexpected or of
+    another shape, one example of each): torch lists every key over many lines, so a wrong architecture for a file
+    showed as 'Error(s) in loading state_dict for DinoVisionTransformer:' and nothing else on one line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = [f"{len(keys)} {what} (e.g. {keys[0]})" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if keys]
+    if problems:
+        raise ValueError(f"{os.fspath(source)}: weights do not fit {type(model).__name__}: " + ", ".join(problems))
+    model.load_state_dict(state, strict=True)
 
 
 _REG = {

@@ -42,6 +42,7 @@ from tasks.params import Params, params_record
 from tasks.reports import write_json, write_metrics, write_plot_csv
 from tasks.stages import EvalParams
 from tasks.storage import Storage
+from tasks.tables import read_user_table
 from tasks.tracking import track_results
 from tasks.validation import TableCheck, validate_stage
 
@@ -51,20 +52,23 @@ RAW_PIXELS = "raw-pixels"
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _read_rgb(paths: list[Path]) -> list[torch.Tensor]:
-    out = []
-    for path in paths:
+def _decoded(path: Path, decode) -> torch.Tensor:
+    """An evaluation set's image or mask; one that is missing or broken is one line naming it (the sets are inputs
+    the pipeline does not ingest, so nothing quarantined it)."""
+    try:
         with Image.open(path) as img:
-            out.append(torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1))
-    return out
+            return decode(img)
+    except OSError as exc:  # FileNotFoundError, PIL's UnidentifiedImageError, a truncated file
+        raise ValueError(f"evaluation set image {path}: {exc.strerror or exc}") from None
+
+
+def _read_rgb(paths: list[Path]) -> list[torch.Tensor]:
+    return [_decoded(p, lambda img: torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+                     .permute(2, 0, 1)) for p in paths]
 
 
 def _read_masks(paths: list[Path]) -> list[torch.Tensor]:
-    out = []
-    for path in paths:
-        with Image.open(path) as img:
-            out.append(torch.from_numpy(np.asarray(img, dtype=np.int64).copy()))
-    return out
+    return [_decoded(p, lambda img: torch.from_numpy(np.asarray(img, dtype=np.int64).copy())) for p in paths]
 
 
 def _transform_batches(images: list[torch.Tensor], targets, ops, batch_size: int, masks: bool = False) -> list:
@@ -88,12 +92,12 @@ def _transform_batches(images: list[torch.Tensor], targets, ops, batch_size: int
 
 
 def _classification(root: Path, split: str) -> tuple[list[torch.Tensor], list[int]]:
-    frame = pd.read_csv(root / f"{split}.csv")
+    frame = read_user_table(root / f"{split}.csv", "classification split", ("path", "label"))
     return _read_rgb([root / p for p in frame["path"]]), frame["label"].astype(int).tolist()
 
 
 def _segmentation(root: Path, split: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    frame = pd.read_csv(root / f"{split}.csv")
+    frame = read_user_table(root / f"{split}.csv", "segmentation split", ("image", "mask"))
     return _read_rgb([root / p for p in frame["image"]]), _read_masks([root / p for p in frame["mask"]])
 
 
@@ -305,7 +309,7 @@ def run_label_free_eval(params: Params, storage: Storage, cache_dir: Path | None
     if not index.is_file():
         raise FileNotFoundError(f"eval.classification={p.classification}: no train.csv/test.csv (labels) and no "
                                 f"images.csv (unlabelled images) there")
-    frame = pd.read_csv(index)
+    frame = read_user_table(index, "unlabelled evaluation images", ("path",))
     images = _read_rgb([index.parent / path for path in frame["path"]])
     dataset_id = hashlib.sha256(index.read_bytes()).hexdigest()[:16]
     results: dict[str, dict] = {}

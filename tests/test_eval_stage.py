@@ -146,3 +146,23 @@ def test_without_labels_the_stage_reports_feature_statistics_and_neighbours(eval
     assert {"pca_untrained-teacher.png", "neighbours_untrained-teacher.png"} <= figures
     assert (tmp_path / "r" / "plots" / "eval_knn.csv").read_text().strip() == "backbone,k,top1"
     assert "without labels" in (tmp_path / "r" / "eval_summary.md").read_text()
+
+
+def test_a_broken_or_missing_evaluation_image_or_index_is_one_line_naming_it(tmp_path):
+    """The evaluation sets are inputs the pipeline does not ingest: nothing quarantined their files."""
+    from PIL import Image
+
+    from tasks.eval import _classification
+
+    (tmp_path / "test").mkdir()
+    Image.new("RGB", (28, 28)).save(tmp_path / "test" / "a.png")
+    (tmp_path / "test" / "b.png").write_bytes(b"not a png")
+    (tmp_path / "test.csv").write_text("id,path,label\n1,test/a.png,0\n2,test/b.png,1\n")
+    with pytest.raises(ValueError, match=r"^evaluation set image .*b.png: cannot identify image file"):
+        _classification(tmp_path, "test")
+    (tmp_path / "test.csv").write_text("id,path,label\n1,test/a.png,0\n2,test/gone.png,1\n")
+    with pytest.raises(ValueError, match=r"^evaluation set image .*gone.png: No such file or directory$"):
+        _classification(tmp_path, "test")
+    (tmp_path / "test.csv").write_text("id,file,label\n1,test/a.png,0\n")
+    with pytest.raises(ValueError, match=r"^classification split .*test.csv: no 'path' column"):
+        _classification(tmp_path, "test")

@@ -77,8 +77,14 @@ def test_strict_loading_rejects_wrong_arch(tmp_path):
     sd = _weights(**TINY)
     path = tmp_path / "w.pth"
     torch.save(sd, path)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError) as err:
         hub.dinov2_vits14_reg(pretrained=True, weights=str(path), **TINY)  # registers missing from checkpoint
+    assert str(err.value) == f"{path}: weights do not fit DinoVisionTransformer: 1 missing (e.g. register_tokens)"
+    sd["pos_embed"] = sd["pos_embed"][:, :-1]
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"1 unexpected \(e.g. extra.weight\), 1 of another shape \(e.g. pos_embed "):
+        hub.dinov2_vits14(pretrained=True, weights=str(path), **TINY)
 
 
 def test_default_weights_point_at_release_urls():
