@@ -82,7 +82,7 @@ def _format_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
     kind = first["type"]
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):  # a section's / a library dataclass's
         return f"{source}: unknown key '{key}' (check the spelling; known keys: tasks/stages.py, tasks/sections.py, dinov2_core/config.py)"
     if kind == "missing":
         return (f"{source}: missing key '{key}' (params.yaml states every pipeline setting; a profile starts with "

@@ -108,6 +108,8 @@ def test_unknown_key_names_the_key():
         load_params(ROOT / "params.yaml", ["ingest.wrokers=4"])
     msg = str(err.value)
     assert "unknown key 'ingest.wrokers'" in msg and "\n" not in msg
+    with pytest.raises(ParamsError, match=r"unknown key 'pretrain.optim.lr' \(check the spelling"):
+        load_params(ROOT / "params.yaml", ["pretrain.optim.lr=3"])  # a section of dinov2_core's config dataclasses
 
 
 @pytest.mark.parametrize(
