@@ -31,6 +31,7 @@ from flows.remote import (
     root_cause,
     translate_remote_error,
 )
+from tasks.stages import STAGES
 
 
 @dataclass
@@ -82,8 +83,12 @@ def _snapshot(project: Path, store: RemoteStore, rev: str | None, run: str | Non
     return _Snapshot(files, "working tree")
 
 
-def _resolve_target(target: str, outputs: dict[str, list[Output]]) -> list[tuple[Output, str]]:
+def _resolve_target(target: str, outputs: dict[str, list[Output]], source: str = "") -> list[tuple[Output, str]]:
     """(output, sub-path inside it) pairs for a stage name, an output path, or a path inside a directory output."""
+    if target in STAGES and target not in outputs:
+        ran = ", ".join(outputs) or "none"
+        raise RemoteError(f"stage '{target}' has no outputs in the dvc.lock of the {source or 'revision'}: it had not "
+                          f"run there (stages that had: {ran})")
     if target in outputs:
         return [(o, "") for o in outputs[target]]
     norm = PurePosixPath(target.strip("/")).as_posix()
@@ -188,7 +193,7 @@ def fetch(target: str, out_dir: str | Path, project: str | Path = ".", rev: str 
         root = Path(tmp)
         _dvc_project(root, snap)
         fs = None
-        for n, (out, sub) in enumerate(_resolve_target(target, outputs)):
+        for n, (out, sub) in enumerate(_resolve_target(target, outputs, snap.source)):
             if not out.md5:
                 continue
             path = f"{out.path}/{sub}" if sub else out.path

@@ -432,6 +432,9 @@ def test_fetch_refuses_a_corrupt_object_and_names_what_is_missing(tmp_path):
         fetch("ingest", tmp_path / "out", project=project, run="nope")
     with pytest.raises(RemoteError, match="neither a stage nor a stage output"):
         fetch("data/other", tmp_path / "out", project=project, run="run-1")
+    with pytest.raises(RemoteError, match=r"stage 'pretrain' has no outputs in the dvc.lock of the run run-1: it had "
+                                          r"not run there \(stages that had: ingest\)"):
+        fetch("pretrain", tmp_path / "out", project=project, run="run-1")
 
 
 def test_s3_errors_become_one_line_without_secrets():
