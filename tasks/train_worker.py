@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 
 import torch.distributed
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dinov2_core.atomic import atomic_write_text
+from dinov2_core.train.checkpoint import checkpoint_failure
 from tasks.params import load_params
 from tasks.train_launch import TRANSIENT_MARK, die_with_parent, run_worker
 
@@ -35,6 +37,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 def failure_line(stage: str, params, exc: BaseException) -> tuple[str, bool]:
     """The one line a failed rank leaves for the stage (without the stage/rank prefix), and whether a retry may help
     (a lost peer). Out of memory says what to change: the batch per process, or activation checkpointing."""
+    exc = checkpoint_failure(exc)  # DCP's CheckpointException: the failing rank's own exception
     first = str(exc).splitlines()[0] if str(exc) else ""
     lost_peer = _lost_peer(exc)
     if lost_peer:  # gloo: "[/path/pair.cc:545] Read error [addr]: Connection reset by peer. This is ..."
@@ -66,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(spec, params)
     except SystemExit:
         raise
-    except Exception as exc:
+    except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
         failure = Path(getattr(params, args.stage).out) / "run" / "failure.txt"
         line, lost_peer = failure_line(args.stage, params, exc)
         if not failure.exists():
             atomic_write_text(failure, f"{args.stage} (rank {os.environ.get('RANK', '0')}): {line}\n"
                                        + (f"{TRANSIENT_MARK}\n" if lost_peer else ""))
-        if isinstance(exc, CONDITIONS) and not os.environ.get("DINOV2_DEBUG"):
+        if isinstance(checkpoint_failure(exc), CONDITIONS) and not os.environ.get("DINOV2_DEBUG"):
             print(f"rank {os.environ.get('RANK', '0')}: {line}", file=sys.stderr)
             return 1
         raise

@@ -365,5 +365,15 @@ class Checkpointer:
         return torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
 
 
-__all__ = ["CKPT_RE", "Checkpointer", "atomic_save", "capture_rng_state",
+def checkpoint_failure(exc: BaseException) -> BaseException:
+    """The exception behind DCP's CheckpointException (a BaseException whose text is every failing rank's traceback):
+    the lowest failing rank's; any other exception as it is."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return exc
+    first = failures[min(failures)]  # (exception, traceback)
+    return first[0] if isinstance(first, tuple) else first
+
+
+__all__ = ["CKPT_RE", "Checkpointer", "atomic_save", "capture_rng_state", "checkpoint_failure",
            "fill_missing_optimizer_state", "restore_rng_state"]

@@ -38,7 +38,7 @@ from dinov2_core.models import build_backbone
 
 from ..atomic import atomic_path, atomic_write_text
 from . import fsdp
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, checkpoint_failure
 from .export import sub_state
 from .loop import NonFiniteLossError, build_optimizer, build_schedules, train_loop
 
@@ -251,6 +251,32 @@ class _Records:
             sink.log(numbers, int(record["step"]))
 
 
+def _load_newest_readable(ckpt: Checkpointer, meta, optimizer, stage: str, is_main: bool) -> tuple[Any, dict]:
+    """Resume from the newest checkpoint that loads. Saving is atomic, so one that does not load was damaged later (a
+    disk or a copy); the one before it (``checkpoint.keep``) is tried, the damage said in the log. Every rank sees the
+    same failure (DCP gathers them), so every rank falls back alike."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    candidates = [path for _, path in reversed(ckpt.list())]
+    first_error = ""
+    for path in candidates:
+        try:
+            return path, ckpt.load(path, meta, optimizer)
+        except (CheckpointException, RuntimeError, OSError, ValueError) as exc:
+            why = _first_line(exc)
+            first_error = first_error or f"{Path(str(path)).name}: {why}"
+            if is_main:
+                log.warning("%s: checkpoint %s cannot be read (%s); trying the one before it", stage, path, why)
+    raise ValueError(f"{stage}: no checkpoint in {ckpt.root} can be read (newest {first_error}); delete the folder "
+                     f"to start afresh")
+
+
+def _first_line(exc: BaseException) -> str:
+    exc = checkpoint_failure(exc)
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def run_training(spec: TrainSpec, runtime: RuntimeConfig | None = None, *,
                  opener: Callable[[str], Any] | None = None, storage_options: dict[str, Any] | None = None,
                  progress_kwargs: dict[str, Any] | None = None,
@@ -295,7 +321,7 @@ def run_training(spec: TrainSpec, runtime: RuntimeConfig | None = None, *,
         ckpt.clean_partial()
         start_step = 0
         if latest is not None:
-            state = ckpt.load(latest, meta, optimizer)
+            latest, state = _load_newest_readable(ckpt, meta, optimizer, spec.stage, info.is_main)
             start_step = int(state["step"])
             if not state["rng_restored"]:
                 torch.manual_seed(spec.seed * 1000 + info.rank + 7919 * start_step)

@@ -30,6 +30,29 @@ def _start_stage_process(params, params_file: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_it(train_params, fmnist_shards, tmp_path, capfd):
+    """Saving is atomic, but a checkpoint can be damaged afterwards (a disk, a copy): the rerun resumes from the newest
+    one that loads, says which one it skipped and why, and trains the iterations after it again. Before, the rank
+    died on DCP's CheckpointException (a BaseException) with 50 lines and no reason for the stage."""
+    from tasks.pretrain import run_pretrain
+
+    params = train_params("pretrain", fmnist_shards, steps=4, every=1)
+    run_pretrain(params)
+    out = Path(params.pretrain.out)
+    newest = max((out / "run" / "checkpoints").glob("step_*"))
+    assert newest.name == "step_00000004"
+    for shard in newest.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    capfd.readouterr()
+    metrics = run_pretrain(params)  # the same stage call
+    err = capfd.readouterr().err
+    assert "step_00000004 cannot be read (RuntimeError: PytorchStreamReader failed" in err, err[-3000:]
+    assert "resumed from" in err and "step_00000003 (iteration 3)" in err, err[-3000:]
+    assert metrics["summary"]["resumed_from"] == 3 and metrics["summary"]["iterations_run"] == 1
+    assert read_log(out)["step"].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
 def test_kill_9_then_resume_continues_the_same_curve(train_params, fmnist_shards, tmp_path):
     from tasks.pretrain import run_pretrain
 

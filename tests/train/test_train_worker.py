@@ -50,6 +50,14 @@ def test_a_lost_peer_is_transient_and_other_errors_keep_their_first_line():
     line, transient = failure_line("distill", params, ValueError("bad shard index\nmore"))
     assert not transient and line == "ValueError: bad shard index"
 
+    # DCP's CheckpointException (a BaseException): the failing rank's own exception, e.g. a full disk while saving
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    full = CheckpointException("save", {1: (OSError(28, "No space left on device"), None),
+                                        0: (OSError(28, "No space left on device"), None)})
+    line, transient = failure_line("pretrain", params, full)
+    assert not transient and line == "OSError: [Errno 28] No space left on device"
+
 
 @pytest.mark.slow
 def test_a_stage_out_of_memory_fails_with_that_line(train_params, fmnist_shards, tmp_path, capfd):
