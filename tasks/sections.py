@@ -25,9 +25,10 @@ from dinov2_core.config import (
 
 
 class Section(BaseModel):
-    """Base for every params section: unknown keys are errors, values are validated on assignment too."""
+    """Base for every params section: unknown keys are errors, and so is an empty string (`-S shards.out=` would
+    write into the project's root); values are validated on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, str_min_length=1)
 
 
 class StorageParams(Section):

@@ -119,6 +119,7 @@ def test_unknown_key_names_the_key():
         ("ingest.min_side=0", "ingest.min_side", "greater than 0"),
         ("demo_data.jpeg_fraction=1.5", "demo_data.jpeg_fraction", "less than or equal to 1"),
         ("profile=Not A Name", "profile", "should match pattern"),
+        ("shards.out=", "shards.out", "at least 1 character"),  # an empty output path: the project's root
     ],
 )
 def test_bad_values_name_key_and_expectation(override, key, expect):
