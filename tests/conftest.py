@@ -168,6 +168,18 @@ def s3_server():
 
 
 @pytest.fixture
+def s3_without_credentials(s3_server, monkeypatch, tmp_path):
+    """The S3-compatible server's endpoint with no credentials anywhere (environment, files, instance metadata)."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    return s3_server
+
+
+@pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """Credentials and endpoint in the environment, as users provide them (never in params files)."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")

@@ -220,17 +220,11 @@ def test_s3_sources_through_a_real_s3_server(tmp_path, small_params_factory, s3_
     assert result.metrics["input_by_scheme"] == {"s3": 3}
 
 
-def test_missing_s3_credentials_fail_the_stage_with_one_line(tmp_path, s3_server, monkeypatch):
+def test_missing_s3_credentials_fail_the_stage_with_one_line(tmp_path, s3_without_credentials):
     from typer.testing import CliRunner
 
     from flows.cli import EXIT_CREDENTIALS, app
 
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     crawl = tmp_path / "crawl"
     crawl.mkdir()
     pd.DataFrame({"url": ["s3://some-bucket/a.png"]}).to_csv(crawl / "manifest.csv", index=False)

@@ -60,17 +60,11 @@ def test_list_images_reads_an_s3_prefix_from_the_s3_compatible_server(s3_bucket,
         init_project(f"s3://{s3_bucket}/crawl", None, "bucket", tmp_path)
 
 
-def test_init_of_an_s3_prefix_without_credentials_is_one_line(s3_server, tmp_path, monkeypatch):
+def test_init_of_an_s3_prefix_without_credentials_is_one_line(s3_without_credentials, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from flows.cli import EXIT_CREDENTIALS, app
 
-    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, ["init", "s3://some-bucket/crawl/"])
     assert res.exit_code == EXIT_CREDENTIALS and "Traceback" not in res.output, res.output[-2000:]
