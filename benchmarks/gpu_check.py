@@ -24,6 +24,10 @@ Sections (each records what it ran, its numbers and pass/fail; a failing section
                minutes allow at the step a 60-iteration calibration run measured, fewer if --deadline-s leaves less),
                then k-NN (k=20) of its teacher next to raw pixels and a random init on the test split (whether the
                teacher beats the pixels is reported, not required: at toy size it does not).
+Diagnostics, on request only (`--sections profile attention_speed`; the H200's answers: benchmarks/results/):
+  profile          the ViT-L/14 backbone step's time by kernel class (matmuls and their TFLOP/s, attention, fused
+                   elementwise, idle), ours compiled next to the official code and to ours unpacked: what limits MFU;
+  attention_speed  attention's kernels on the two crop shapes, and the compiled step with eager attention.
 Writes reports/bench/gpu_check.{json,md}.
 
 On a bare GPU machine with its own python and torch and no package registry (the lent H200), `python -m
@@ -340,28 +344,61 @@ def speed(device: torch.device, dry_run: bool, compiled: tuple[str, ...] = ("ViT
             "passed": all(np.isfinite(r["images_per_s"]) for r in rows)}
 
 
+def _backbone_trio(device: torch.device, arch: dict[str, Any], dry_run: bool, ref_vits):
+    """Ours (its default path: packed stream on CUDA), ours with compiled blocks, and the official ViT, with the same
+    weights, and the multi-crop batch they run: 2 x 224 + 8 x 98 px crops of 32 images (toy sizes in a dry run)."""
+    import copy
+
+    from dinov2.layers import MemEffAttention as RefAttention  # type: ignore
+    from dinov2.layers import NestedTensorBlock as RefBlock  # type: ignore
+
+    from dinov2_core.layers import MemEffAttention, NestedTensorBlock, compile_blocks
+    from dinov2_core.models import DinoVisionTransformer, deterministic_state_dict
+
+    images = 2 if dry_run else 32
+    g, lc = (56, 28) if dry_run else (224, 98)
+    kw = {"img_size": g, "patch_size": 14, "mlp_ratio": 4, "init_values": 1e-5, "block_chunks": 0, **arch}
+    ours = DinoVisionTransformer(block_fn=functools.partial(NestedTensorBlock, attn_class=MemEffAttention), **kw)
+    ref = ref_vits.DinoVisionTransformer(block_fn=functools.partial(RefBlock, attn_class=RefAttention), **kw)
+    state = deterministic_state_dict(ours, 0)
+    ours.load_state_dict(state)
+    ref.load_state_dict(state)
+    ours.to(device).train()
+    ref.to(device).train()
+    ours.pack_sequences = device.type == "cuda"
+    compiled = copy.deepcopy(ours)
+    compile_blocks(compiled)
+    crops = [torch.randn(2 * images, 3, g, g, device=device), torch.randn(8 * images, 3, lc, lc, device=device)]
+    return ours, compiled, ref, crops
+
+
+def _backbone_step(model, as_list: bool = True, *, crops, dtype) -> None:
+    """One forward+backward of a backbone on the crops (as one list, or one call per crop size)."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(crops[0].device.type, dtype=dtype, enabled=dtype != torch.float32):
+        outs = model.forward_features(crops) if as_list else [model.forward_features(c) for c in crops]
+        loss = sum(o["x_norm_clstoken"].float().pow(2).mean() + o["x_norm_patchtokens"].float().pow(2).mean()
+                   for o in outs)
+    loss.backward()
+
+
 def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:
     """Backbone forward+backward on multi-crop batches (2 x 224 + 8 x 98 px per image), ours next to the official
     implementation with the same weights, alternating step by step; bf16 autocast on CUDA. Ours runs its default
     path (packed stream, xformers when it imports, else per-size SDPA) and with compiled blocks; the official model
     its list path when xformers imports (its only way to pack crops), else one pass per crop size."""
-    import copy
-    import functools
     import statistics
 
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.backbone import _load_official
     from benchmarks.common import time_fn
-    from dinov2_core.layers import MemEffAttention, NestedTensorBlock, compile_blocks, xformers_available
-    from dinov2_core.models import DinoVisionTransformer, deterministic_state_dict
+    from dinov2_core.layers import xformers_available
 
     src = official_source()
     if src is None:
         return {"skipped": f"official implementation not found: {OFFICIAL_HINT}", "passed": True, "rows": []}
     ref_vits = _load_official(src)
-    from dinov2.layers import MemEffAttention as RefAttention  # type: ignore
-    from dinov2.layers import NestedTensorBlock as RefBlock  # type: ignore
 
     archs = {"ViT-S/14": {"embed_dim": 384, "depth": 12, "num_heads": 6},
              "ViT-L/14": {"embed_dim": 1024, "depth": 24, "num_heads": 16}}
@@ -373,29 +410,9 @@ def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:
     official_lists = cuda and xformers_available()  # its nested path needs xformers
     rows, compile_errors = [], {}
     for name, arch in archs.items():
-        images = 2 if dry_run else 32
-        g, lc = (56, 28) if dry_run else (224, 98)
-        kw = {"img_size": g, "patch_size": 14, "mlp_ratio": 4, "init_values": 1e-5, "block_chunks": 0, **arch}
-        ours = DinoVisionTransformer(block_fn=functools.partial(NestedTensorBlock, attn_class=MemEffAttention), **kw)
-        ref = ref_vits.DinoVisionTransformer(block_fn=functools.partial(RefBlock, attn_class=RefAttention), **kw)
-        state = deterministic_state_dict(ours, 0)
-        ours.load_state_dict(state)
-        ref.load_state_dict(state)
-        ours.to(device).train()
-        ref.to(device).train()
-        ours.pack_sequences = cuda
-        compiled = copy.deepcopy(ours)
-        compile_blocks(compiled)
-        crops = [torch.randn(2 * images, 3, g, g, device=device), torch.randn(8 * images, 3, lc, lc, device=device)]
-
-        def step(model, as_list: bool = True, crops=crops) -> None:
-            model.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=cuda):
-                outs = model.forward_features(crops) if as_list else [model.forward_features(c) for c in crops]
-                loss = sum(o["x_norm_clstoken"].float().pow(2).mean() + o["x_norm_patchtokens"].float().pow(2).mean()
-                           for o in outs)
-            loss.backward()
-
+        ours, compiled, ref, crops = _backbone_trio(device, arch, dry_run, ref_vits)
+        images = crops[0].shape[0] // 2
+        step = functools.partial(_backbone_step, crops=crops, dtype=dtype)
         variants = {"ours": lambda m=ours, s=step: s(m), "ours, compiled blocks": lambda m=compiled, s=step: s(m),
                     "official": lambda m=ref, s=step: s(m, official_lists)}
         with FlopCounterMode(display=False) as counter:
@@ -423,6 +440,197 @@ def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:
     return {"rows": rows, "official_src": src, "official_path": "lists (xformers)" if official_lists
             else "one pass per crop size", "dtype": str(dtype).split(".")[-1], "headline_vit_l_speedup": best_l,
             "compile_errors": compile_errors, "passed": all(np.isfinite(r["images_per_s"]) for r in rows)}
+
+# kernel classes by name: cuBLAS/CUTLASS GEMMs (sm90_xmma, nvjet, cutlass) and CPU matmul ops; flash / memory-
+# efficient attention; Inductor's fused Triton kernels; copies; the rest (elementwise, norms, reductions)
+KERNEL_CLASSES = (("matmul", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                              "convolution", "conv2d")),
+                  ("attention", ("flash", "fmha", "attention", "sdp")),
+                  ("fused_triton", ("triton",)),
+                  ("copy", ("memcpy", "memset", "copy_", "aten::to", "aten::cat")))
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((cls for cls, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+
+
+def _flop_split(counter) -> dict[str, int]:
+    """FLOPs of one step by class, from FlopCounterMode's per-operator counts (matmuls and the patch convolution vs
+    attention)."""
+    split = {"matmul": 0, "attention": 0}
+    for op, n in counter.get_flop_counts().get("Global", {}).items():
+        split["attention" if "attention" in str(op) else "matmul"] += int(n)
+    return split
+
+
+def _kernel_times(prof, cuda: bool, steps: int) -> dict[str, Any]:
+    """Milliseconds per step by kernel class (device kernels on CUDA; operators' own CPU time on CPU) and the
+    heaviest kernels."""
+    by_class: dict[str, float] = {}
+    per_name: dict[str, float] = {}
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    for evt in kernels or events:  # no kernel rows (an older profiler): the operators' own device time
+        if cuda:
+            us = evt.self_device_time_total
+        else:
+            if not evt.key.startswith("aten::"):
+                continue
+            us = evt.self_cpu_time_total
+        if us <= 0:
+            continue
+        ms = us / 1e3 / steps
+        by_class[kernel_class(evt.key)] = by_class.get(kernel_class(evt.key), 0.0) + ms
+        per_name[evt.key] = per_name.get(evt.key, 0.0) + ms
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:6]
+    return {"ms_per_step": by_class, "top": {k[:70]: v for k, v in top}, "kernel_rows": len(kernels)}
+
+
+def profile(device: torch.device, dry_run: bool) -> dict[str, Any]:
+    """Where the ViT-L/14 backbone step of vs_official spends its time, by kernel class, ours (compiled blocks) next
+    to the official code and to ours compiled but unpacked: matmuls (and their own TFLOP/s), attention, fused Triton kernels, other elementwise and
+    normalisation kernels, copies, and the time the device idles between kernels. `mfu_if_only_matmuls` is the MFU
+    the step would reach if everything but its matmuls took no time: the ceiling the matmul kernels themselves set."""
+    import statistics
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.backbone import _load_official
+    from benchmarks.common import _sync, time_fn
+    from dinov2_core.layers import compile_blocks, xformers_available
+
+    src = official_source()
+    if src is None:
+        return {"skipped": f"official implementation not found: {OFFICIAL_HINT}", "passed": True, "rows": []}
+    ref_vits = _load_official(src)
+    name, arch = (("ViT-tiny/14 (dry run)", {"embed_dim": 64, "depth": 2, "num_heads": 4}) if dry_run
+                  else ("ViT-L/14", {"embed_dim": 1024, "depth": 24, "num_heads": 16}))
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    peak = _mfu_denominator(device)
+    measured_peak = measured_bf16_peak_flops() if cuda else None
+    ours, compiled, ref, crops = _backbone_trio(device, arch, dry_run, ref_vits)
+    by_size = ours  # the same compiled blocks, one pass per crop size instead of one packed stream: what packing buys
+    by_size.pack_sequences = False
+    compile_blocks(by_size)
+    step = functools.partial(_backbone_step, crops=crops, dtype=dtype)
+    official_lists = cuda and xformers_available()
+    with FlopCounterMode(display=False) as counter:
+        step(ref, official_lists)
+    flops = counter.get_total_flops()
+    split = _flop_split(counter)
+    variants = {"ours, compiled blocks": lambda: step(compiled), "official": lambda: step(ref, official_lists),
+                "ours, compiled blocks, one pass per crop size": lambda: step(by_size)}
+    steps = 2 if dry_run else 5
+    rows, compile_errors = [], {}
+    for variant, fn in variants.items():
+        try:
+            fn()  # compiles ours
+        except Exception as exc:
+            compile_errors[variant] = one_line(exc)
+            continue
+        wall = statistics.median(time_fn(fn, warmup=1, iters=steps, device=device.type))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=activities) as prof:
+            for _ in range(steps):
+                fn()
+            _sync(device.type)
+        kt = _kernel_times(prof, cuda, steps)
+        ms = kt["ms_per_step"]
+        busy_ms = sum(ms.values())
+        mm_s = ms.get("matmul", 0.0) / 1e3
+        rows.append({"model": name, "variant": variant, "images": crops[0].shape[0] // 2, "step_s": wall,
+                     "mfu": flops / wall / peak if peak else None,
+                     "share_of_step": {k: v / 1e3 / wall for k, v in sorted(ms.items(), key=lambda kv: -kv[1])},
+                     "device_idle_fraction": max(0.0, 1 - busy_ms / 1e3 / wall) if cuda else None,
+                     "matmul_tflops_in_kernels": split["matmul"] / mm_s / 1e12 if mm_s else None,
+                     "matmul_kernels_of_measured_peak": (split["matmul"] / mm_s / measured_peak
+                                                         if mm_s and measured_peak else None),
+                     "mfu_if_only_matmuls": flops / mm_s / peak if mm_s and peak else None,
+                     "ms_per_step": ms, "top_kernels_ms": kt["top"], "kernel_rows": kt["kernel_rows"]})
+    return {"rows": rows, "flops_per_step": flops, "flop_split": split, "official_path": "lists (xformers)"
+            if official_lists else "one pass per crop size", "compile_errors": compile_errors,
+            "passed": bool(rows) and all(np.isfinite(r["step_s"]) for r in rows)}
+
+def attention_speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
+    """Attention's kernels on the step's two sequence shapes (global crops: 257 tokens, local: 50; 16 heads of 64:
+    ViT-L/14), forward+backward in bf16: SDPA as torch picks it and forced to each of its kernels, and the written-out
+    softmax(QK^T)V eager and compiled. Then the whole ViT-L/14 backbone step with compiled blocks and eager
+    attention next to the default compiled blocks and the official code, alternating: whether a short sequence's
+    attention is faster as plain batched matmuls that Inductor fuses around."""
+    import contextlib
+    import copy
+    import statistics
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from benchmarks.backbone import _load_official
+    from benchmarks.common import time_fn
+    from dinov2_core.layers import compile_blocks
+    from dinov2_core.layers.attention import eager_attention
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    images = 2 if dry_run else 32
+    heads, dim = (4, 16) if dry_run else (16, 64)
+    shapes = {"global": (2 * images, heads, 17 if dry_run else 257, dim),
+              "local": (8 * images, heads, 5 if dry_run else 50, dim)}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    kernels: dict[str, Any] = {"sdpa (torch's pick)": (sdpa, None)}
+    if cuda:
+        kernels.update({f"sdpa {b.name.lower()}": (sdpa, b) for b in
+                        (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION)})
+    kernels["eager"] = (eager_attention, None)
+    if cuda:
+        kernels["eager, compiled"] = (torch.compile(eager_attention), None)
+    micro, errors = [], {}
+    for shape_name, shape in shapes.items():
+        qkv = [torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+        grad = torch.randn(shape, device=device, dtype=dtype)
+        for kname, (fn, backend) in kernels.items():
+            def run(fn=fn, backend=backend, qkv=qkv, grad=grad):
+                for t in qkv:
+                    t.grad = None
+                with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                    out = fn(*qkv)
+                out.backward(grad)
+            try:
+                ms = 1e3 * statistics.median(time_fn(run, warmup=2, iters=3 if dry_run else 20, device=device.type))
+            except Exception as exc:  # a kernel this GPU or shape does not support
+                errors[f"{shape_name}: {kname}"] = one_line(exc, 120)
+                continue
+            micro.append({"shape": shape_name, "b_h_n_d": list(shape), "kernel": kname, "fwd_bwd_ms": ms})
+    rows = []
+    src = official_source()
+    if src is not None:
+        ref_vits = _load_official(src)
+        name, arch = (("ViT-tiny/14 (dry run)", {"embed_dim": 64, "depth": 2, "num_heads": 4}) if dry_run
+                      else ("ViT-L/14", {"embed_dim": 1024, "depth": 24, "num_heads": 16}))
+        ours, compiled, ref, crops = _backbone_trio(device, arch, dry_run, ref_vits)
+        default = ours if dry_run else compiled  # the dry run compiles nothing: it would double its time
+        eager = copy.deepcopy(ours)
+        eager.attn_backend = "eager"
+        if not dry_run:
+            compile_blocks(eager)
+        step = functools.partial(_backbone_step, crops=crops, dtype=dtype)
+        label = "ours" if dry_run else "ours, compiled blocks"
+        variants = {label: lambda: step(default), "official": lambda: step(ref, False),
+                    f"{label}, eager attention": lambda: step(eager)}
+        for fn in variants.values():  # compiles, warms up
+            fn()
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(3 if dry_run else 10):
+            for k, fn in variants.items():
+                times[k] += time_fn(fn, warmup=0, iters=1, device=device.type)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows = [{"model": name, "variant": k, "step_s": sec, "speedup_vs_official": med["official"] / sec}
+                for k, sec in med.items()]
+    return {"rows": rows, "micro": micro, "errors": errors,
+            "passed": bool(micro) and all(np.isfinite(r["fwd_bwd_ms"]) for r in micro)}
 
 
 def faiss_check(device: torch.device, dry_run: bool) -> dict[str, Any]:
@@ -582,6 +790,8 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
 SECTIONS = {"attention": lambda dev, dry: attention(dev), "bf16_step": bf16_step, "crops": crops_check,
             "fsdp": lambda dev, dry: fsdp_check(dev), "speed": speed, "vs_official": vs_official,
             "faiss": faiss_check, "quality": quality}
+# diagnostics of the speed figures, run on request (`--sections profile attention_speed`): what limits the MFU
+DIAGNOSTICS = {"profile": profile, "attention_speed": attention_speed}
 
 
 def _rounded(v: Any) -> Any:
@@ -613,7 +823,7 @@ def markdown(report: dict[str, Any]) -> str:
                  f"{env['bf16_matmul_measured_tflops']:.0f} measured on 4096-8192 matmuls"
                  if env.get("bf16_matmul_measured_tflops") else "")), "", "| section | passed | figures |",
              "|---|---|---|"]
-    for name in (n for n in SECTIONS if n in report):
+    for name in (n for n in {**SECTIONS, **DIAGNOSTICS} if n in report):
         sec = report[name]
         # every figure of the section, its rows first: the Markdown is what people read, the JSON what tools do
         parts = [_figures(row) for row in sec.get("rows", [])]
@@ -642,8 +852,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="every check on the CPU at toy size")
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
-                    help="run only these (e.g. a rerun of one that failed)")
+    ap.add_argument("--sections", nargs="+", choices=[*SECTIONS, *DIAGNOSTICS], default=list(SECTIONS),
+                    help="run only these (e.g. a rerun of one that failed), or the diagnostics "
+                         f"({', '.join(DIAGNOSTICS)}: not run by default)")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="seconds from the start by which the run must end (a device call's limit, less a margin): "
                          "the quality run trains for what the earlier sections leave")
@@ -657,7 +868,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"environment": environment(device, args.dry_run),
                               "pending": [] if official_source() else [f"the official comparison: {OFFICIAL_HINT}"]}
     for name in args.sections:
-        fn = SECTIONS[name]
+        fn = {**SECTIONS, **DIAGNOSTICS}[name]
         t0 = time.perf_counter()
         try:
             report[name] = fn(device, args.dry_run)

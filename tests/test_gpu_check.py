@@ -21,6 +21,7 @@ def test_gpu_check_dry_run_fills_every_section(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["environment"]["dry_run"] and report["passed"] and report["unfinished"] == []
+    assert "profile" not in report and "attention_speed" not in report  # diagnostics: on request only
     keys = list(report)  # the quality run last: it sizes itself to the time the others left
     assert keys.index("quality") > max(keys.index(k) for k in ("attention", "crops", "speed", "vs_official", "faiss"))
     for section in ("attention", "bf16_step", "crops", "fsdp", "speed", "vs_official", "faiss", "quality"):
@@ -215,3 +216,40 @@ def test_a_section_failing_without_a_message_is_reported_not_fatal(tmp_path, mon
     report = gpu_check.main(["--dry-run", "--out", str(tmp_path / "gc"), "--sections", "attention", "crops"])
     assert report["attention"]["passed"] is False and report["attention"]["error"] == "AssertionError: "
     assert report["crops"]["passed"] and report["unfinished"] == []
+
+
+def test_speed_diagnostics_run_on_request_only_and_fill_their_reports(tmp_path):
+    """`--sections profile attention_speed` (what the README's "what limits the MFU" figures came from on the H200):
+    the step's time by kernel class, ours next to the official code, and attention's kernels on the two crop shapes.
+    They are not in the default run, whose time the quality run's budget depends on."""
+    from benchmarks import gpu_check
+
+    assert not set(gpu_check.DIAGNOSTICS) & set(gpu_check.SECTIONS)
+    out = tmp_path / "gpu_check"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out),
+                          "--sections", "profile", "attention_speed"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    prof = report["profile"]
+    assert [r["variant"] for r in prof["rows"]] == ["ours, compiled blocks", "official",
+                                                   "ours, compiled blocks, one pass per crop size"]
+    for row in prof["rows"]:
+        assert row["ms_per_step"]["matmul"] > 0 and 0 < sum(row["share_of_step"].values()) <= 1.05
+        # the ceiling the matmuls set lies above the MFU the step reaches
+        assert row["mfu"] < row["mfu_if_only_matmuls"]
+    micro = report["attention_speed"]["micro"]
+    assert {(m["shape"], m["kernel"]) for m in micro} >= {("global", "eager"), ("local", "eager"),
+                                                          ("global", "sdpa (torch's pick)")}
+    assert [r["variant"] for r in report["attention_speed"]["rows"]] == ["ours", "official", "ours, eager attention"]
+    md = out.with_suffix(".md").read_text()
+    assert "| profile | True |" in md and "| attention_speed | True |" in md
+
+
+def test_kernel_classes_name_the_h200s_kernels():
+    from benchmarks.gpu_check import kernel_class
+
+    assert kernel_class("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64") == "attention"
+    assert kernel_class("triton_poi_fused_gelu_gelu_backward_view_5") == "fused_triton"
+    assert kernel_class("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunc") == "other"
