@@ -262,8 +262,9 @@ class RuntimeConfig:
     fsdp: Literal["auto", "on"] = "auto"  # auto: FSDP2 only with several processes; on: also with one
     pack_sequences: Literal["auto", "on", "off"] = "auto"  # auto: packed multi-crop stream on GPU only
     timeout_s: PosFloat = 1800.0  # collective operations (a hung rank fails the run instead of waiting forever)
-    # torch.compile every transformer block (one shared graph): pays on GPUs and for long CPU runs; costs a
-    # one-off compile (~25 s for ViT-S/14 on 2 CPU cores, again for each new crop layout)
+    # torch.compile every transformer block (one shared graph): pays on GPUs (H200, ViT-L/14 SSL step in bf16: 1.27x,
+    # benchmarks/results/gpu_check_h200.md), not on CPU; a one-off compile (~11 s for ViT-L on the H200, ~25 s for
+    # ViT-S/14 on 2 CPU cores, again for each new crop layout)
     compile: bool = False
     # activation checkpointing of every block that trains: keeps a block's input instead of its activations and
     # recomputes them in backward (what lets a ViT-g or a bigger batch fit on a GPU); the same numbers as without.
