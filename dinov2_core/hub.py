@@ -53,9 +53,11 @@ def _is_url(s: str) -> bool:
 
 
 def load_checkpoint(
-    source: str | os.PathLike, opener: Opener | None = None, map_location: Any = "cpu"
+    source: str | os.PathLike, opener: Opener | None = None, map_location: Any = "cpu", mmap: bool = False
 ) -> Any:
-    """torch.load(weights_only=True) from a local path or a URL (through ``opener`` if given).
+    """torch.load(weights_only=True) from a local path or a URL (through ``opener`` if given); ``mmap`` maps a local
+    file's tensors instead of reading them (a ViT-g's full checkpoint is GBs), falling back to a plain read for a
+    file in torch's legacy format, which cannot be mapped.
 
     A file that is not a checkpoint (truncated, another format, a pickle with code in it) is a ValueError naming
     it in one line; torch's own message for it runs to a dozen lines about ``weights_only``."""
@@ -68,13 +70,16 @@ def load_checkpoint(
         if source.startswith(("http://", "https://")):
             return torch.hub.load_state_dict_from_url(source, map_location=map_location, weights_only=True)
         raise ValueError(f"no opener given for {source!r}; pass e.g. opener=lambda u: fsspec.open(u, 'rb')")
-    return _safe_load(source, source, map_location)
+    return _safe_load(source, source, map_location, mmap)
 
 
-def _safe_load(f: Any, source: str, map_location: Any) -> Any:
+def _safe_load(f: Any, source: str, map_location: Any, mmap: bool = False) -> Any:
     try:
-        return torch.load(f, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        return torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
+    # what torch's reader raises on bytes that are no checkpoint (seen on random bytes: the last four too)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, IndexError, KeyError, UnicodeDecodeError) as exc:
+        if mmap and "mmap can only be used" in str(exc):  # legacy format (or no zip at all): read it whole
+            return _safe_load(f, source, map_location)
         text = str(exc).strip()
         detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)  # past torch's paragraph on weights_only
         why = detail.group(1).strip() if detail else text.split(". ")[0].splitlines()[0] if text else ""

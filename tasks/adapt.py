@@ -24,7 +24,7 @@ import torch
 
 from dinov2_core.config import BackboneConfig, LossConfig
 from dinov2_core.eval.monitor import knn_monitor, random_backbone
-from dinov2_core.hub import load_export
+from dinov2_core.hub import load_checkpoint, load_export
 from dinov2_core.train.engine import TrainSpec
 from dinov2_core.train.export import export_ssl, sha256_file
 from dinov2_core.train.resolution import adapted_state
@@ -49,8 +49,11 @@ log = get_logger("adapt")
 def load_full_checkpoint(path: str) -> dict[str, Any]:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: the full checkpoint to start from is missing (run the previous stage)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not {"student", "teacher", "config"} <= set(ckpt):
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+    except ValueError as exc:  # truncated, another format: one line naming the file
+        raise ValueError(f"adapt.init: {exc}; point it at the full checkpoint pretrain exported (full.pth)") from exc
+    if not isinstance(ckpt, dict) or not {"student", "teacher", "config"} <= set(ckpt):
         raise ValueError(f"{path}: not a full training checkpoint (needs student, teacher and config entries)")
     return ckpt
 

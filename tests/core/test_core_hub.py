@@ -2,6 +2,7 @@
 
 import io
 import pickle
+import random
 
 import pytest
 import torch
@@ -67,6 +68,24 @@ def test_a_file_that_is_no_checkpoint_is_one_line_naming_it(tmp_path):
             hub.load_checkpoint(tmp_path / name)
         assert str(err.value).startswith(f"{tmp_path / name}: not a checkpoint") and why in str(err.value)
         assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_mmap_reads_a_legacy_file_and_garbage_of_any_kind_is_one_line(tmp_path):
+    """``mmap=True`` (adapt maps a full checkpoint instead of reading GBs) still reads a file in torch's legacy
+    format; bytes that are no checkpoint raise IndexError, KeyError... inside torch's reader (``"hello"`` was a bare
+    ``KeyError: 101``): every one is the same one-line ValueError."""
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"cls_token": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(hub.load_checkpoint(legacy, mmap=True)["cls_token"], torch.ones(2))
+    rng = random.Random(0)
+    junk = [b"hello", b"\x80\x02", b"PK\x03\x04garbage"] + [rng.randbytes(rng.randrange(1, 200)) for _ in range(100)]
+    for i, data in enumerate(junk):
+        path = tmp_path / f"junk{i}.pth"
+        path.write_bytes(data)
+        for mmap in (False, True):
+            with pytest.raises(ValueError, match=r"junk\d+\.pth: not a checkpoint") as err:
+                hub.load_checkpoint(path, mmap=mmap)
+            assert "\n" not in str(err.value)
 
 
 class _Custom:

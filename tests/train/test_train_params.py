@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tasks.params import ParamsError, load_params
 
@@ -131,3 +132,17 @@ def test_hub_spec_rebuilds_the_paper_model_on_the_meta_device():
         ours = build_backbone(cfg, with_drop_path=False)
         theirs = getattr(hub, name)(pretrained=False, **kwargs)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_adapt_init_that_is_no_checkpoint_names_the_param(tmp_path):
+    from tasks.adapt import load_full_checkpoint
+
+    full = tmp_path / "full.pth"
+    torch.save({"student": {}, "teacher": {}, "config": {}}, full)
+    assert set(load_full_checkpoint(str(full))) == {"student", "teacher", "config"}
+    (tmp_path / "half.pth").write_bytes(full.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"^adapt\.init: .*half\.pth: not a checkpoint .*full\.pth\)$"):
+        load_full_checkpoint(str(tmp_path / "half.pth"))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(ValueError, match="not a full training checkpoint"):
+        load_full_checkpoint(str(tmp_path / "tensor.pth"))
