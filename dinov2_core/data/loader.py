@@ -133,8 +133,9 @@ class _Stream:
                 raise ValueError(f"{self.urls[unit.shard]}: sample {sample.get('__key__')} has no image member")
             out.append((sample["__key__"], sample[ext]))
         if len(out) != unit.count:
-            raise ValueError(f"{self.urls[unit.shard]}: expected {unit.count} samples in slice {unit.slice}/"
-                             f"{unit.n_slices}, read {len(out)} (is shards.json stale?)")
+            raise ValueError(f"{self.urls[unit.shard]}: read {len(out)} samples in slice {unit.slice}/{unit.n_slices}, "
+                             f"the shard index lists {unit.count}: the shard was rewritten or damaged after the index "
+                             "(its sha256 is in shards.json); write the shards again (`dvc repro shards`)")
         return out
 
     def iterate(self, start: int) -> Iterator[tuple[str, bytes, int]]:

@@ -6,6 +6,7 @@ researchers can pass `open` or `fsspec.open`. Tar parsing and sample grouping ar
 
 from __future__ import annotations
 
+import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
@@ -28,5 +29,14 @@ def _open_local(url: str) -> IO[bytes]:
 
 
 def iter_shard_samples(urls: Iterable[str], opener: Opener = _open_local) -> Iterator[dict[str, Any]]:
-    """Samples as dicts: `__key__`, `__url__` and one bytes entry per member extension (e.g. `jpg`, `json`)."""
-    yield from group_by_keys(tar_file_expander(_opened(urls, opener)))
+    """Samples as dicts: `__key__`, `__url__` and one bytes entry per member extension (e.g. `jpg`, `json`).
+
+    A shard that is no readable tar (truncated by a copy, damaged) is a ValueError naming it in one line; tarfile's
+    ReadError names no shard and is no ValueError/OSError, so training ranks reported it with a full traceback."""
+    for url in urls:  # one at a time: a sample never spans two shards, and the error can name its shard
+        try:
+            yield from group_by_keys(tar_file_expander(_opened([url], opener)))
+        except tarfile.TarError as exc:
+            why = str(exc.args[0] if exc.args else exc).split(" @ ")[0]
+            raise ValueError(f"{url}: not a readable tar shard ({why}): truncated or damaged after it was written; "
+                             "write the shards again (`dvc repro shards`) or fetch it again") from exc

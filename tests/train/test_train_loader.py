@@ -3,6 +3,7 @@ reshuffling every pass, resumption from a step, and reading through an opener (l
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,33 @@ def test_augmentation_strengths_are_params(fmnist_shards, train_params):
     assert not any(c[i].blur_sigma is not None for c in crops for i in (0, 1))
     assert not any(c[1].solarize for c in crops)
     assert abs(np.mean([c[2].blur_sigma is not None for c in crops]) - 0.3) < 0.04
+
+
+def test_a_damaged_or_rewritten_shard_is_one_line_naming_it(fmnist_shards, tmp_path):
+    """A shard truncated after the index was written (a copy cut short) raised tarfile's ReadError, which names no
+    shard and is no ValueError (so training ranks printed a traceback); a valid tar with fewer samples than the index
+    lists asked "is shards.json stale?". Both now name the shard and the command that writes the shards again."""
+    import shutil
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shutil.copytree(fmnist_shards.parent, shards)  # the fixture is the index file, its shards beside it
+    index = read_shard_index(str(shards / fmnist_shards.name))
+    victim = Path(index.urls[1])
+    data = victim.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        cut = tf.getmembers()[20]
+    victim.write_bytes(data[: cut.offset_data + cut.size // 2])  # inside a member's bytes
+    with pytest.raises(ValueError, match=r"shard-\S*: not a readable tar shard \(unexpected end of data\).*"
+                                         r"dvc repro shards") as err:
+        take(make_loader(index, streams=4), 60)
+    assert str(victim) in str(err.value) and "\n" not in str(err.value)
+    victim.write_bytes(data[: cut.offset])  # cut between members: tarfile sees the end of the archive
+    with pytest.raises(ValueError, match=r"read 10 samples in slice 0/1, the shard index lists 60"):
+        take(make_loader(index, streams=4), 60)
+    with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(victim, "w") as dst:
+        members = src.getmembers()
+        for m in members[:-2]:  # one sample (image + its label member) fewer
+            dst.addfile(m, src.extractfile(m))
+    with pytest.raises(ValueError, match=r"the shard index lists 60: the shard was rewritten .*dvc repro shards"):
+        take(make_loader(index, streams=4), 60)
