@@ -345,12 +345,10 @@ def speed(device: torch.device, dry_run: bool, compiled: tuple[str, ...] = ("ViT
 
 
 def _backbone_trio(device: torch.device, arch: dict[str, Any], dry_run: bool, ref_vits):
-    """Ours (its default path: packed stream on CUDA), ours with compiled blocks, and the official ViT, with the same
-    weights, and the multi-crop batch they run: 2 x 224 + 8 x 98 px crops of 32 images (toy sizes in a dry run)."""
+    """Ours (its default path: packed stream on CUDA), ours with compiled blocks, and the official ViT (None without
+    ``ref_vits``), with the same weights, and the multi-crop batch they run: 2 x 224 + 8 x 98 px crops of 32 images
+    (toy sizes in a dry run)."""
     import copy
-
-    from dinov2.layers import MemEffAttention as RefAttention  # type: ignore
-    from dinov2.layers import NestedTensorBlock as RefBlock  # type: ignore
 
     from dinov2_core.layers import MemEffAttention, NestedTensorBlock, compile_blocks
     from dinov2_core.models import DinoVisionTransformer, deterministic_state_dict
@@ -359,12 +357,17 @@ def _backbone_trio(device: torch.device, arch: dict[str, Any], dry_run: bool, re
     g, lc = (56, 28) if dry_run else (224, 98)
     kw = {"img_size": g, "patch_size": 14, "mlp_ratio": 4, "init_values": 1e-5, "block_chunks": 0, **arch}
     ours = DinoVisionTransformer(block_fn=functools.partial(NestedTensorBlock, attn_class=MemEffAttention), **kw)
-    ref = ref_vits.DinoVisionTransformer(block_fn=functools.partial(RefBlock, attn_class=RefAttention), **kw)
     state = deterministic_state_dict(ours, 0)
     ours.load_state_dict(state)
-    ref.load_state_dict(state)
     ours.to(device).train()
-    ref.to(device).train()
+    ref = None
+    if ref_vits is not None:
+        from dinov2.layers import MemEffAttention as RefAttention  # type: ignore
+        from dinov2.layers import NestedTensorBlock as RefBlock  # type: ignore
+
+        ref = ref_vits.DinoVisionTransformer(block_fn=functools.partial(RefBlock, attn_class=RefAttention), **kw)
+        ref.load_state_dict(state)
+        ref.to(device).train()
     ours.pack_sequences = device.type == "cuda"
     compiled = copy.deepcopy(ours)
     compile_blocks(compiled)
@@ -492,6 +495,7 @@ def profile(device: torch.device, dry_run: bool) -> dict[str, Any]:
     to the official code and to ours compiled but unpacked: matmuls (and their own TFLOP/s), attention, fused Triton kernels, other elementwise and
     normalisation kernels, copies, and the time the device idles between kernels. `mfu_if_only_matmuls` is the MFU
     the step would reach if everything but its matmuls took no time: the ceiling the matmul kernels themselves set."""
+    import copy
     import statistics
 
     from torch.profiler import ProfilerActivity
@@ -503,9 +507,7 @@ def profile(device: torch.device, dry_run: bool) -> dict[str, Any]:
     from dinov2_core.layers import compile_blocks, xformers_available
 
     src = official_source()
-    if src is None:
-        return {"skipped": f"official implementation not found: {OFFICIAL_HINT}", "passed": True, "rows": []}
-    ref_vits = _load_official(src)
+    ref_vits = _load_official(src) if src else None  # without it, ours alone
     name, arch = (("ViT-tiny/14 (dry run)", {"embed_dim": 64, "depth": 2, "num_heads": 4}) if dry_run
                   else ("ViT-L/14", {"embed_dim": 1024, "depth": 24, "num_heads": 16}))
     cuda = device.type == "cuda"
@@ -513,17 +515,23 @@ def profile(device: torch.device, dry_run: bool) -> dict[str, Any]:
     peak = _mfu_denominator(device)
     measured_peak = measured_bf16_peak_flops() if cuda else None
     ours, compiled, ref, crops = _backbone_trio(device, arch, dry_run, ref_vits)
+    ours_eager = copy.deepcopy(ours)
     by_size = ours  # the same compiled blocks, one pass per crop size instead of one packed stream: what packing buys
     by_size.pack_sequences = False
     compile_blocks(by_size)
     step = functools.partial(_backbone_step, crops=crops, dtype=dtype)
     official_lists = cuda and xformers_available()
-    with FlopCounterMode(display=False) as counter:
-        step(ref, official_lists)
+    with FlopCounterMode(display=False) as counter:  # an uncompiled step: the compiled one hides its operators
+        if ref is not None:
+            step(ref, official_lists)
+        else:
+            step(ours_eager)
     flops = counter.get_total_flops()
     split = _flop_split(counter)
     variants = {"ours, compiled blocks": lambda: step(compiled), "official": lambda: step(ref, official_lists),
                 "ours, compiled blocks, one pass per crop size": lambda: step(by_size)}
+    if ref is None:
+        del variants["official"]
     steps = 2 if dry_run else 5
     rows, compile_errors = [], {}
     for variant, fn in variants.items():
@@ -551,8 +559,10 @@ def profile(device: torch.device, dry_run: bool) -> dict[str, Any]:
                                                          if mm_s and measured_peak else None),
                      "mfu_if_only_matmuls": flops / mm_s / peak if mm_s and peak else None,
                      "ms_per_step": ms, "top_kernels_ms": kt["top"], "kernel_rows": kt["kernel_rows"]})
-    return {"rows": rows, "flops_per_step": flops, "flop_split": split, "official_path": "lists (xformers)"
-            if official_lists else "one pass per crop size", "compile_errors": compile_errors,
+    return {"rows": rows, "flops_per_step": flops, "flop_split": split,
+            "official_path": (None if ref is None else "lists (xformers)" if official_lists else
+                              "one pass per crop size"),
+            **({"official_skipped": OFFICIAL_HINT} if ref is None else {}), "compile_errors": compile_errors,
             "passed": bool(rows) and all(np.isfinite(r["step_s"]) for r in rows)}
 
 def attention_speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
@@ -603,9 +613,11 @@ def attention_speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
                 errors[f"{shape_name}: {kname}"] = one_line(exc, 120)
                 continue
             micro.append({"shape": shape_name, "b_h_n_d": list(shape), "kernel": kname, "fwd_bwd_ms": ms})
-    rows = []
+    rows, skipped = [], {}
     src = official_source()
-    if src is not None:
+    if src is None:
+        skipped = {"step_comparison_skipped": OFFICIAL_HINT}
+    else:
         ref_vits = _load_official(src)
         name, arch = (("ViT-tiny/14 (dry run)", {"embed_dim": 64, "depth": 2, "num_heads": 4}) if dry_run
                       else ("ViT-L/14", {"embed_dim": 1024, "depth": 24, "num_heads": 16}))
@@ -629,7 +641,7 @@ def attention_speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
         med = {k: statistics.median(v) for k, v in times.items()}
         rows = [{"model": name, "variant": k, "step_s": sec, "speedup_vs_official": med["official"] / sec}
                 for k, sec in med.items()]
-    return {"rows": rows, "micro": micro, "errors": errors,
+    return {"rows": rows, "micro": micro, "errors": errors, **skipped,
             "passed": bool(micro) and all(np.isfinite(r["fwd_bwd_ms"]) for r in micro)}
 
 
