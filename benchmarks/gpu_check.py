@@ -703,6 +703,28 @@ def quality_iterations(step_s: float | None, epoch: int, train_s_left: float | N
     return int(max(epoch, n // epoch * epoch))
 
 
+def loader_only_rate(params, device: torch.device, batches: int) -> float:
+    """Images/s of the pretrain stage's loader alone (same workers, crops rendered where training renders them, no
+    model): next to the training run's images/s it tells a loader that cannot keep up from time lost elsewhere."""
+    from benchmarks.common import _sync
+    from dinov2_core.train.engine import crop_device, make_loader
+    from tasks.pretrain import build_spec
+
+    spec = build_spec(params)
+    loader = make_loader(spec, params.model.patch_size, 0, 1, 0, pin_memory=device.type == "cuda",
+                         augment_device=crop_device(device))
+    it = iter(loader)
+    try:
+        next(it)  # worker start-up and every stream's first shard
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        _sync(device.type)
+        return batches * spec.data.global_batch_size / (time.perf_counter() - start)
+    finally:
+        it.close()  # stops the workers
+
+
 def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
     """The pretrain stage (params.quality.yaml's recipe) on Fashion-MNIST training images (all 60k on a GPU), then k-NN
     (k=20) of its teacher next to raw pixels and a random init on the test split."""
@@ -759,6 +781,8 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
             t0 = time.perf_counter()
             cal_metrics = run_pretrain(cal)
             cal_s = time.perf_counter() - t0
+            # before the time left is read: the training run's iterations account for it
+            calibration["loader_only_images_per_s"] = loader_only_rate(cal, device, 2 if dry_run else 30)
             rate = cal_metrics.get("images_per_s_median")
             step_s = batch / rate if rate else None
             left = seconds_left()
@@ -766,7 +790,7 @@ def quality(device: torch.device, dry_run: bool) -> dict[str, Any]:
             train_left = None if left is None else left - QUALITY_TAIL_S - fixed_s
             chosen = quality_iterations(step_s, epoch, train_left)
             steps = steps if dry_run else chosen
-            calibration = {"calibration_seconds": cal_s, "calibration_step_s": step_s, "stage_fixed_s": fixed_s,
+            calibration |= {"calibration_seconds": cal_s, "calibration_step_s": step_s, "stage_fixed_s": fixed_s,
                            "iterations_for_budget": chosen, "seconds_left_for_training": train_left,
                            "cut_by_deadline": chosen < quality_iterations(step_s, epoch)}
             if train_left is not None and step_s and train_left < epoch * step_s:

@@ -35,6 +35,7 @@ def test_gpu_check_dry_run_fills_every_section(tmp_path):
                                                                "raw_pixels_knn_top1"))
     # through loader processes, as on the GPU host, and the report says how much of an iteration waited for data
     assert q["loader_workers"] == 2 and 0 <= q["data_wait_fraction"] <= 1 and q["images_per_s"] > 0
+    assert q["loader_only_images_per_s"] > 0  # the same loader without a model: who bounds the run
     # the calibration run that sizes the GPU run measured a step (the dry run keeps its 4 iterations)
     assert q["calibration_step_s"] > 0 and 1500 <= q["iterations_for_budget"] <= 3000  # whole toy epochs of 2
     assert q["cut_by_deadline"] is False and q["seconds_left_for_training"] > 0 and q["stage_fixed_s"] > 0
