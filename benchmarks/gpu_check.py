@@ -385,17 +385,29 @@ def _backbone_step(model, as_list: bool = True, *, crops, dtype) -> None:
     loss.backward()
 
 
+def _alternating_medians(variants: dict[str, Any], reps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each variant, timed one call at a time in turn, so a machine's drift (clocks,
+    neighbours) hits every variant alike: ratios between them are what these runs quote."""
+    import statistics
+
+    from benchmarks.common import time_fn
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for k, fn in variants.items():
+            times[k] += time_fn(fn, warmup=0, iters=1, device=device.type)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:
     """Backbone forward+backward on multi-crop batches (2 x 224 + 8 x 98 px per image), ours next to the official
     implementation with the same weights, alternating step by step; bf16 autocast on CUDA. Ours runs its default
     path (packed stream, xformers when it imports, else per-size SDPA) and with compiled blocks; the official model
     its list path when xformers imports (its only way to pack crops), else one pass per crop size."""
-    import statistics
 
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmarks.backbone import _load_official
-    from benchmarks.common import time_fn
     from dinov2_core.layers import xformers_available
 
     src = official_source()
@@ -428,11 +440,7 @@ def vs_official(device: torch.device, dry_run: bool) -> dict[str, Any]:
             del variants["ours, compiled blocks"]
         for fn in variants.values():  # warm-up
             fn()
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for _ in range(3 if dry_run else 10):
-            for k, fn in variants.items():
-                times[k] += time_fn(fn, warmup=0, iters=1, device=device.type)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = _alternating_medians(variants, 3 if dry_run else 10, device)
         for k, sec in med.items():
             rows.append({"model": name, "variant": k, "images": images, "step_s": sec, "images_per_s": images / sec,
                          "mfu": flops / sec / peak if peak else None,
@@ -634,11 +642,7 @@ def attention_speed(device: torch.device, dry_run: bool) -> dict[str, Any]:
         for fn in variants.values():  # compiles, warms up
             fn()
             fn()
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for _ in range(3 if dry_run else 10):
-            for k, fn in variants.items():
-                times[k] += time_fn(fn, warmup=0, iters=1, device=device.type)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = _alternating_medians(variants, 3 if dry_run else 10, device)
         rows = [{"model": name, "variant": k, "step_s": sec, "speedup_vs_official": med["official"] / sec}
                 for k, sec in med.items()]
     return {"rows": rows, "micro": micro, "errors": errors, **skipped,
